@@ -1,0 +1,337 @@
+"""The job config: one YAML file (plus `section.key=value` overrides) -> typed dataclasses.
+
+Each component declares its own `*Args` dataclass next to its code; `JobConfig` composes them.
+Every user mistake found here is a `ConfigError` whose message is one line naming the key.
+The DeepSpeed config is generated from the job config, never written by hand.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from launcher.checkpoint import CheckpointArgs
+from launcher.data import DataArgs
+from launcher.distributed import ParallelArgs
+from launcher.metrics import LoggingArgs
+from launcher.optim import OptimizerArgs
+from launcher.schedule import DECAY_SHAPES, ScheduleArgs
+from models.gpt import GPT_SIZES, GPTConfig, gpt_config
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_JOB = REPO_ROOT / "jobs" / "tiny_cpu.yaml"
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+class ConfigError(ValueError):
+    """A mistake in the job config or on the command line; the message names the key."""
+
+
+@dataclass
+class ModelArgs:
+    size: str = "tiny"  # a named shape from models.gpt.GPT_SIZES; the fields below override it
+    n_layer: Optional[int] = None
+    n_head: Optional[int] = None
+    n_embd: Optional[int] = None
+    vocab_size: Optional[int] = None  # None: the tokenizer's vocabulary rounded up to a multiple of 64
+    block_size: Optional[int] = None  # None: data.seq_len
+    bias: bool = True
+    dropout: float = 0.0
+
+
+@dataclass
+class TrainArgs:
+    steps: int = 1000  # optimizer steps
+    global_batch_size: int = 16  # sequences per optimizer step, over all data-parallel ranks
+    micro_batch_size: int = 8  # sequences per rank per forward/backward; accumulation fills the rest
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    seed: int = 1337
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), fp32 or bf16
+    stop_at: Optional[int] = None  # checkpoint and stop after this step (the schedule still spans `steps`)
+
+
+@dataclass
+class EvalArgs:
+    every: int = 100  # validation loss every this many steps, and at the end; 0: only at the end
+    batches: int = 8  # micro-batches of held-out data per data-parallel rank
+
+
+@dataclass
+class JobConfig:
+    name: str = "tiny_cpu"
+    run_dir: Optional[str] = None  # None: runs/<name>
+    model: ModelArgs = field(default_factory=ModelArgs)
+    data: DataArgs = field(default_factory=DataArgs)
+    optimizer: OptimizerArgs = field(default_factory=OptimizerArgs)
+    schedule: ScheduleArgs = field(default_factory=ScheduleArgs)
+    train: TrainArgs = field(default_factory=TrainArgs)
+    parallel: ParallelArgs = field(default_factory=ParallelArgs)
+    checkpoint: CheckpointArgs = field(default_factory=CheckpointArgs)
+    eval: EvalArgs = field(default_factory=EvalArgs)
+    logging: LoggingArgs = field(default_factory=LoggingArgs)
+
+    @property
+    def resolved_run_dir(self) -> str:
+        return self.run_dir if self.run_dir is not None else str(Path("runs") / self.name)
+
+
+# ---------------------------------------------------------------------------------------------
+# dict -> dataclass, with types checked
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _convert(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        (inner,) = [t for t in options if t is not type(None)]
+        return _convert(inner, value, key)
+    if dataclasses.is_dataclass(tp):
+        return build_dataclass(tp, value, key)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_convert(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        # YAML reads 1e6 as a string and users write 2.0e3; both are fine when integral.
+        number = _number(value)
+        if number is None or float(number) != int(number):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return int(number)
+    if tp is float:
+        number = _number(value)
+        if number is None:
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(number)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"{key}: unsupported config field type {_type_name(tp)}")
+
+
+def _number(value: Any) -> Optional[float]:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+def build_dataclass(cls: type, data: Any, key: str = "") -> Any:
+    """Instantiate `cls` from a mapping; unknown keys and wrong types raise ConfigError."""
+    where = key or "job"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    prefix = f"{key}." if key else ""
+    for name in data:
+        if name not in names:
+            raise ConfigError(f"unknown key '{prefix}{name}' (known keys of {where}: {', '.join(names)})")
+    return cls(**{name: _convert(hints[name], value, f"{prefix}{name}") for name, value in data.items()})
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'optimizer.lr=3e-4' -> (['optimizer', 'lr'], 3e-4); the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form section.key=value")
+    path, raw = text.split("=", 1)
+    keys = path.strip().split(".")
+    if not all(keys):
+        raise ConfigError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: cannot read value {raw!r}: {str(e).splitlines()[0]}") from None
+    return keys, value
+
+
+def apply_override(raw: dict, keys: list[str], value: Any) -> None:
+    node = raw
+    for i, k in enumerate(keys[:-1]):
+        child = node.setdefault(k, {})
+        if child is None:
+            child = node[k] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(keys[:i + 1])} is a value, not a section: cannot set {'.'.join(keys)}")
+        node = child
+    node[keys[-1]] = value
+
+
+def load_job(path: str | Path | None = None, overrides: list[str] = ()) -> JobConfig:
+    """Read a job file (default: the tiny CPU job), apply overrides, check types and combinations."""
+    path = Path(path) if path is not None else DEFAULT_JOB
+    if not path.is_file():
+        raise ConfigError(f"job file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    for text in overrides:
+        apply_override(raw, *parse_override(text))
+    job = build_dataclass(JobConfig, raw)
+    validate(job)
+    return job
+
+
+def validate(job: JobConfig) -> None:
+    """Combinations that cannot work, caught before anything starts. Layout checks that need the
+    world size live in `validate_layout`."""
+    m, t, s, o, d = job.model, job.train, job.schedule, job.optimizer, job.data
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message)
+
+    need(m.size in GPT_SIZES, f"model.size: unknown size '{m.size}' (known: {', '.join(GPT_SIZES)})")
+    shape = {**GPT_SIZES[m.size], **{k: v for k, v in (("n_layer", m.n_layer), ("n_head", m.n_head),
+                                                        ("n_embd", m.n_embd)) if v is not None}}
+    for k, v in shape.items():
+        need(v > 0, f"model.{k}: must be positive, got {v}")
+    need(shape["n_embd"] % shape["n_head"] == 0,
+         f"model.n_embd={shape['n_embd']} is not divisible by model.n_head={shape['n_head']}")
+    need(0.0 <= m.dropout < 1.0, f"model.dropout: must be in [0, 1), got {m.dropout}")
+    if m.block_size is not None:
+        need(d.seq_len <= m.block_size, f"data.seq_len={d.seq_len} exceeds model.block_size={m.block_size}")
+    need(d.seq_len > 0, f"data.seq_len: must be positive, got {d.seq_len}")
+    need(len(d.sources) > 0, "data.sources: at least one source is needed")
+    for i, src in enumerate(d.sources):
+        need(src.weight >= 0, f"data.sources[{i}].weight: must be >= 0, got {src.weight}")
+    need(any(src.weight > 0 for src in d.sources), "data.sources: at least one weight must be positive")
+    need(0.0 < d.val_fraction < 1.0, f"data.val_fraction: must be in (0, 1), got {d.val_fraction}")
+
+    need(o.lr > 0, f"optimizer.lr: must be positive, got {o.lr}")
+    need(o.weight_decay >= 0, f"optimizer.weight_decay: must be >= 0, got {o.weight_decay}")
+    need(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optimizer.beta1/beta2: must be in [0, 1)")
+
+    need(s.name in DECAY_SHAPES, f"schedule.name: unknown schedule '{s.name}' (known: {', '.join(DECAY_SHAPES)})")
+    need(s.warmup_steps >= 0, f"schedule.warmup_steps: must be >= 0, got {s.warmup_steps}")
+    need(0.0 <= s.min_lr_ratio <= 1.0, f"schedule.min_lr_ratio: must be in [0, 1], got {s.min_lr_ratio}")
+    decay_steps = s.decay_steps if s.decay_steps is not None else t.steps
+    need(s.warmup_steps <= decay_steps,
+         f"schedule.warmup_steps={s.warmup_steps} exceeds the decay length "
+         f"({'schedule.decay_steps' if s.decay_steps is not None else 'train.steps'}={decay_steps})")
+
+    need(t.steps > 0, f"train.steps: must be positive, got {t.steps}")
+    need(t.micro_batch_size > 0, f"train.micro_batch_size: must be positive, got {t.micro_batch_size}")
+    need(t.global_batch_size > 0, f"train.global_batch_size: must be positive, got {t.global_batch_size}")
+    need(t.global_batch_size % t.micro_batch_size == 0,
+         f"train.global_batch_size={t.global_batch_size} is not divisible by "
+         f"train.micro_batch_size={t.micro_batch_size}")
+    need(t.grad_clip >= 0, f"train.grad_clip: must be >= 0, got {t.grad_clip}")
+    need(t.precision in PRECISIONS, f"train.precision: must be one of {', '.join(PRECISIONS)}, got '{t.precision}'")
+    if t.stop_at is not None:
+        need(0 < t.stop_at <= t.steps, f"train.stop_at={t.stop_at} must be in [1, train.steps={t.steps}]")
+
+    p = job.parallel
+    need(p.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage: must be 0, 1, 2 or 3, got {p.zero_stage}")
+    need(p.tensor >= 1, f"parallel.tensor: must be >= 1, got {p.tensor}")
+    need(shape["n_head"] % p.tensor == 0,
+         f"model.n_head={shape['n_head']} is not divisible by parallel.tensor={p.tensor}")
+    need(p.tensor == 1 or m.dropout == 0.0,
+         "model.dropout must be 0 with parallel.tensor > 1 (dropout masks would differ across tensor-parallel ranks)")
+
+    c = job.checkpoint
+    need(c.every > 0, f"checkpoint.every: must be positive, got {c.every}")
+    need(c.keep >= 1, f"checkpoint.keep: must be >= 1, got {c.keep}")
+    need(job.eval.every >= 0, f"eval.every: must be >= 0, got {job.eval.every}")
+    need(job.eval.batches > 0, f"eval.batches: must be positive, got {job.eval.batches}")
+    need(job.logging.every > 0, f"logging.every: must be positive, got {job.logging.every}")
+
+
+def validate_layout(job: JobConfig, world_size: int) -> int:
+    """World = TP x DP, and the global batch splits evenly; returns the gradient-accumulation steps."""
+    tp = job.parallel.tensor
+    if world_size % tp != 0:
+        raise ConfigError(f"world size {world_size} is not divisible by parallel.tensor={tp}")
+    dp = world_size // tp
+    per_step = job.train.micro_batch_size * dp
+    if job.train.global_batch_size % per_step != 0:
+        raise ConfigError(
+            f"train.global_batch_size={job.train.global_batch_size} is not divisible by "
+            f"train.micro_batch_size × data-parallel size = {job.train.micro_batch_size} × {dp}")
+    return job.train.global_batch_size // per_step
+
+
+def resolve_model_config(job: JobConfig, tokenizer_vocab: int) -> GPTConfig:
+    m = job.model
+    vocab = m.vocab_size if m.vocab_size is not None else -(-tokenizer_vocab // 64) * 64
+    if vocab < tokenizer_vocab:
+        raise ConfigError(f"model.vocab_size={vocab} is smaller than the tokenizer's vocabulary ({tokenizer_vocab})")
+    if vocab % job.parallel.tensor != 0:
+        raise ConfigError(f"model.vocab_size={vocab} is not divisible by parallel.tensor={job.parallel.tensor}")
+    return gpt_config(m.size, n_layer=m.n_layer, n_head=m.n_head, n_embd=m.n_embd, vocab_size=vocab,
+                      block_size=m.block_size if m.block_size is not None else job.data.seq_len,
+                      bias=m.bias, dropout=m.dropout)
+
+
+def resolve_precision(job: JobConfig, device_type: str) -> str:
+    if job.train.precision == "auto":
+        return "bf16" if device_type == "cuda" else "fp32"
+    return job.train.precision
+
+
+def deepspeed_config(job: JobConfig, dp_size: int, grad_accum: int, precision: str) -> dict:
+    """The DeepSpeed config for this job; written to the run directory for reference."""
+    zero: dict[str, Any] = {"stage": job.parallel.zero_stage}
+    if job.parallel.zero_stage == 3:
+        zero.update({
+            "overlap_comm": True,
+            "contiguous_gradients": True,
+            # Small parameters (norms, biases) stay whole on every rank: gathering them costs more
+            # than it saves.
+            "stage3_param_persistence_threshold": 10_000,
+        })
+    return {
+        "train_micro_batch_size_per_gpu": job.train.micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": job.train.micro_batch_size * grad_accum * dp_size,
+        "gradient_clipping": job.train.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        # Our optimizer is torch's AdamW, which ZeRO handles like its own.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 62,
+        "wall_clock_breakdown": False,
+    }
+
+
+def to_dict(job: JobConfig) -> dict:
+    return dataclasses.asdict(job)
+
+
+def dump_yaml(job: JobConfig) -> str:
+    return yaml.safe_dump(to_dict(job), sort_keys=False)

@@ -1,0 +1,225 @@
+"""Pretraining entry point.
+
+    torchrun --nproc_per_node 2 launcher/train.py --job jobs/smoke.yaml [section.key=value ...]
+    deepspeed launcher/train.py --job jobs/gpt2_125m.yaml
+    python launcher/train.py            # one process, the embedded tiny CPU job
+
+Reads the job, joins the process group, prepares the data if its shards are missing, builds the
+model under `deepspeed.zero.Init`, and trains with periodic validation and checkpoints. A run
+directory that already holds a complete checkpoint is resumed from it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+import warnings
+
+if __package__ in (None, ""):
+    # Run as a script (the deepspeed launcher and torchrun do this): make the repo importable
+    # even when the project is not pip-installed.
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+import torch.distributed as dist
+
+from launcher import checkpoint
+from launcher.config import (
+    ConfigError,
+    JobConfig,
+    deepspeed_config,
+    dump_yaml,
+    load_job,
+    resolve_model_config,
+    resolve_precision,
+    validate_layout,
+)
+from launcher.data import TokenBatches, ensure_prepared
+from launcher.distributed import Parallel, barrier, init_distributed, rank_env
+from launcher.metrics import MetricsLogger
+from launcher.optim import build_optimizer, full_numel
+from launcher.schedule import lr_at
+from models.gpt import GPT, count_parameters, flops_per_token
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--job", default=None, help="job YAML file (default: jobs/tiny_cpu.yaml)")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    return parser.parse_args(argv)
+
+
+def say(par_or_main, message: str) -> None:
+    is_main = par_or_main if isinstance(par_or_main, bool) else par_or_main.is_main
+    if is_main:
+        print(message, flush=True)
+
+
+def all_reduce_mean(value: float, par: Parallel) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device=par.device)
+    dist.all_reduce(t, group=par.dp_group)
+    return t.item() / par.dp
+
+
+@torch.no_grad()
+def evaluate(engine, val_batches: list, par: Parallel) -> float:
+    engine.eval()
+    total = 0.0
+    for x, y in val_batches:
+        _, loss = engine(x.to(par.device), y.to(par.device))
+        total += loss.item()
+    engine.train()
+    return all_reduce_mean(total / len(val_batches), par)
+
+
+def train(job: JobConfig) -> dict:
+    """Runs the job in this process (one rank of the world); returns the final metrics on every rank."""
+    import deepspeed
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    # DeepSpeed 0.19 calls collectives that newer torch marks deprecated, once per step.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    par = init_distributed(job.parallel.tensor)
+    grad_accum = validate_layout(job, par.world_size)
+    precision = resolve_precision(job, par.device.type)
+    if precision == "bf16" and par.device.type == "cpu":
+        say(par, "note: bf16 on CPU trains, but slowly; fp32 is the CPU default")
+
+    run_dir = job.resolved_run_dir
+    ckpt_dir = job.checkpoint.dir or os.path.join(run_dir, "checkpoints")
+    if par.is_main:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+            f.write(dump_yaml(job))
+    barrier()
+
+    try:
+        manifest = ensure_prepared(job.data, par.is_main, barrier)
+    except (ValueError, FileNotFoundError) as e:  # the data module's errors name the data.* key
+        raise ConfigError(str(e)) from None
+    batches = TokenBatches(manifest, job.data.dir, [s.weight for s in job.data.sources], job.data.seq_len,
+                           job.train.seed)
+    model_config = resolve_model_config(job, batches.vocab_size)
+
+    ds_config = deepspeed_config(job, par.dp, grad_accum, precision)
+    if par.is_main:
+        with open(os.path.join(run_dir, "deepspeed_config.json"), "w") as f:
+            json.dump(ds_config, f, indent=1)
+
+    # The same seed on every rank: the model is identical whatever the layout, and zero.Init
+    # partitions it without needing a broadcast to agree.
+    torch.manual_seed(job.train.seed)
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, data_parallel_group=par.dp_group,
+                             mpu=par, enabled=job.parallel.zero_stage == 3):
+        model = GPT(model_config, tp_group=par.tp_group)
+    n_params = count_parameters(model_config)
+    local = sum(full_numel(p) for p in model.parameters())
+    say(par, f"model: {job.model.size} {model_config.n_layer}L/{model_config.n_embd}d/{model_config.n_head}h, "
+             f"vocab {model_config.vocab_size}, {n_params / 1e6:.2f}M parameters "
+             f"({local / 1e6:.2f}M on each of {par.tp} tensor-parallel ranks)")
+    say(par, f"layout: world {par.world_size} = tensor {par.tp} × data {par.dp}; {precision}; "
+             f"ZeRO stage {job.parallel.zero_stage}; {job.train.global_batch_size} sequences × "
+             f"{job.data.seq_len} tokens per step ({grad_accum} accumulation steps of "
+             f"{job.train.micro_batch_size} per rank)")
+
+    optimizer = build_optimizer(model, job.optimizer, par.device)
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, mpu=par)
+
+    step, tokens = 0, 0
+    found = checkpoint.complete_checkpoints(ckpt_dir)
+    if found and job.checkpoint.resume:
+        tag = found[-1][1]
+        state = checkpoint.read_run_state(ckpt_dir, tag)
+        if (state["dp"], state["tp"]) != (par.dp, par.tp):
+            raise ConfigError(f"checkpoint {tag} in {ckpt_dir} was written with data {state['dp']} × tensor "
+                              f"{state['tp']}; this run has data {par.dp} × tensor {par.tp}: resume on the same layout")
+        checkpoint.load(engine, ckpt_dir, tag)
+        step, tokens = state["step"], state["tokens"]
+        say(par, f"resumed from {os.path.join(ckpt_dir, tag)} at step {step}")
+    elif found:
+        raise ConfigError(f"{ckpt_dir} holds checkpoints but checkpoint.resume is false: "
+                          f"choose another run_dir or delete them")
+
+    metrics = MetricsLogger(run_dir, par.is_main, job.logging.tensorboard)
+    if step > 0:
+        metrics.log({"event": "resume", "step": step})
+    val_set = batches.val_batches(par.dp_rank, par.dp, job.eval.batches, job.train.micro_batch_size)
+    tokens_per_step = job.train.global_batch_size * job.data.seq_len
+    flops_per_step = flops_per_token(model_config, job.data.seq_len) * tokens_per_step
+    last_stop = job.train.stop_at or job.train.steps
+    result: dict = {}
+    window_start, window_steps, window_paused = time.perf_counter(), 0, 0.0
+
+    while step < last_stop:
+        lr = lr_at(step, job.optimizer.lr, job.schedule, job.train.steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        # Dropout draws from a stream that depends only on (seed, step, rank): resume is exact.
+        torch.manual_seed(job.train.seed * 1_000_003 + step * 1009 + par.rank)
+        loss_sum = 0.0
+        for micro in range(grad_accum):
+            x, y = batches.train_batch(step, par.dp_rank, micro, job.train.micro_batch_size)
+            _, loss = engine(x.to(par.device), y.to(par.device))
+            engine.backward(loss)
+            engine.step()
+            loss_sum += loss.detach().float()
+        step += 1
+        tokens += tokens_per_step
+        window_steps += 1
+        at_end = step == last_stop
+
+        if step % job.logging.every == 0 or at_end:
+            loss_value = all_reduce_mean((loss_sum / grad_accum).item(), par)
+            elapsed = time.perf_counter() - window_start - window_paused
+            grad_norm = engine.get_global_grad_norm()
+            grad_norm = None if grad_norm is None else float(grad_norm)
+            tok_s = window_steps * tokens_per_step / elapsed
+            result = {"step": step, "loss": loss_value, "lr": lr, "tokens": tokens, "tokens_per_s": tok_s,
+                      "tflops_per_rank": window_steps * flops_per_step / elapsed / par.world_size / 1e12,
+                      "grad_norm": grad_norm}
+            norm_text = "n/a" if grad_norm is None else f"{grad_norm:.3f}"
+            metrics.log(result, f"step {step}/{job.train.steps} | loss {loss_value:.4f} | lr {lr:.2e} | "
+                                f"{tok_s / 1e3:.1f}k tok/s | grad norm {norm_text}")
+            window_start, window_steps, window_paused = time.perf_counter(), 0, 0.0
+
+        # Evaluation and checkpoint time is kept out of tokens/s.
+        pause_start = time.perf_counter()
+        if (job.eval.every and step % job.eval.every == 0) or at_end:
+            val_loss = evaluate(engine, val_set, par)
+            result = {**result, "val_loss": val_loss}
+            metrics.log({"step": step, "tokens": tokens, "val_loss": val_loss},
+                        f"step {step} | val loss {val_loss:.4f}")
+        if step % job.checkpoint.every == 0 or at_end:
+            tag = checkpoint.save(engine, ckpt_dir, step, {"tokens": tokens, "dp": par.dp, "tp": par.tp},
+                                  job.checkpoint.keep, par.is_main)
+            say(par, f"saved checkpoint {os.path.join(ckpt_dir, tag)}")
+        window_paused += time.perf_counter() - pause_start
+
+    if job.train.stop_at is not None and step < job.train.steps:
+        say(par, f"stopped at step {step} (train.stop_at); the same command resumes the run")
+    metrics.close()
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    is_main = rank_env().rank == 0
+    try:
+        job = load_job(args.job, args.overrides)
+        train(job)
+    except ConfigError as e:
+        if is_main:
+            print(f"config error: {e}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""Shared fixtures: one prepared copy of the embedded corpus, and a runner for real launchers."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def launcher_env() -> dict:
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    # One JIT-extension cache per environment: DeepSpeed builds its CPU comm op once (~35 s), not per test.
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def run_launcher(cmd: list[str], timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=REPO, env=launcher_env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"
+                             f"\n--- stderr\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def torchrun(nproc: int, *args: str, **kw) -> subprocess.CompletedProcess:
+    return run_launcher([str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={nproc}",
+                         "launcher/train.py", *args], **kw)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def pydoc_data(tmp_path_factory) -> str:
+    """The embedded corpus prepared once per test session with the jobs' tokenizer settings."""
+    from launcher.config import load_job
+    from launcher.data import prepare
+
+    job = load_job(REPO / "jobs/smoke.yaml", [f"data.dir={tmp_path_factory.mktemp('pydoc')}"])
+    prepare(job.data, progress=False)
+    return job.data.dir

@@ -1,0 +1,115 @@
+"""Job config: YAML + overrides -> typed dataclasses; every mistake is one line naming the key."""
+import json
+from pathlib import Path
+
+import pytest
+
+from launcher.config import (
+    ConfigError,
+    JobConfig,
+    deepspeed_config,
+    dump_yaml,
+    load_job,
+    resolve_model_config,
+    validate_layout,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+JOBS = sorted((REPO / "jobs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("job_file", JOBS, ids=[p.stem for p in JOBS])
+def test_every_shipped_job_loads(job_file):
+    job = load_job(job_file)
+    assert job.name == job_file.stem
+
+
+def test_default_job_is_the_tiny_cpu_job():
+    job = load_job()
+    assert job.name == "tiny_cpu" and job.data.sources[0].path == "builtin:pydoc"
+
+
+def test_overrides_reach_typed_fields():
+    job = load_job(REPO / "jobs/gpt2_125m.yaml",
+                   ["optimizer.lr=6e-3", "train.steps=10000", "name=hi", "model.dropout=0.1",
+                    "data.sources=[{path: a.txt, weight: 2}, {path: b.jsonl}]", "checkpoint.resume=false"])
+    assert job.optimizer.lr == 6e-3 and isinstance(job.optimizer.lr, float)  # YAML reads 6e-3 as text
+    assert job.train.steps == 10000 and job.name == "hi" and job.model.dropout == 0.1
+    assert [(s.path, s.weight) for s in job.data.sources] == [("a.txt", 2.0), ("b.jsonl", 1.0)]
+    assert job.checkpoint.resume is False
+    assert job.schedule.warmup_steps == 2000 and job.model.size == "gpt2-125m"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optimizer.lrr=1", "unknown key 'optimizer.lrr'"),
+    ("optimiser.lr=1", "unknown key 'optimiser'"),
+    ("data.sources=[{path: a, wieght: 1}]", "unknown key 'data.sources[0].wieght'"),
+    ("train.steps=abc", "train.steps: expected an integer, got 'abc'"),
+    ("train.steps=2.5", "train.steps: expected an integer"),
+    ("optimizer.lr=fast", "optimizer.lr: expected a number"),
+    ("checkpoint.resume=maybe", "checkpoint.resume: expected true or false"),
+    ("train.steps.max=3", "train.steps is a value, not a section"),
+    ("train.steps", "not of the form section.key=value"),
+    ("model.size=gpt5", "model.size: unknown size 'gpt5'"),
+    ("model.n_head=5", "model.n_embd=128 is not divisible by model.n_head=5"),
+    ("schedule.warmup_steps=5000", "schedule.warmup_steps=5000 exceeds the decay length (train.steps=600)"),
+    ("train.micro_batch_size=5", "train.global_batch_size=32 is not divisible by train.micro_batch_size=5"),
+    ("train.precision=fp16", "train.precision: must be one of auto, fp32, bf16"),
+    ("parallel.zero_stage=4", "parallel.zero_stage: must be 0, 1, 2 or 3"),
+    ("parallel.tensor=3", "model.n_head=4 is not divisible by parallel.tensor=3"),
+    ("train.stop_at=601", "train.stop_at=601 must be in [1, train.steps=600]"),
+    ("data.sources=[{path: a, weight: 0}]", "data.sources: at least one weight must be positive"),
+    ("model.block_size=64", "data.seq_len=128 exceeds model.block_size=64"),
+    ("schedule.name=wsd", "schedule.name: unknown schedule 'wsd'"),
+])
+def test_mistakes_are_one_line_errors_naming_the_key(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_job(None, [override])
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="job file not found"):
+        load_job(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_job(bad)
+
+
+def test_layout_world_is_tensor_times_data():
+    job = load_job(None, ["parallel.tensor=2"])
+    with pytest.raises(ConfigError, match="world size 3 is not divisible by parallel.tensor=2"):
+        validate_layout(job, 3)
+    job = load_job(REPO / "jobs/gpt2_125m.yaml")
+    assert validate_layout(job, 8) == 512 // (16 * 8)
+    with pytest.raises(ConfigError, match="not divisible by train.micro_batch_size × data-parallel size = 16 × 3"):
+        validate_layout(job, 3)
+
+
+def test_deepspeed_config_is_generated_from_the_job():
+    job = load_job(REPO / "jobs/gpt2_125m.yaml", ["train.grad_clip=0.5"])
+    accum = validate_layout(job, 8)
+    ds = deepspeed_config(job, dp_size=8, grad_accum=accum, precision="bf16")
+    assert ds["train_batch_size"] == 512 and ds["train_micro_batch_size_per_gpu"] == 16
+    assert ds["gradient_accumulation_steps"] == 4 and ds["gradient_clipping"] == 0.5
+    assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"]["enabled"] is True
+    json.dumps(ds)  # it is written to the run directory
+
+
+def test_model_vocab_defaults_to_the_tokenizer_rounded_up():
+    job = load_job()
+    assert resolve_model_config(job, 4000).vocab_size == 4032
+    assert resolve_model_config(job, 4000).block_size == job.data.seq_len
+    job = load_job(None, ["model.vocab_size=1000"])
+    with pytest.raises(ConfigError, match="model.vocab_size=1000 is smaller than the tokenizer's vocabulary"):
+        resolve_model_config(job, 4000)
+
+
+def test_resolved_config_round_trips(tmp_path):
+    job = load_job(None, ["optimizer.lr=1e-3"])
+    path = tmp_path / "config.yaml"
+    path.write_text(dump_yaml(job))
+    assert load_job(path) == job
+    assert isinstance(load_job(path), JobConfig)

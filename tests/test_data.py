@@ -1,0 +1,391 @@
+"""Tests of launcher/data.py: preparing token shards from text sources, and deterministic batches."""
+import json
+import os
+import threading
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from launcher.data import (
+    BUILTIN_PYDOC,
+    DataArgs,
+    DataSource,
+    TokenBatches,
+    ensure_prepared,
+    load_manifest,
+    load_tokenizer,
+    prepare,
+    token_dtype,
+)
+
+SEQ = 16
+
+
+@pytest.fixture(scope="module")
+def pydoc(tmp_path_factory):
+    """The builtin corpus with a small trained tokenizer, shared by the tests (training is the slow part)."""
+    d = tmp_path_factory.mktemp("pydoc")
+    args = DataArgs(dir=str(d), vocab_size=512, seq_len=64)
+    return args, prepare(args, progress=False)
+
+
+def tokenizer_of(pydoc):
+    return os.path.join(pydoc[0].dir, "tokenizer.model")
+
+
+def shard_tokens(data_dir, shards, dtype="uint16"):
+    return np.concatenate([np.fromfile(os.path.join(data_dir, s["file"]), dtype=dtype) for s in shards])
+
+
+def documents(n, make=lambda i: f"Document number {i} says hello to the world, and then some more words."):
+    return [make(i) for i in range(n)]
+
+
+# --------------------------------------------------------------------------------------------
+# prepare
+
+
+def test_pydoc_manifest_and_tokens(pydoc):
+    from pydoc_data.topics import topics
+
+    args, m = pydoc
+    assert m == load_manifest(args.dir)
+    assert m["tokenizer"] == {"file": "tokenizer.model", "kind": "sentencepiece"}
+    assert m["vocab_size"] == 512 and m["dtype"] == "uint16" and m["seq_len"] == 64
+    [src] = m["sources"]
+    assert src["path"] == BUILTIN_PYDOC and src["documents"] == len(topics)
+    assert src["train_tokens"] > 50_000 and src["val_tokens"] >= 65
+    for split in ("train", "val"):
+        files = src[f"{split}_shards"]
+        assert sum(s["tokens"] for s in files) == src[f"{split}_tokens"]
+        for s in files:
+            assert os.path.getsize(os.path.join(args.dir, s["file"])) == 2 * s["tokens"]
+
+    tok = load_tokenizer(args.dir)
+    assert (tok.vocab_size, tok.eos_id) == (512, m["eos_id"])
+    sample = "  def f(x):\n\treturn x ** 2  # ünïcödé 日本語 🎉\n\n"
+    assert tok.decode(tok.encode(sample)) == sample
+
+    # The stream is the documents in key order, each followed by EOS.
+    train = shard_tokens(args.dir, src["train_shards"])
+    eos = np.flatnonzero(train == m["eos_id"])
+    assert len(eos) == src["train_documents"]
+    first_two = sorted(topics)[:2]
+    assert tok.decode(train[: eos[0]]) == topics[first_two[0]]
+    assert tok.decode(train[eos[0] + 1: eos[1]]) == topics[first_two[1]]
+    val = shard_tokens(args.dir, src["val_shards"])
+    assert val[-1] == m["eos_id"] and tok.decode(val[:-1]).endswith(topics[sorted(topics)[-1]])
+
+
+def test_prepare_is_deterministic(pydoc, tmp_path):
+    args, m = pydoc
+    again = prepare(DataArgs(dir=str(tmp_path), vocab_size=512, seq_len=64), progress=False)
+    assert again["fingerprint"] == m["fingerprint"]
+    for name in ["tokenizer.model"] + [s["file"] for s in m["sources"][0]["train_shards"]]:
+        with open(os.path.join(args.dir, name), "rb") as a, open(tmp_path / name, "rb") as b:
+            assert a.read() == b.read(), name
+
+
+def write_source(kind, root, docs):
+    """Writes `docs` as a source of the given kind under `root` and returns its data.sources path."""
+    root.mkdir(parents=True, exist_ok=True)
+    if kind == "txt":
+        (root / "a.txt").write_text("\n\n".join(docs) + "\n")
+        return str(root / "a.txt")
+    if kind == "jsonl":
+        with open(root / "a.jsonl", "w") as f:
+            for d in docs:
+                f.write(json.dumps({"id": 1, "text": d}) + "\n")
+        return str(root / "a.jsonl")
+    if kind == "parquet":
+        pq.write_table(pa.table({"text": docs, "n": list(range(len(docs)))}), root / "a.parquet")
+        return str(root / "a.parquet")
+    if kind == "saved":
+        import datasets
+
+        datasets.Dataset.from_dict({"text": docs}).save_to_disk(str(root / "saved"))
+        return str(root / "saved")
+    if kind == "dir":  # two files, read in name order
+        half = len(docs) // 2
+        (root / "files").mkdir()
+        (root / "files" / "1.txt").write_text("\n\n".join(docs[:half]))
+        (root / "files" / "2.txt").write_text("\n\n".join(docs[half:]))
+        return str(root / "files")
+    if kind == "glob":
+        (root / "g").mkdir()
+        pq.write_table(pa.table({"text": docs}), root / "g" / "x.parquet")
+        (root / "g" / "ignored.txt").write_text("not matched by the pattern")
+        return str(root / "g" / "*.parquet")
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["txt", "jsonl", "parquet", "saved", "dir", "glob"])
+def test_file_sources(pydoc, tmp_path, kind):
+    docs = documents(30)
+    path = write_source(kind, tmp_path / "src", docs)
+    args = DataArgs(sources=[DataSource(path)], dir=str(tmp_path / "out"), tokenizer=tokenizer_of(pydoc), seq_len=SEQ)
+    m = prepare(args, progress=False)
+    src = m["sources"][0]
+    assert src["documents"] == 30 and src["val_documents"] >= 1
+    tok = load_tokenizer(args.dir)
+    stream = np.concatenate([shard_tokens(args.dir, src["train_shards"]), shard_tokens(args.dir, src["val_shards"])])
+    decoded = [tok.decode(d) for d in np.split(stream, np.flatnonzero(stream == tok.eos_id) + 1)[:-1]]
+    assert [d.strip("\n") for d in decoded] == docs
+
+
+def test_missing_text_column_is_named(pydoc, tmp_path):
+    with open(tmp_path / "a.jsonl", "w") as f:
+        f.write(json.dumps({"content": "hello"}) + "\n")
+    args = DataArgs(sources=[DataSource(str(tmp_path / "a.jsonl"))], dir=str(tmp_path / "out"), tokenizer=tokenizer_of(pydoc))
+    with pytest.raises(ValueError, match=r"data.text_field: column 'text' not found.*\['content'\]"):
+        prepare(args, progress=False)
+    # text_field picks the column.
+    args.text_field, args.seq_len = "content", 1
+    with open(tmp_path / "a.jsonl", "w") as f:
+        f.writelines(json.dumps({"content": d}) + "\n" for d in documents(5))
+    assert prepare(args, progress=False)["sources"][0]["documents"] == 5
+
+
+def test_user_errors_name_the_key(pydoc, tmp_path):
+    def attempt(path, **kw):
+        prepare(DataArgs(sources=[DataSource(BUILTIN_PYDOC), DataSource(path)], dir=str(tmp_path / "o"),
+                         tokenizer=tokenizer_of(pydoc), **kw), progress=False)
+
+    with pytest.raises(FileNotFoundError, match=r"data.sources\[1\].path: no such file or directory: 'nope.txt'"):
+        attempt("nope.txt")
+    with pytest.raises(FileNotFoundError, match=r"data.sources\[1\].path: the pattern"):
+        attempt(str(tmp_path / "*.txt"))
+    (tmp_path / "a.csv").write_text("x\n")
+    with pytest.raises(ValueError, match=r"data.sources\[1\].path: unsupported file type .csv"):
+        attempt(str(tmp_path / "a.csv"))
+    (tmp_path / "small.txt").write_text("tiny\n\ntext")
+    with pytest.raises(ValueError, match=r"data.sources\[1\] .* is too small: \d+ tokens in 2 documents"):
+        attempt(str(tmp_path / "small.txt"))
+    with pytest.raises(FileNotFoundError, match=r"data.tokenizer: no such file"):
+        prepare(DataArgs(dir=str(tmp_path / "o"), tokenizer=str(tmp_path / "none.model")), progress=False)
+
+
+def test_failed_prepare_leaves_no_manifest(pydoc, tmp_path):
+    good = DataArgs(sources=[DataSource(write_source("txt", tmp_path / "s", documents(20)))],
+                    dir=str(tmp_path / "out"), tokenizer=tokenizer_of(pydoc), seq_len=SEQ)
+    prepare(good, progress=False)
+    assert load_manifest(good.dir) is not None
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
+    good.sources.append(DataSource(str(tmp_path / "bad.jsonl")))
+    with pytest.raises(ValueError, match="body"):
+        prepare(good, progress=False)
+    assert load_manifest(good.dir) is None
+
+
+def test_huggingface_tokenizer_json(tmp_path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    docs = documents(40)
+    hf = Tokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    hf.train_from_iterator(docs, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    hf.save(str(tmp_path / "tokenizer.json"))
+    args = DataArgs(sources=[DataSource(write_source("txt", tmp_path / "s", docs))], dir=str(tmp_path / "out"),
+                    tokenizer=str(tmp_path / "tokenizer.json"), seq_len=SEQ)
+    m = prepare(args, progress=False)
+    assert m["tokenizer"] == {"file": "tokenizer.json", "kind": "huggingface"}
+    assert m["eos_id"] == hf.token_to_id("<|endoftext|>")
+    tok = load_tokenizer(args.dir)  # the copy in the data dir, which must know its EOS
+    assert tok.eos_id == m["eos_id"] and tok.decode(tok.encode("Ünïcode ok?\n")) == "Ünïcode ok?\n"
+
+    bare = Tokenizer(models.BPE())
+    bare.save(str(tmp_path / "bare.json"))
+    with pytest.raises(ValueError, match="data.tokenizer: the tokenizer has no end-of-sequence token"):
+        prepare(DataArgs(sources=args.sources, dir=str(tmp_path / "o2"), tokenizer=str(tmp_path / "bare.json")),
+                progress=False)
+
+
+def test_token_dtype():
+    assert token_dtype(512) == np.uint16 and token_dtype(65536) == np.uint16
+    assert token_dtype(65537) == np.uint32 and token_dtype(200_000) == np.uint32
+
+
+def test_shards_are_bounded_and_windows_stay_inside_one(pydoc, tmp_path):
+    args = DataArgs(sources=[DataSource(write_source("txt", tmp_path / "s", documents(60)))],
+                    dir=str(tmp_path / "out"), tokenizer=tokenizer_of(pydoc), seq_len=SEQ, shard_tokens=100)
+    m = prepare(args, progress=False)
+    shards = m["sources"][0]["train_shards"]
+    assert len(shards) > 3 and all(0 < s["tokens"] <= 100 for s in shards)
+    tiles = [np.lib.stride_tricks.sliding_window_view(shard_tokens(args.dir, [s]), SEQ + 1) for s in shards]
+    x, y = TokenBatches(m, args.dir, [1.0], SEQ, seed=0).train_batch(0, 0, 0, 64)
+    rows = torch.cat([x, y[:, -1:]], 1).numpy()
+    for row in rows:
+        assert any((t == row).all(1).any() for t in tiles)
+
+
+# --------------------------------------------------------------------------------------------
+# batches
+
+
+def test_train_batch_is_a_function_of_seed_step_rank_micro(pydoc):
+    args, m = pydoc
+    a = TokenBatches(m, args.dir, [1.0], 32, seed=7)
+    b = TokenBatches(m, args.dir, [1.0], 32, seed=7)
+    later = a.train_batch(5, 1, 0, 8)  # call order must not matter
+    x, y = a.train_batch(3, 1, 2, 8)
+    assert x.shape == y.shape == (8, 32) and x.dtype == y.dtype == torch.int64
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    assert int(x.max()) < a.vocab_size
+    bx, by = b.train_batch(3, 1, 2, 8)
+    assert torch.equal(x, bx) and torch.equal(y, by)
+    assert torch.equal(b.train_batch(5, 1, 0, 8)[0], later[0])
+    for other in [a.train_batch(4, 1, 2, 8), a.train_batch(3, 0, 2, 8), a.train_batch(3, 1, 1, 8),
+                  TokenBatches(m, args.dir, [1.0], 32, seed=8).train_batch(3, 1, 2, 8)]:
+        assert not torch.equal(x, other[0])
+
+
+def two_source_dir(pydoc, tmp_path):
+    rng = np.random.default_rng(0)
+    letters = [" ".join("".join(rng.choice(list("abc"), 4)) for _ in range(20)) for _ in range(30)]
+    digits = [" ".join("".join(rng.choice(list("0123456789"), 4)) for _ in range(20)) for _ in range(30)]
+    args = DataArgs(sources=[DataSource(write_source("txt", tmp_path / "l", letters)),
+                             DataSource(write_source("jsonl", tmp_path / "d", digits))],
+                    dir=str(tmp_path / "out"), tokenizer=tokenizer_of(pydoc), seq_len=SEQ)
+    return args, prepare(args, progress=False)
+
+
+def test_weighted_mixture(pydoc, tmp_path):
+    args, m = two_source_dir(pydoc, tmp_path)
+    tok = load_tokenizer(args.dir)
+
+    def letter_rows(weights, batches=40):
+        tb = TokenBatches(m, args.dir, weights, SEQ, seed=1)
+        counts = [0, 0]
+        for step in range(batches):
+            for row in tb.train_batch(step, 0, 0, 50)[0]:
+                text = tok.decode(row.tolist())
+                is_digits = any(c.isdigit() for c in text)
+                assert is_digits != any(c in "abc" for c in text)  # a window never mixes sources
+                counts[is_digits] += 1
+        return counts[0] / sum(counts)
+
+    assert abs(letter_rows([3.0, 1.0]) - 0.75) < 0.04
+    assert letter_rows([1.0, 0.0], batches=5) == 1.0
+    assert letter_rows([0.0, 2.0], batches=5) == 0.0
+    for bad in ([1.0, -1.0], [0.0, 0.0], [1.0], [1.0, float("nan")]):
+        with pytest.raises(ValueError, match=r"data.sources"):
+            TokenBatches(m, args.dir, bad, SEQ, seed=1)
+
+
+def test_val_batches_fixed_disjoint_and_equal_in_number(pydoc, tmp_path):
+    args, m = two_source_dir(pydoc, tmp_path)
+    tb = TokenBatches(m, args.dir, [1.0, 1.0], SEQ, seed=1)
+    other_seed = TokenBatches(m, args.dir, [1.0, 1.0], SEQ, seed=99)
+    val_tiles = set()
+    for s in m["sources"]:
+        tokens = shard_tokens(args.dir, s["val_shards"])
+        val_tiles |= {tuple(t) for t in tokens[: len(tokens) // (SEQ + 1) * (SEQ + 1)].reshape(-1, SEQ + 1)}
+    available = tb.val_windows()
+    assert available == len(val_tiles) >= 8
+
+    def rows(batches):
+        return [tuple(r) for x, y in batches for r in torch.cat([x, y[:, -1:]], 1).tolist()]
+
+    per_rank = [tb.val_batches(r, 2, 2, 2) for r in range(2)]
+    assert [len(b) for b in per_rank] == [2, 2] and all(x.shape == (2, SEQ) for b in per_rank for x, _ in b)
+    r0, r1 = rows(per_rank[0]), rows(per_rank[1])
+    assert set(r0).isdisjoint(r1) and len(set(r0 + r1)) == 8 and set(r0 + r1) <= val_tiles
+    assert rows(tb.val_batches(0, 2, 2, 2)) == r0 == rows(other_seed.val_batches(0, 2, 2, 2))
+    assert set(rows(tb.val_batches(0, 1, 4, 2))) == set(r0 + r1)  # same set, whatever the rank count
+    # both sources are represented when weighted equally
+    assert any(any(c in "abc" for c in load_tokenizer(args.dir).decode(list(r))) for r in r0 + r1)
+
+    # More windows asked for than exist: wrap around, same count on every rank.
+    many = [tb.val_batches(r, 3, available, 2) for r in range(3)]
+    assert [len(b) for b in many] == [available] * 3
+    assert set(sum((rows(b) for b in many), [])) == val_tiles
+
+
+def test_seq_len_too_large(pydoc):
+    args, m = pydoc
+    with pytest.raises(ValueError, match=r"data.seq_len=100000 is too large for data.sources\[0\]"):
+        TokenBatches(m, args.dir, [1.0], 100_000, seed=0)
+
+
+# --------------------------------------------------------------------------------------------
+# ensure_prepared
+
+
+def test_ensure_prepared_reuses_and_refuses(pydoc, tmp_path):
+    args, m = pydoc
+    calls = []
+    stamp = os.stat(os.path.join(args.dir, "manifest.json")).st_mtime_ns
+    reweighted = DataArgs(sources=[DataSource(BUILTIN_PYDOC, weight=5.0)], dir=args.dir, vocab_size=512, seq_len=32)
+    assert ensure_prepared(reweighted, is_main=True, barrier=lambda: calls.append(1)) == m
+    assert calls == [1] and os.stat(os.path.join(args.dir, "manifest.json")).st_mtime_ns == stamp
+
+    other = DataArgs(sources=[DataSource(write_source("txt", tmp_path / "s", documents(20)))], dir=args.dir,
+                     vocab_size=512, seq_len=SEQ)
+    for is_main in (True, False):
+        with pytest.raises(ValueError, match=r"prepared from different sources/tokenizer \(differs in: sources\).*delete it"):
+            ensure_prepared(other, is_main=is_main, barrier=lambda: None)
+    bigger_vocab = DataArgs(dir=args.dir, vocab_size=1024)
+    with pytest.raises(ValueError, match="differs in: tokenizer"):
+        ensure_prepared(bigger_vocab, is_main=False, barrier=lambda: None)
+
+
+def test_ensure_prepared_main_prepares_while_others_wait(pydoc, tmp_path):
+    args = DataArgs(sources=[DataSource(write_source("parquet", tmp_path / "s", documents(20)))],
+                    dir=str(tmp_path / "out"), tokenizer=tokenizer_of(pydoc), seq_len=SEQ)
+    barrier = threading.Barrier(2, timeout=60)
+    results = {}
+
+    def rank(r):
+        results[r] = ensure_prepared(args, is_main=r == 0, barrier=barrier.wait)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (1, 0)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results[0] == results[1] == load_manifest(args.dir)
+
+    # Editing a source file changes the fingerprint (size and mtime are in it).
+    with open(args.sources[0].path, "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(ValueError, match=r"differs in: sources"):
+        ensure_prepared(args, is_main=True, barrier=lambda: None)
+
+    with pytest.raises(FileNotFoundError, match="has no manifest.json"):
+        ensure_prepared(DataArgs(dir=str(tmp_path / "empty")), is_main=False, barrier=lambda: None)
+
+
+def test_ensure_prepared_releases_the_other_ranks_when_main_fails(tmp_path, capsys):
+    args = DataArgs(sources=[DataSource("missing.txt")], dir=str(tmp_path / "out"))
+    barrier = threading.Barrier(2, timeout=60)
+    errors = {}
+
+    def rank(r):
+        try:
+            ensure_prepared(args, is_main=r == 0, barrier=barrier.wait)
+        except Exception as e:  # noqa: BLE001 - the test looks at which error each rank got
+            errors[r] = e
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert isinstance(errors[0], FileNotFoundError) and "data.sources[0].path" in str(errors[0])
+    assert isinstance(errors[1], FileNotFoundError)
+
+
+def test_progress_lines(pydoc, tmp_path, capsys):
+    args = DataArgs(sources=[DataSource(write_source("txt", tmp_path / "s", documents(20)))],
+                    dir=str(tmp_path / "out"), tokenizer=tokenizer_of(pydoc), seq_len=SEQ)
+    m = prepare(args, progress=True)
+    out = capsys.readouterr().out
+    total = sum(s["train_tokens"] + s["val_tokens"] for s in m["sources"])
+    assert "tokenizing source 0" in out and f"wrote {total} tokens in 2 shards" in out
+    prepare(args, progress=False)
+    assert capsys.readouterr().out == ""
