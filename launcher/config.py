@@ -335,3 +335,19 @@ def to_dict(job: JobConfig) -> dict:
 
 def dump_yaml(job: JobConfig) -> str:
     return yaml.safe_dump(to_dict(job), sort_keys=False)
+
+
+if __name__ == "__main__":
+    # python -m launcher.config [--job FILE] [section.key=value ...]: print the resolved job config.
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description="Print a job's resolved config (every key, defaults filled in).")
+    parser.add_argument("--job", default=None)
+    parser.add_argument("overrides", nargs="*")
+    cli = parser.parse_args()
+    try:
+        print(dump_yaml(load_job(cli.job, cli.overrides)), end="")
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -97,6 +97,9 @@ def init_distributed(tensor_parallel: int) -> Parallel:
     os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),
                       MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port))
     if torch.cuda.is_available():
+        if env.local_rank >= torch.cuda.device_count():
+            raise ValueError(f"local rank {env.local_rank} has no GPU: this node shows {torch.cuda.device_count()} "
+                             f"(start one process per GPU, e.g. torchrun --nproc_per_node {torch.cuda.device_count()})")
         device = torch.device("cuda", env.local_rank)
         torch.cuda.set_device(device)
         backend = "nccl"

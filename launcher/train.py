@@ -78,13 +78,18 @@ def evaluate(engine, val_batches: list, par: Parallel) -> float:
 
 def train(job: JobConfig) -> dict:
     """Runs the job in this process (one rank of the world); returns the final metrics on every rank."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # chosen, rather than guessed with a warning
     import deepspeed
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     # DeepSpeed 0.19 calls collectives that newer torch marks deprecated, once per step.
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
-    par = init_distributed(job.parallel.tensor)
-    grad_accum = validate_layout(job, par.world_size)
+    grad_accum = validate_layout(job, rank_env().world_size)
+    try:
+        par = init_distributed(job.parallel.tensor)
+    except ValueError as e:  # a layout that cannot run on this machine
+        raise ConfigError(str(e)) from None
     precision = resolve_precision(job, par.device.type)
     if precision == "bf16" and par.device.type == "cpu":
         say(par, "note: bf16 on CPU trains, but slowly; fp32 is the CPU default")
@@ -118,9 +123,9 @@ def train(job: JobConfig) -> dict:
         model = GPT(model_config, tp_group=par.tp_group)
     n_params = count_parameters(model_config)
     local = sum(full_numel(p) for p in model.parameters())
+    per_rank = f" ({local / 1e6:.2f}M per tensor-parallel rank)" if par.tp > 1 else ""
     say(par, f"model: {job.model.size} {model_config.n_layer}L/{model_config.n_embd}d/{model_config.n_head}h, "
-             f"vocab {model_config.vocab_size}, {n_params / 1e6:.2f}M parameters "
-             f"({local / 1e6:.2f}M on each of {par.tp} tensor-parallel ranks)")
+             f"vocab {model_config.vocab_size}, {n_params / 1e6:.2f}M parameters{per_rank}")
     say(par, f"layout: world {par.world_size} = tensor {par.tp} × data {par.dp}; {precision}; "
              f"ZeRO stage {job.parallel.zero_stage}; {job.train.global_batch_size} sequences × "
              f"{job.data.seq_len} tokens per step ({grad_accum} accumulation steps of "
@@ -181,6 +186,8 @@ def train(job: JobConfig) -> dict:
             result = {"step": step, "loss": loss_value, "lr": lr, "tokens": tokens, "tokens_per_s": tok_s,
                       "tflops_per_rank": window_steps * flops_per_step / elapsed / par.world_size / 1e12,
                       "grad_norm": grad_norm}
+            if par.device.type == "cuda":
+                result["max_mem_gb"] = torch.cuda.max_memory_allocated(par.device) / 2**30
             norm_text = "n/a" if grad_norm is None else f"{grad_norm:.3f}"
             metrics.log(result, f"step {step}/{job.train.steps} | loss {loss_value:.4f} | lr {lr:.2e} | "
                                 f"{tok_s / 1e3:.1f}k tok/s | grad norm {norm_text}")
