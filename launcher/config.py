@@ -15,12 +15,16 @@ from typing import Any, Optional
 
 import yaml
 
+from averaging.lawa import LawaArgs
+from averaging.sidecar import DEVICES as SIDECAR_DEVICES
+from averaging.sidecar import SidecarArgs
 from launcher.checkpoint import CheckpointArgs
 from launcher.data import DataArgs
 from launcher.distributed import ParallelArgs
 from launcher.metrics import LoggingArgs
 from launcher.optim import OptimizerArgs
 from launcher.schedule import DECAY_SHAPES, ScheduleArgs
+from launcher.snapshot import IF_BUSY, SnapshotArgs
 from models.gpt import GPT_SIZES, GPTConfig, gpt_config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -74,6 +78,9 @@ class JobConfig:
     checkpoint: CheckpointArgs = field(default_factory=CheckpointArgs)
     eval: EvalArgs = field(default_factory=EvalArgs)
     logging: LoggingArgs = field(default_factory=LoggingArgs)
+    snapshot: SnapshotArgs = field(default_factory=SnapshotArgs)
+    lawa: LawaArgs = field(default_factory=LawaArgs)
+    sidecar: SidecarArgs = field(default_factory=SidecarArgs)
 
     @property
     def resolved_run_dir(self) -> str:
@@ -270,6 +277,26 @@ def validate(job: JobConfig) -> None:
     need(job.eval.every >= 0, f"eval.every: must be >= 0, got {job.eval.every}")
     need(job.eval.batches > 0, f"eval.batches: must be positive, got {job.eval.batches}")
     need(job.logging.every > 0, f"logging.every: must be positive, got {job.logging.every}")
+
+    snap, lawa, side = job.snapshot, job.lawa, job.sidecar
+    need(snap.every >= 0, f"snapshot.every: must be >= 0, got {snap.every}")
+    need(snap.slots >= 2, f"snapshot.slots: must be >= 2 (one is being written while others are read), got {snap.slots}")
+    need(snap.if_busy in IF_BUSY, f"snapshot.if_busy: must be one of {', '.join(IF_BUSY)}, got '{snap.if_busy}'")
+    need(snap.max_write_mb_per_s >= 0, f"snapshot.max_write_mb_per_s: must be >= 0, got {snap.max_write_mb_per_s}")
+    need(lawa.k >= 1, f"lawa.k: must be >= 1, got {lawa.k}")
+    need(lawa.spacing >= 0, f"lawa.spacing: must be >= 0, got {lawa.spacing}")
+    need(side.device in SIDECAR_DEVICES, f"sidecar.device: must be one of {', '.join(SIDECAR_DEVICES)}, got '{side.device}'")
+    need(side.restarts >= 0, f"sidecar.restarts: must be >= 0, got {side.restarts}")
+    need(side.poll_seconds > 0, f"sidecar.poll_seconds: must be positive, got {side.poll_seconds}")
+    if snap.every > 0:
+        need(p.zero_stage == 3, f"snapshot.every={snap.every} needs parallel.zero_stage=3 "
+                                f"(snapshots are ZeRO-3 partitions), got {p.zero_stage}")
+        spacing = lawa.spacing or snap.every
+        needed = (lawa.k - 1) * -(-spacing // snap.every) + 2
+        need(snap.slots >= needed,
+             f"snapshot.slots={snap.slots} cannot hold lawa.k={lawa.k} snapshots {spacing} steps apart at "
+             f"snapshot.every={snap.every} plus one being written: needs at least {needed}")
+    need(not side.enabled or snap.every > 0, "sidecar.enabled needs snapshot.every > 0 (the sidecar averages snapshots)")
 
 
 def validate_layout(job: JobConfig, world_size: int) -> int:

@@ -1,8 +1,5 @@
-"""Distributed setup in one place: rank discovery, TP x DP process groups, and DeepSpeed's `mpu`.
-
-Rank layout: tensor-parallel ranks are consecutive (rank = dp_rank * tp + tp_rank), so with one
-task per GPU a tensor-parallel group stays inside a node, on NVLink.
-"""
+"""Distributed setup in one place: rank discovery from the launcher's environment, device choice,
+process-group init; the TP x DP layout itself is models.parallel's."""
 from __future__ import annotations
 
 import os
@@ -12,6 +9,8 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+
+from models.parallel import Parallel, build_parallel
 
 
 @dataclass
@@ -49,48 +48,8 @@ def rank_env(environ: Optional[dict] = None) -> RankEnv:
     return RankEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 29500)), "single")
 
 
-@dataclass
-class Parallel:
-    """This process's place in the TP x DP layout; also the `mpu` object DeepSpeed asks for."""
-
-    rank: int
-    world_size: int
-    local_rank: int
-    tp: int
-    dp: int
-    tp_rank: int
-    dp_rank: int
-    tp_group: Optional[dist.ProcessGroup]  # None when tp == 1: the model then skips all TP comms
-    dp_group: dist.ProcessGroup
-    mp_group: dist.ProcessGroup  # the TP group, always a real group, for DeepSpeed
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    # The methods DeepSpeed calls on an `mpu`.
-    def get_model_parallel_rank(self) -> int:
-        return self.tp_rank
-
-    def get_model_parallel_world_size(self) -> int:
-        return self.tp
-
-    def get_model_parallel_group(self) -> dist.ProcessGroup:
-        return self.mp_group
-
-    def get_data_parallel_rank(self) -> int:
-        return self.dp_rank
-
-    def get_data_parallel_world_size(self) -> int:
-        return self.dp
-
-    def get_data_parallel_group(self) -> dist.ProcessGroup:
-        return self.dp_group
-
-
 def init_distributed(tensor_parallel: int) -> Parallel:
-    """Join the process group and build the TP and DP groups. The caller has checked the layout."""
+    """Join the process group and build the TP x DP layout. The caller has checked the layout."""
     import deepspeed
 
     env = rank_env()
@@ -108,22 +67,7 @@ def init_distributed(tensor_parallel: int) -> Parallel:
         backend = "gloo"
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
 
-    tp = tensor_parallel
-    dp = env.world_size // tp
-    tp_rank, dp_rank = env.rank % tp, env.rank // tp
-    # Every rank must create every group, in the same order.
-    mp_group = dp_group = None
-    for d in range(dp):
-        group = dist.new_group([d * tp + t for t in range(tp)])
-        if d == dp_rank:
-            mp_group = group
-    for t in range(tp):
-        group = dist.new_group([d * tp + t for d in range(dp)])
-        if t == tp_rank:
-            dp_group = group
-    return Parallel(rank=env.rank, world_size=env.world_size, local_rank=env.local_rank, tp=tp, dp=dp,
-                    tp_rank=tp_rank, dp_rank=dp_rank, tp_group=mp_group if tp > 1 else None,
-                    dp_group=dp_group, mp_group=mp_group, device=device)
+    return build_parallel(tensor_parallel, env.local_rank, device)
 
 
 def barrier() -> None:

@@ -11,6 +11,7 @@ directory that already holds a complete checkpoint is resumed from it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -26,6 +27,8 @@ if __package__ in (None, ""):
 import torch
 import torch.distributed as dist
 
+from averaging import sidecar as lawa_sidecar
+from averaging.evaluate import validation_loss
 from launcher import checkpoint
 from launcher.config import (
     ConfigError,
@@ -42,6 +45,7 @@ from launcher.distributed import Parallel, barrier, init_distributed, rank_env
 from launcher.metrics import MetricsLogger
 from launcher.optim import build_optimizer, full_numel
 from launcher.schedule import lr_at
+from launcher.snapshot import SnapshotWriter, resolve_root
 from models.gpt import GPT, count_parameters, flops_per_token
 
 
@@ -63,17 +67,6 @@ def all_reduce_mean(value: float, par: Parallel) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=par.device)
     dist.all_reduce(t, group=par.dp_group)
     return t.item() / par.dp
-
-
-@torch.no_grad()
-def evaluate(engine, val_batches: list, par: Parallel) -> float:
-    engine.eval()
-    total = 0.0
-    for x, y in val_batches:
-        _, loss = engine(x.to(par.device), y.to(par.device))
-        total += loss.item()
-    engine.train()
-    return all_reduce_mean(total / len(val_batches), par)
 
 
 def train(job: JobConfig) -> dict:
@@ -153,11 +146,13 @@ def train(job: JobConfig) -> dict:
     if step > 0:
         metrics.log({"event": "resume", "step": step})
     val_set = batches.val_batches(par.dp_rank, par.dp, job.eval.batches, job.train.micro_batch_size)
+    snapshots, sidecar = start_lawa(job, engine, par, run_dir, step, model_config, ds_config, precision, val_set)
+    shown_evals = len(lawa_sidecar.read_eval_log(run_dir)) if par.is_main else 0
     tokens_per_step = job.train.global_batch_size * job.data.seq_len
     flops_per_step = flops_per_token(model_config, job.data.seq_len) * tokens_per_step
     last_stop = job.train.stop_at or job.train.steps
     result: dict = {}
-    window_start, window_steps, window_paused = time.perf_counter(), 0, 0.0
+    window_start, window_steps, window_paused, window_snapshot_s = time.perf_counter(), 0, 0.0, 0.0
 
     while step < last_stop:
         lr = lr_at(step, job.optimizer.lr, job.schedule, job.train.steps)
@@ -170,12 +165,17 @@ def train(job: JobConfig) -> dict:
             x, y = batches.train_batch(step, par.dp_rank, micro, job.train.micro_batch_size)
             _, loss = engine(x.to(par.device), y.to(par.device))
             engine.backward(loss)
+            if snapshots is not None and micro == grad_accum - 1:
+                snapshots.fence()  # the update must not overwrite a partition still being copied
             engine.step()
             loss_sum += loss.detach().float()
         step += 1
         tokens += tokens_per_step
         window_steps += 1
         at_end = step == last_stop
+        if snapshots is not None:
+            snap = snapshots.after_step(step, tokens, lr, final=at_end)
+            window_snapshot_s += snap.get("snapshot_stall_s", 0.0) + snap.get("snapshot_wait_s", 0.0)
 
         if step % job.logging.every == 0 or at_end:
             loss_value = all_reduce_mean((loss_sum / grad_accum).item(), par)
@@ -188,15 +188,20 @@ def train(job: JobConfig) -> dict:
                       "grad_norm": grad_norm}
             if par.device.type == "cuda":
                 result["max_mem_gb"] = torch.cuda.max_memory_allocated(par.device) / 2**30
+            if snapshots is not None:
+                result["snapshot_s"] = window_snapshot_s  # the training loop's own cost of snapshots
             norm_text = "n/a" if grad_norm is None else f"{grad_norm:.3f}"
             metrics.log(result, f"step {step}/{job.train.steps} | loss {loss_value:.4f} | lr {lr:.2e} | "
                                 f"{tok_s / 1e3:.1f}k tok/s | grad norm {norm_text}")
-            window_start, window_steps, window_paused = time.perf_counter(), 0, 0.0
+            if sidecar is not None:
+                sidecar.check()
+            shown_evals = show_new_evals(run_dir, shown_evals, par.is_main)
+            window_start, window_steps, window_paused, window_snapshot_s = time.perf_counter(), 0, 0.0, 0.0
 
         # Evaluation and checkpoint time is kept out of tokens/s.
         pause_start = time.perf_counter()
         if (job.eval.every and step % job.eval.every == 0) or at_end:
-            val_loss = evaluate(engine, val_set, par)
+            val_loss = validation_loss(engine, val_set, par.device, par.dp_group, par.dp)
             result = {**result, "val_loss": val_loss}
             metrics.log({"step": step, "tokens": tokens, "val_loss": val_loss},
                         f"step {step} | val loss {val_loss:.4f}")
@@ -209,7 +214,67 @@ def train(job: JobConfig) -> dict:
     if job.train.stop_at is not None and step < job.train.steps:
         say(par, f"stopped at step {step} (train.stop_at); the same command resumes the run")
     metrics.close()
+    if snapshots is not None:
+        finish_lawa(snapshots, sidecar, par, run_dir, step, shown_evals, finished=step == job.train.steps)
     return result
+
+
+def start_lawa(job: JobConfig, engine, par: Parallel, run_dir: str, step: int, model_config, ds_config: dict,
+               precision: str, val_set: list):
+    """Collective: the snapshot ring buffer, the sidecar's spec and held-out set, and the sidecar."""
+    if job.snapshot.every == 0:
+        return None, None
+    root = resolve_root(job.snapshot, par, run_dir, job.name, count_parameters(model_config))
+    snapshots = SnapshotWriter(job.snapshot, engine, par, root, resume_step=step, log=lambda m: say(par, m))
+    say(par, f"snapshots: every {job.snapshot.every} steps into a ring of {job.snapshot.slots} slots in {root}")
+    # What the sidecar needs, so that it can also be started by hand on this run directory.
+    if par.is_main:
+        lawa_sidecar.clear_training_done(run_dir)
+        lawa_sidecar.write_spec(run_dir, {
+            "model": dataclasses.asdict(model_config), "deepspeed": ds_config, "dp": par.dp, "tp": par.tp,
+            "snapshot_dir": os.path.abspath(root), "snapshot_every": job.snapshot.every,
+            "lawa": {"k": job.lawa.k, "spacing": job.lawa.spacing or job.snapshot.every},
+            "device": job.sidecar.device, "training_device": par.device.type, "precision": precision,
+            "poll_seconds": job.sidecar.poll_seconds, "tensorboard": job.logging.tensorboard,
+        })
+    if par.tp_rank == 0:
+        lawa_sidecar.write_val_batches(run_dir, par.dp_rank, val_set)
+    barrier()
+    sidecar = None
+    if job.sidecar.enabled:
+        env = rank_env()
+        sidecar = lawa_sidecar.SidecarSupervisor(job.sidecar, run_dir, par.rank, par.world_size, par.local_rank,
+                                                 env.master_addr, env.master_port, par.ctrl_group,
+                                                 log=lambda m: say(par, m))
+    return snapshots, sidecar
+
+
+def show_new_evals(run_dir: str, shown: int, is_main: bool) -> int:
+    if not is_main:
+        return shown
+    records = lawa_sidecar.read_eval_log(run_dir)
+    for record in records[shown:]:
+        print(lawa_sidecar.format_eval_line(record), flush=True)
+    return len(records)
+
+
+def finish_lawa(snapshots: SnapshotWriter, sidecar, par: Parallel, run_dir: str, step: int, shown: int,
+                finished: bool) -> None:
+    """Collective: commit the last snapshot, let the sidecar evaluate it, and show the results."""
+    snapshots.finish()
+    if par.is_main:
+        lawa_sidecar.mark_training_done(run_dir, snapshots.last_committed, step)
+    if sidecar is not None:
+        say(par, "waiting for the sidecar to evaluate the last snapshot ...")
+        sidecar.wait()
+    barrier()
+    if par.is_main:
+        show_new_evals(run_dir, shown, True)
+        records = lawa_sidecar.read_eval_log(run_dir)
+        if records:
+            print("\nraw vs LAWA validation loss (eval.jsonl):\n" + lawa_sidecar.format_eval_table(records), flush=True)
+    if finished:
+        snapshots.cleanup()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,252 @@
+"""Trainer side of online LAWA: copy each rank's ZeRO-3 fp32 partition into a ring buffer of slots.
+
+The training loop pays only for the copy of its partition into a host buffer (on GPU, an
+asynchronous copy on a side stream that the next optimizer update waits for on the device); a
+background thread zeroes the partition padding and writes the slot. Committing needs every rank's
+files, so the ranks vote over a small gloo group: each step while a snapshot is pending, one
+all-reduce of three integers, no disk and no GPU synchronisation. Decisions (skip, wait, commit,
+abandon) come out of that vote, so every rank takes the same one.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from averaging import slots
+from launcher.distributed import Parallel
+
+IF_BUSY = ("skip", "wait")
+
+
+@dataclass
+class SnapshotArgs:
+    every: int = 0  # snapshot the weights every this many steps (and at the end); 0: off
+    slots: int = 8  # ring-buffer size: committed snapshots kept
+    dir: Optional[str] = None  # None: node-local /dev/shm/lawa/<run> when it has room, else <run_dir>/snapshots
+    if_busy: str = "skip"  # when the previous write is still running at the next snapshot: skip or wait
+    max_write_mb_per_s: float = 0.0  # throttle the background write (shared disks); 0: unlimited
+    cleanup: bool = True  # delete slots under /dev/shm when training ends normally (they hold RAM)
+
+
+def default_snapshot_dir(run_dir: str, name: str, bytes_per_node: int) -> str:
+    """Node-local shared memory when it exists and has room for the ring, else the run directory."""
+    shm = "/dev/shm"
+    if os.path.isdir(shm) and os.access(shm, os.W_OK):
+        if shutil.disk_usage(shm).free > 1.5 * bytes_per_node:
+            tag = hashlib.sha1(os.path.abspath(run_dir).encode()).hexdigest()[:8]
+            return os.path.join(shm, "lawa", f"{name}-{tag}")
+    return os.path.join(run_dir, "snapshots")
+
+
+def resolve_root(args: SnapshotArgs, par: Parallel, run_dir: str, name: str, n_params: int) -> str:
+    """Collective: rank 0 chooses where slots go (from its node's free memory), everyone follows."""
+    if args.dir:
+        return args.dir
+    choice: list[Optional[str]] = [None]
+    if par.is_main:
+        ranks_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", par.world_size))
+        bytes_per_node = args.slots * 4 * n_params // par.world_size * ranks_per_node
+        choice = [default_snapshot_dir(run_dir, name, bytes_per_node)]
+    dist.broadcast_object_list(choice, src=0, group=par.ctrl_group)
+    return choice[0]
+
+
+def is_node_local(path: str) -> bool:
+    return os.path.abspath(path).startswith("/dev/shm/")
+
+
+def model_states_metadata(engine, par: Parallel) -> dict[str, Any]:
+    """The model-states part of a DeepSpeed ZeRO-3 checkpoint, which zero_to_fp32 needs to rebuild
+    parameters from flat groups. Built once (collective); these DeepSpeed engine helpers are the
+    ones its own save_checkpoint uses (deepspeed is pinned in requirements.txt)."""
+    import deepspeed
+
+    return {
+        "module": engine.module_state_dict(),
+        "buffer_names": engine._get_buffer_names(),
+        "param_shapes": engine._get_zero_param_shapes(),
+        "frozen_param_shapes": None,
+        "frozen_param_fragments": None,
+        "shared_params": engine._get_shared_params(),
+        "dp_world_size": par.dp,
+        "mp_world_size": par.tp,
+        "ds_version": deepspeed.__version__,
+    }
+
+
+class SnapshotWriter:
+    def __init__(self, args: SnapshotArgs, engine, par: Parallel, root: str, resume_step: int,
+                 log: Callable[[str], None]):
+        self.args = args
+        self.par = par
+        self.root = root
+        self.log = log
+        self.flat = engine.optimizer.fp32_partitioned_groups_flat
+        self.model_states = model_states_metadata(engine, par)
+        self.param_shapes = self.model_states["param_shapes"]
+        on_gpu = par.device.type == "cuda"
+        self.host = [torch.empty(f.numel(), dtype=torch.float32, pin_memory=on_gpu) for f in self.flat]
+        self.copy_stream = torch.cuda.Stream(par.device) if on_gpu else None
+        self.copy_event: Optional[torch.cuda.Event] = None
+        self.thread: Optional[threading.Thread] = None
+        self.pending: Optional[dict[str, Any]] = None  # the snapshot written but not yet committed
+        self.done_step = -1
+        self.last_committed: Optional[int] = None
+        self.failed: Optional[BaseException] = None
+        self.written: dict[str, dict] = {}
+        if par.local_rank == 0:
+            os.makedirs(root, exist_ok=True)
+            # Torn slots of a crash, and slots from past the checkpoint we resume from (the resumed
+            # run writes those steps again), are not part of this run's history.
+            for step, path, committed in slots.list_slots(root):
+                if not committed or step > resume_step:
+                    slots.remove_slot(path)
+        dist.barrier(group=par.ctrl_group)
+
+    @property
+    def enabled(self) -> bool:
+        return self.args.every > 0
+
+    def slot_dir(self, step: int) -> str:
+        return os.path.join(self.root, slots.slot_name(step))
+
+    # -- called by the training loop -------------------------------------------------------------
+
+    def fence(self) -> None:
+        """Before the optimizer update: the device waits for an in-flight copy of the partition."""
+        if self.copy_event is not None:
+            torch.cuda.current_stream(self.par.device).wait_event(self.copy_event)
+            self.copy_event = None
+
+    def after_step(self, step: int, tokens: int, lr: float, final: bool = False) -> dict[str, Any]:
+        """Collective. Commits what is complete and takes a snapshot when one is due; returns stats."""
+        due = self.enabled and (step % self.args.every == 0 or final)
+        if self.pending is None and not due:
+            return {}
+        busy = self._settle()
+        if not due:
+            return {}
+        stats: dict[str, Any] = {}
+        if busy:
+            if self.args.if_busy == "skip" and not final:
+                self.log(f"snapshot at step {step} skipped: the write of step {self.pending['step']} is still "
+                         f"running (snapshot.if_busy=skip; use a longer snapshot.every or if_busy=wait)")
+                return {"snapshot_skipped": step}
+            start = time.perf_counter()
+            self._join()
+            self._settle()
+            stats["snapshot_wait_s"] = time.perf_counter() - start
+            self.log(f"snapshot at step {step} waited {stats['snapshot_wait_s']:.2f}s for the previous write")
+        stats["snapshot_stall_s"] = self._start(step, tokens, lr)
+        if final:
+            self.finish()
+        return stats
+
+    def finish(self) -> None:
+        """Collective: wait for the last write and commit it."""
+        self._join()
+        self._settle()
+
+    # -- internals --------------------------------------------------------------------------------
+
+    def _join(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+
+    def _settle(self) -> bool:
+        """One vote: commit or abandon the pending snapshot. Returns whether any rank is still writing."""
+        busy = self.thread is not None and self.thread.is_alive()
+        vote = torch.tensor([self.done_step, -int(busy), -int(self.failed is not None)], dtype=torch.int64)
+        dist.all_reduce(vote, op=dist.ReduceOp.MIN, group=self.par.ctrl_group)
+        all_done, any_busy, any_failed = vote[0].item(), vote[1].item() < 0, vote[2].item() < 0
+        if self.pending is not None and any_failed and not any_busy:
+            step = self.pending["step"]
+            if self.failed is not None:
+                print(f"[rank {self.par.rank}] snapshot of step {step} failed: {self.failed!r}", flush=True)
+            self.log(f"snapshot of step {step} abandoned: a rank could not write it")
+            if self.par.local_rank == 0:
+                slots.remove_slot(self.slot_dir(step))
+            self.pending, self.failed = None, None
+        elif self.pending is not None and all_done >= self.pending["step"]:
+            self._commit()
+        return any_busy
+
+    def _commit(self) -> None:
+        gathered: list[Optional[dict]] = [None] * self.par.world_size
+        dist.all_gather_object(gathered, self.written, group=self.par.ctrl_group)
+        files = {name: meta for rank_files in gathered for name, meta in rank_files.items()}
+        p = self.pending
+        manifest = {
+            "kind": "raw",
+            "step": p["step"],
+            "tokens": p["tokens"],
+            "lr": p["lr"],
+            "dp": self.par.dp,
+            "tp": self.par.tp,
+            "param_shapes": slots.shapes_to_json(self.param_shapes),
+            "files": files,
+            "ds_version": self.model_states["ds_version"],
+        }
+        if self.par.local_rank == 0:  # one committer per node: slots live on node-local storage
+            slots.commit(self.slot_dir(p["step"]), manifest)
+        self.last_committed = p["step"]
+        self.pending = None
+
+    def _start(self, step: int, tokens: int, lr: float) -> float:
+        start = time.perf_counter()
+        if self.copy_stream is not None:
+            self.copy_stream.wait_stream(torch.cuda.current_stream(self.par.device))
+            with torch.cuda.stream(self.copy_stream):
+                for host, flat in zip(self.host, self.flat):
+                    host.copy_(flat.detach().view(-1), non_blocking=True)
+            self.copy_event = torch.cuda.Event()
+            self.copy_event.record(self.copy_stream)
+        else:
+            for host, flat in zip(self.host, self.flat):
+                host.copy_(flat.detach().view(-1))
+        stall = time.perf_counter() - start
+        self.pending = {"step": step, "tokens": tokens, "lr": lr}
+        self.thread = threading.Thread(target=self._write, args=(step, self.copy_event), daemon=True,
+                                       name=f"snapshot-{step}")
+        self.thread.start()
+        return stall
+
+    def _write(self, step: int, copied: Optional[torch.cuda.Event]) -> None:
+        try:
+            if copied is not None:
+                copied.synchronize()
+            slots.zero_padding(self.host, self.param_shapes, self.par.dp_rank, self.par.dp)
+            if self.par.local_rank == 0:
+                self._recycle(step)
+            self.written = slots.write_shard(
+                self.slot_dir(step), self.par.dp_rank, self.par.tp_rank, self.host,
+                {**self.model_states, "global_steps": step},
+                max_bytes_per_s=self.args.max_write_mb_per_s * 1e6)
+            self.done_step = step
+        except BaseException as e:  # reported through the vote; training goes on
+            self.failed = e
+
+    def _recycle(self, step: int) -> None:
+        """Make room in the ring: keep the newest slots-1 committed slots besides the one being written."""
+        existing = [(s, path, committed) for s, path, committed in slots.list_slots(self.root) if s != step]
+        for s, path, committed in existing:
+            if not committed:
+                slots.remove_slot(path)
+        committed = [path for s, path, c in existing if c]
+        for path in committed[: max(0, len(committed) - (self.args.slots - 1))]:
+            slots.remove_slot(path)
+
+    def cleanup(self) -> None:
+        """After a normal end: free node-local memory (committed slots elsewhere stay)."""
+        if self.args.cleanup and is_node_local(self.root) and self.par.local_rank == 0:
+            shutil.rmtree(self.root, ignore_errors=True)
+            self.log(f"removed node-local snapshots {self.root}")
