@@ -97,7 +97,11 @@ def zero_padding(flat_groups: list[torch.Tensor], param_shapes: list[dict[str, A
 
     DeepSpeed leaves them uninitialised (values up to 1e33 have been seen), which poisons any norm,
     finiteness check or average taken over the flat tensor."""
-    for flat, entries in zip(flat_groups, group_layout(param_shapes, dp)):
+    layout = group_layout(param_shapes, dp)
+    if [f.numel() for f in flat_groups] != [sum(e[2] for e in entries) for entries in layout]:
+        raise LayoutMismatch(f"flat groups of {[f.numel() for f in flat_groups]} elements do not match "
+                             f"the parameter shapes at data-parallel size {dp}")
+    for flat, entries in zip(flat_groups, layout):
         for _, offset, part, numel in entries:
             valid = min(max(numel - dp_rank * part, 0), part)
             if valid < part:
@@ -133,18 +137,27 @@ def _checksum(data: bytes | memoryview) -> str:
     return xxhash.xxh3_64_hexdigest(data)
 
 
-def write_file_atomic(path: str, data: bytes | memoryview, max_bytes_per_s: float = 0.0,
-                      chunk: int = 8 << 20) -> None:
+def fsync_dir(path: str) -> None:
+    """Make renames inside `path` durable (a marker must never outlive the files it vouches for)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file_atomic(path: str, data: bytes | memoryview, max_bytes_per_s: float = 0.0) -> None:
     """Write under a temporary name, fsync, rename; optionally at no more than max_bytes_per_s."""
     # Unique per writer: on a shared filesystem several nodes may commit the same slot.
     tmp = f"{path}.{uuid.uuid4().hex[:12]}.tmp"
+    view = memoryview(data)
+    chunk = 1 << 20 if max_bytes_per_s > 0 else 64 << 20
     start = time.monotonic()
     with open(tmp, "wb") as f:
-        view = memoryview(data)
         for pos in range(0, len(view), chunk):
             f.write(view[pos: pos + chunk])
             if max_bytes_per_s > 0:
-                ahead = (pos + chunk) / max_bytes_per_s - (time.monotonic() - start)
+                ahead = min(pos + chunk, len(view)) / max_bytes_per_s - (time.monotonic() - start)
                 if ahead > 0:
                     time.sleep(ahead)
         f.flush()
@@ -176,6 +189,7 @@ def write_shard(slot_dir: str, dp_rank: int, tp_rank: int, flat_groups: list[tor
         data = _serialize(obj)
         write_file_atomic(os.path.join(slot_dir, name), data, max_bytes_per_s)
         written[name] = {"bytes": len(data), "xxh3": _checksum(data)}
+    fsync_dir(slot_dir)
     return written
 
 
@@ -184,6 +198,7 @@ def commit(slot_dir: str, manifest: dict[str, Any]) -> None:
     write_file_atomic(os.path.join(slot_dir, MANIFEST), json.dumps({"format": FORMAT_VERSION, **manifest},
                                                                     indent=1).encode())
     write_file_atomic(os.path.join(slot_dir, COMMITTED), b"")
+    fsync_dir(slot_dir)
 
 
 def remove_slot(slot_dir: str) -> None:
@@ -258,7 +273,10 @@ def read_shard(slot_dir: str, dp_rank: int, tp_rank: int,
 
 
 def read_model_states(slot_dir: str, dp_rank: int, tp_rank: int, manifest: dict[str, Any]) -> dict[str, Any]:
-    return _read_verified(slot_dir, model_states_file(dp_rank, tp_rank), manifest)
+    states = _read_verified(slot_dir, model_states_file(dp_rank, tp_rank), manifest)
+    if not is_committed(slot_dir):
+        raise SlotVanished(f"{slot_dir} was recycled while reading")
+    return states
 
 
 def check_compatible(manifests: Iterable[dict[str, Any]]) -> None:

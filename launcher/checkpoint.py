@@ -46,8 +46,9 @@ def complete_checkpoints(ckpt_dir: str) -> list[tuple[int, str]]:
         return []
     found = []
     for name in os.listdir(ckpt_dir):
-        if name.startswith(TAG_PREFIX) and os.path.isfile(os.path.join(ckpt_dir, name, RUN_STATE)):
-            found.append((int(name[len(TAG_PREFIX):]), name))
+        digits = name[len(TAG_PREFIX):]
+        if name.startswith(TAG_PREFIX) and digits.isdigit() and os.path.isfile(os.path.join(ckpt_dir, name, RUN_STATE)):
+            found.append((int(digits), name))
     return sorted(found)
 
 

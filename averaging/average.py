@@ -1,0 +1,708 @@
+"""Offline LAWA: the uniform average of k checkpoints, written in the layout of its inputs.
+
+    python -m averaging.average --out OUT INPUT [INPUT ...]
+    python -m averaging.average --out OUT --from-dir DIR [--k 5] [--spacing N]
+
+The inputs are all of one kind, and OUT is of the same kind:
+
+  slot        one of our snapshot folders (manifest.json + COMMITTED): OUT is a committed slot of
+              kind "offline", averaged one (dp, tp) rank at a time; model states from the newest.
+  deepspeed   a DeepSpeed checkpoint tag folder (*_model_states.pt, *_optim_states.pt; ZeRO 0-3):
+              OUT is a tag folder with the fp32 master partitions and the floating-point `module`
+              tensors averaged, file by file, that zero_to_fp32 consolidates. WEIGHTS ONLY: the
+              optimizer moments (exp_avg, exp_avg_sq) are dropped, so resume from it with
+              load_optimizer_states=False. A `latest` file is written next to OUT if none exists.
+  hf          a Hugging Face model folder (model.safetensors, pytorch_model.bin, or sharded with an
+              *.index.json): OUT has the newest input's file names, sharding and index, and its
+              config/tokenizer files (not its optimizer/scheduler/RNG state).
+  safetensors a .safetensors file;  torch  a .pt/.bin/.pth state dict (or a dict holding one under
+              model/state_dict/module; other entries are kept from the newest, optimizer ones dropped).
+
+"Newest" is the input with the highest step (slot manifest; else a step_N, global_stepN or
+checkpoint-N name); when some input has no step, the last one on the command line. Averages are
+taken in fp32 and cast back to each tensor's dtype; non-floating tensors come from the newest.
+--from-dir picks from DIR's step-named subfolders (committed ones only for slots, complete ones
+only for the launcher's checkpoints) the newest k spaced at least --spacing steps apart.
+DeepSpeed checkpoints are unpickled in full (they hold Python objects): only average checkpoints
+you trust. OUT is written into a hidden sibling and renamed at the end: a crash leaves no OUT.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import pickle
+import re
+import shutil
+import sys
+from collections import OrderedDict
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+from tqdm import tqdm
+
+from averaging import lawa, slots
+
+
+class UsageError(Exception):
+    """A mistake in what we were asked to do: reported as one line, exit code 2."""
+
+
+def mismatch(a: str, b: str, what: str) -> UsageError:
+    return UsageError(f"cannot average {a} with {b}: {what}")
+
+
+def say(line: str) -> None:
+    print(line, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# recognising inputs
+
+STEP_NAME = re.compile(r"^(?:step_(\d+)|global_step(\d+)|checkpoint-(\d+))$")
+HF_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+HF_SINGLE = ("model.safetensors", "pytorch_model.bin")
+TORCH_EXTS = (".pt", ".bin", ".pth")
+# Training state an HF Trainer leaves next to the weights: stale for an average, and large.
+HF_TRAINING_STATE = re.compile(r"^(optimizer\.pt|scheduler\.pt|scaler\.pt|rng_state.*\.pth)$")
+# The launcher's completion marker (launcher/checkpoint.py): not copied, since it would offer the
+# weights-only OUT to resume, which needs optimizer states.
+LAUNCHER_DONE = "run_state.json"
+
+
+def step_of_name(path: str) -> Optional[int]:
+    match = STEP_NAME.match(os.path.basename(os.path.normpath(path)))
+    return int(next(g for g in match.groups() if g is not None)) if match else None
+
+
+def kind_of(path: str) -> str:
+    if not os.path.exists(path):
+        raise UsageError(f"{path}: no such file or directory")
+    if os.path.isfile(path):
+        if path.endswith(".safetensors"):
+            return "safetensors"
+        if path.endswith(TORCH_EXTS):
+            return "torch"
+        raise UsageError(f"{path}: not a .safetensors/.pt/.bin/.pth file")
+    names = set(os.listdir(path))
+    # A slot also holds *_model_states.pt: its manifest is what tells it apart.
+    if slots.MANIFEST in names or slots.COMMITTED in names:
+        return "slot"
+    if any(n.endswith("model_states.pt") for n in names):
+        return "deepspeed"
+    if names & set(HF_INDEXES + HF_SINGLE):
+        return "hf"
+    raise UsageError(f"{path}: neither a slot, a DeepSpeed tag folder nor a Hugging Face model folder")
+
+
+def pick_from_dir(root: str, k: int, spacing: int) -> list[str]:
+    """The newest k step-named subfolders of root, spaced apart; oldest first."""
+    if not os.path.isdir(root):
+        raise UsageError(f"{root}: no such directory")
+    found: dict[int, str] = {}
+    for name in sorted(os.listdir(root)):
+        path, step = os.path.join(root, name), step_of_name(name)
+        if step is None or not os.path.isdir(path):
+            continue
+        if step in found:
+            raise UsageError(f"{root}: both {os.path.basename(found[step])} and {name} are step {step}")
+        found[step] = path
+    # Torn folders look like checkpoints: only committed slots / complete launcher checkpoints count.
+    if any(slots.is_committed(p) or os.path.exists(os.path.join(p, slots.MANIFEST)) for p in found.values()):
+        usable, what = slots.is_committed, "committed slots"
+    elif any(os.path.isfile(os.path.join(p, LAUNCHER_DONE)) for p in found.values()):
+        usable, what = (lambda p: os.path.isfile(os.path.join(p, LAUNCHER_DONE))), "complete checkpoints"
+    else:
+        usable, what = (lambda p: True), ""
+    skipped = sorted(s for s, p in found.items() if not usable(p))
+    if skipped:
+        say(f"skipping steps {skipped}: not {what}")
+    found = {s: p for s, p in found.items() if usable(p)}
+    chosen = lawa.select_spaced(found, k, spacing)
+    if not chosen:
+        raise UsageError(f"{root}: no step_N, global_stepN or checkpoint-N checkpoints in it")
+    note = f" (only {len(chosen)} of {k} available at spacing {spacing})" if len(chosen) < k else ""
+    say(f"chose steps {chosen} from {root}{note}")
+    return [found[s] for s in sorted(chosen)]
+
+
+def oldest_first(paths: list[str], steps: list[Optional[int]]) -> list[str]:
+    if any(s is None for s in steps):
+        return list(paths)  # no order to go by but the command line's
+    return [p for _, p in sorted(zip(steps, paths), key=lambda sp: sp[0])]
+
+
+# ---------------------------------------------------------------------------------------------
+# writing OUT all at once
+
+
+@contextlib.contextmanager
+def staged(out: str, force: bool) -> Iterator[str]:
+    """A temporary sibling to write into, renamed to OUT only when everything is in it."""
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    # Hidden, and not step-named: nothing that lists checkpoints mistakes it for one.
+    tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(out))}.partial-{os.getpid()}")
+    remove_path(tmp)
+    try:
+        yield tmp
+        fsync_tree(tmp)  # on disk before it has its name, so a power cut cannot tear OUT either
+        if os.path.lexists(out):
+            if not force:  # appeared while we worked
+                raise UsageError(f"{out} already exists (--force replaces it)")
+            old = f"{tmp}.old"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            remove_path(old)
+        else:
+            os.replace(tmp, out)
+    finally:
+        remove_path(tmp)
+
+
+def fsync_tree(path: str) -> None:
+    files = [os.path.join(d, f) for d, _, names in os.walk(path) for f in names] if os.path.isdir(path) else [path]
+    for file in files:
+        with open(file, "rb") as f:
+            os.fsync(f.fileno())
+
+
+def remove_path(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
+def load_pickle(path: str, weights_only: bool) -> Any:
+    """mmap: tensors are paged in when touched, so k loaded checkpoints cost address space, not RAM."""
+    try:
+        try:
+            return torch.load(path, map_location="cpu", mmap=True, weights_only=weights_only)
+        except RuntimeError as e:
+            if "mmap" not in str(e) and "zip" not in str(e):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=weights_only)  # legacy format
+    except pickle.UnpicklingError as e:
+        raise UsageError(f"{path} holds Python objects besides tensors; refusing to unpickle it "
+                         f"({str(e).splitlines()[0]})") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise UsageError(f"cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def average_like(tensors: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """Floating tensors: the fp32 mean in like's dtype. Others (counters, masks): like itself."""
+    if not like.is_floating_point():
+        return like
+    return lawa.average_tensors(tensors).to(like.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. our slots
+
+
+def average_slots(inputs: list[str], tmp: str) -> str:
+    manifests = [slots.read_manifest(p) for p in inputs]
+    for path, manifest in zip(inputs[1:], manifests[1:]):
+        try:
+            slots.check_compatible([manifests[0], manifest])
+        except slots.LayoutMismatch as e:
+            raise UsageError(f"{e} ({inputs[0]} vs {path})") from None
+    order = sorted(range(len(inputs)), key=lambda i: manifests[i]["step"])
+    inputs, manifests = [inputs[i] for i in order], [manifests[i] for i in order]
+    newest, first = manifests[-1], manifests[0]
+    shapes = slots.shapes_from_json(first["param_shapes"])
+    dp, tp = first["dp"], first["tp"]
+    files: dict[str, dict] = {}
+    # One rank at a time: k copies of one rank's partition are all that is ever in memory.
+    for tp_rank in range(tp):
+        for dp_rank in range(dp):
+            shards = [slots.read_shard(p, dp_rank, tp_rank, m)[0] for p, m in zip(inputs, manifests)]
+            averaged = lawa.average_shards(shards)
+            # The padding is garbage in raw DeepSpeed partitions; averaging keeps each element
+            # apart, so zeroing the result is the same as zeroing every input first.
+            slots.zero_padding(averaged, shapes, dp_rank, dp)
+            model_states = slots.read_model_states(inputs[-1], dp_rank, tp_rank, newest)
+            files.update(slots.write_shard(tmp, dp_rank, tp_rank, averaged, model_states))
+            say(f"[{tp_rank * dp + dp_rank + 1}/{dp * tp}] rank dp {dp_rank} tp {tp_rank}: "
+                f"{len(averaged)} flat groups, {sum(t.numel() for t in averaged):,} elements")
+            del shards, averaged
+    steps = [m["step"] for m in reversed(manifests)]  # newest first, like the sidecar's
+    slots.commit(tmp, {**{k: newest[k] for k in ("step", "tokens", "lr")},
+                       "dp": dp, "tp": tp, "param_shapes": first["param_shapes"],
+                       "ds_version": newest.get("ds_version"), "kind": "offline",
+                       "steps_averaged": steps, "files": files})
+    return f"committed slot of step {newest['step']}, average of steps {steps}"
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. DeepSpeed checkpoint tag folders
+
+OPTIM_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
+
+
+def ds_files(path: str) -> tuple[list[str], list[str]]:
+    names = sorted(os.listdir(path))
+    return ([n for n in names if n.endswith("model_states.pt")], [n for n in names if n.endswith("optim_states.pt")])
+
+
+def ds_stage(path: str, optim_names: list[str]) -> int:
+    if not optim_names:
+        return 0  # ZeRO off: the optimizer lives in the model-states file
+    inner = load_pickle(os.path.join(path, optim_names[0]), weights_only=False)["optimizer_state_dict"]
+    return int(inner["zero_stage"])
+
+
+def average_module(states: list[dict], inputs: list[str], name: str) -> dict:
+    newest = states[-1]["module"]
+    for other, path in zip(states[:-1], inputs[:-1]):
+        module = other["module"]
+        for key in newest.keys() | module.keys():
+            if key not in module or key not in newest:
+                has, lacks = (inputs[-1], path) if key in newest else (path, inputs[-1])
+                raise mismatch(path, inputs[-1], f"{name}: {has} has {key}, {lacks} does not")
+            a, b = module[key], newest[key]
+            if torch.is_tensor(a) and torch.is_tensor(b) and a.shape != b.shape:
+                raise mismatch(path, inputs[-1], f"{name}: {key} has shape {tuple(a.shape)} vs {tuple(b.shape)}")
+    return OrderedDict((key, average_like([s["module"][key] for s in states], t) if torch.is_tensor(t) else t)
+                       for key, t in newest.items())
+
+
+def check_param_shapes(states: list[dict], inputs: list[str], name: str) -> None:
+    reference = states[-1].get("param_shapes")
+    for other, path in zip(states[:-1], inputs[:-1]):
+        shapes = other.get("param_shapes")
+        if shapes == reference:
+            continue
+        a = {n: tuple(s) for g in shapes or [] for n, s in g.items()}
+        b = {n: tuple(s) for g in reference or [] for n, s in g.items()}
+        diff = sorted(n for n in a.keys() | b.keys() if a.get(n) != b.get(n))
+        detail = f"{diff[0]}: {a.get(diff[0])} vs {b.get(diff[0])}" if diff else "parameter order differs"
+        raise mismatch(path, inputs[-1], f"{name}: parameter shapes differ ({detail})")
+
+
+def zero_stage3_padding(groups: list[torch.Tensor], param_shapes: list[dict], dp_rank: int, dp: int,
+                        where: str) -> list[torch.Tensor]:
+    layout = slots.group_layout(param_shapes, dp)
+    needed = [sum(part for _, _, part, _ in entries) for entries in layout]
+    if sum(needed) != sum(g.numel() for g in groups):
+        raise UsageError(f"{where}: {sum(g.numel() for g in groups):,} fp32 elements, but param_shapes "
+                         f"partitioned over {dp} ranks need {sum(needed):,}")
+    if needed == [g.numel() for g in groups]:
+        slots.zero_padding(groups, param_shapes, dp_rank, dp)
+        return groups
+    # DeepSpeed splits large param groups into several flat sub-groups (sub_group_size) while
+    # param_shapes stays per param group: walk them as one concatenated flat tensor.
+    flat = torch.cat(groups)
+    slots.zero_padding([flat], [{n: s for g in param_shapes for n, s in g.items()}], dp_rank, dp)
+    return [t.clone() for t in flat.split([g.numel() for g in groups])]
+
+
+def average_ds_optim(inputs: list[str], name: str, param_shapes: Optional[list[dict]]) -> dict:
+    states = [load_pickle(os.path.join(p, name), weights_only=False) for p in inputs]
+    inners = [s["optimizer_state_dict"] for s in states]
+    stage = int(inners[-1]["zero_stage"])
+    key = "fp32_flat_groups" if stage == 3 else "single_partition_of_fp32_groups"
+    for inner, path in zip(inners[:-1], inputs[:-1]):
+        for field in ("zero_stage", "partition_count"):
+            if inner.get(field) != inners[-1].get(field):
+                raise mismatch(path, inputs[-1], f"{name}: {field} {inner.get(field)} vs {inners[-1].get(field)}")
+        sizes, newest_sizes = [t.numel() for t in inner[key]], [t.numel() for t in inners[-1][key]]
+        if sizes != newest_sizes:
+            raise mismatch(path, inputs[-1], f"{name}: fp32 partitions of {sizes} vs {newest_sizes} elements")
+    averaged = lawa.average_shards([inner[key] for inner in inners])
+    if stage == 3:
+        dp_rank = int(OPTIM_FILE.match(name).group(1))
+        averaged = zero_stage3_padding(averaged, param_shapes, dp_rank, int(inners[-1]["partition_count"]),
+                                       f"{inputs[-1]}/{name}")
+    # ZeRO 1/2 pad with zeros they allocate themselves: nothing to clean there.
+    out = {**states[-1], "optimizer_state_dict": {**inners[-1], key: averaged}}
+    # Weights only: moments of k different points have no meaning at their average.
+    out["optimizer_state_dict"].pop("optimizer_state_dict", None)  # ZeRO-3
+    out["optimizer_state_dict"].pop("base_optimizer_state", None)  # ZeRO-1/2
+    return out
+
+
+def average_deepspeed(inputs: list[str], tmp: str) -> str:
+    inputs = oldest_first(inputs, [step_of_name(p) for p in inputs])
+    model_names, optim_names = ds_files(inputs[-1])
+    for path in inputs[:-1]:
+        if ds_files(path) != (model_names, optim_names):
+            a, b = set(sum(ds_files(path), [])), set(model_names + optim_names)
+            raise mismatch(path, inputs[-1], f"different checkpoint files (only in the first: "
+                                             f"{sorted(a - b)[:3]}, only in the second: {sorted(b - a)[:3]})")
+    stages = [ds_stage(p, optim_names) for p in inputs]
+    for path, stage in zip(inputs[:-1], stages[:-1]):
+        if stage != stages[-1]:
+            raise mismatch(path, inputs[-1], f"ZeRO stage {stage} vs {stages[-1]}")
+    os.makedirs(tmp)
+    total, done = len(model_names) + len(optim_names), 0
+    rank_shapes: dict[tuple[int, int], list[dict]] = {}
+    for name in model_names:
+        states = [load_pickle(os.path.join(p, name), weights_only=False) for p in inputs]
+        check_param_shapes(states, inputs, name)
+        out = {**states[-1], "module": average_module(states, inputs, name)}
+        if out.get("optimizer") is not None:
+            out["optimizer"] = None  # ZeRO off: the torch optimizer state sits here; weights only
+        match = re.match(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$", name)
+        if match:
+            rank_shapes[(int(match.group(1)), int(match.group(2)))] = out.get("param_shapes")
+        torch.save(out, os.path.join(tmp, name))
+        done += 1
+        say(f"[{done}/{total}] {name}: {len(out['module'])} module tensors")
+        del states, out
+    for name in optim_names:
+        match = OPTIM_FILE.match(name)
+        shapes = rank_shapes.get((int(match.group(1)), int(match.group(2)))) if match else None
+        if stages[-1] == 3 and shapes is None:
+            raise UsageError(f"{inputs[-1]}: no model-states file with param_shapes for {name}")
+        out = average_ds_optim(inputs, name, shapes)
+        torch.save(out, os.path.join(tmp, name))
+        done += 1
+        key = "fp32_flat_groups" if stages[-1] == 3 else "single_partition_of_fp32_groups"
+        say(f"[{done}/{total}] {name}: {sum(t.numel() for t in out['optimizer_state_dict'][key]):,} fp32 elements")
+        del out
+    for name in sorted(os.listdir(inputs[-1])):
+        src = os.path.join(inputs[-1], name)
+        if name not in model_names + optim_names and name != LAUNCHER_DONE and os.path.isfile(src):
+            shutil.copy2(src, os.path.join(tmp, name))
+    return (f"ZeRO-{stages[-1]} tag folder, average of {[os.path.basename(p) for p in inputs]}; "
+            f"weights only (optimizer moments dropped: load with load_optimizer_states=False)")
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. state dicts and Hugging Face folders, streamed tensor by tensor
+
+# Tensors are averaged in row blocks of at most this many elements: with k inputs, about k + 2
+# such blocks are in memory at a time, whatever the size of the model.
+BLOCK_ELEMENTS = 1 << 24
+STATE_DICT_KEYS = ("model", "state_dict", "module")
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+
+
+def is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, dict) and any(torch.is_tensor(v) for v in obj.values()) and \
+        not any(isinstance(v, dict) for v in obj.values())
+
+
+def state_dict_in(obj: Any, path: str) -> tuple[Optional[str], dict]:
+    """(key it sits under, or None when obj is the state dict itself; the state dict)."""
+    if isinstance(obj, dict):
+        for key in STATE_DICT_KEYS:
+            if is_state_dict(obj.get(key)):
+                return key, obj[key]
+    if is_state_dict(obj):
+        return None, obj
+    raise UsageError(f"{path}: no state dict in it (neither tensors by name nor under {'/'.join(STATE_DICT_KEYS)})")
+
+
+class Weights:
+    """One input's tensors by name, read lazily from its files (safetensors or torch pickles)."""
+
+    def __init__(self, where: dict[str, str]):
+        self.where = where  # tensor name -> file
+        self.open: dict[str, Any] = {}
+
+    @classmethod
+    def of_files(cls, files: list[str]) -> "Weights":
+        weights = cls({})
+        for file in files:
+            weights.where.update((key, file) for key in weights.names_in(file))
+        return weights
+
+    def handle(self, file: str) -> Any:
+        """A safetensors file opened lazily (header read, data mapped), or a torch state dict
+        loaded with mmap: either way, tensors are read only when asked for."""
+        if file not in self.open:
+            if file.endswith(".safetensors"):
+                from safetensors import safe_open
+                try:
+                    self.open[file] = safe_open(file, framework="pt")
+                except Exception as e:
+                    raise UsageError(f"cannot read {file}: {e}") from None
+            else:
+                self.open[file] = state_dict_in(load_pickle(file, weights_only=True), file)[1]
+        return self.open[file]
+
+    def close(self) -> None:
+        self.open.clear()  # shard by shard: drop the maps of files we are done with
+
+    def names_in(self, file: str) -> list[str]:
+        """The tensors in file, in file order where known."""
+        handle = self.handle(file)
+        if isinstance(handle, dict):
+            return [k for k, v in handle.items() if torch.is_tensor(v)]
+        return list(getattr(handle, "offset_keys", handle.keys)())
+
+    def meta(self, key: str) -> tuple[tuple[int, ...], torch.dtype]:
+        handle = self.handle(self.where[key])
+        if isinstance(handle, dict):
+            if not torch.is_tensor(handle.get(key)):
+                raise UsageError(f"{self.where[key]} has no tensor {key}, although its index names it")
+            return tuple(handle[key].shape), handle[key].dtype
+        try:
+            piece = handle.get_slice(key)
+        except Exception:
+            raise UsageError(f"{self.where[key]} has no tensor {key}, although its index names it") from None
+        name = piece.get_dtype()
+        if name not in SAFETENSORS_DTYPES:
+            raise UsageError(f"{self.where[key]}: tensor {key} has dtype {name}, which this tool does not handle")
+        return tuple(piece.get_shape()), SAFETENSORS_DTYPES[name]
+
+    def rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows start:stop of tensor key (all of it when it is a scalar), read from disk now."""
+        handle = self.handle(self.where[key])
+        tensor = handle[key] if isinstance(handle, dict) else handle.get_slice(key)
+        if isinstance(handle, dict):
+            return tensor if tensor.dim() == 0 else tensor[start:stop]
+        return handle.get_tensor(key) if not tensor.get_shape() else tensor[start:stop]
+
+
+def check_same_tensors(weights: list[Weights], inputs: list[str], keys: list[str]) -> None:
+    """Before writing anything: every input has exactly these tensors, in the same shapes."""
+    for w, path in zip(weights[:-1], inputs[:-1]):
+        missing, extra = sorted(set(keys) - set(w.where)), sorted(set(w.where) - set(keys))
+        if missing or extra:
+            key, has, lacks = (missing[0], inputs[-1], path) if missing else (extra[0], path, inputs[-1])
+            raise mismatch(path, inputs[-1], f"tensor {key} is in {has} but not in {lacks}")
+        for key in keys:
+            a, b = w.meta(key)[0], weights[-1].meta(key)[0]
+            if a != b:
+                raise mismatch(path, inputs[-1], f"tensor {key} has shape {a} vs {b}")
+    for w in weights:
+        w.close()
+
+
+def averaged_blocks(weights: list[Weights], key: str) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first row, averaged block in the newest input's dtype) covering tensor `key`."""
+    shape, dtype = weights[-1].meta(key)
+    rows = shape[0] if shape else 1
+    per_row = math.prod(shape[1:]) if shape else 1
+    step = max(1, BLOCK_ELEMENTS // max(per_row, 1))
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        newest = weights[-1].rows(key, start, stop)
+        if not dtype.is_floating_point:
+            yield start, newest.clone()
+        else:
+            blocks = [w.rows(key, start, stop) for w in weights[:-1]] + [newest]
+            yield start, lawa.average_tensors(blocks).to(dtype)
+
+
+def write_safetensors(path: str, weights: list[Weights], keys: list[str], metadata: Optional[dict],
+                      progress: Callable[[Iterator], Iterator]) -> None:
+    """The safetensors format written block by block: shapes and dtypes are known from the inputs'
+    headers, so the header goes first and no tensor is ever held whole."""
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for key in keys:
+        shape, dtype = weights[-1].meta(key)
+        size = math.prod(shape) * dtype.itemsize
+        header[key] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the format aligns the data to 8 bytes
+    with open(path, "wb") as f:
+        f.write(len(encoded).to_bytes(8, "little"))
+        f.write(encoded)
+        for key in progress(keys):
+            for _, block in averaged_blocks(weights, key):
+                f.write(block.contiguous().reshape(-1).view(torch.uint8).numpy())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def averaged_state_dict(weights: list[Weights], keys: list[str], like: dict,
+                        progress: Callable[[Iterator], Iterator]) -> dict:
+    """A pickled file can only be written whole: this holds one output file, inputs stay mapped."""
+    out = type(like)() if isinstance(like, OrderedDict) else {}
+    if hasattr(like, "_metadata"):
+        out._metadata = like._metadata  # module versions, used by load_state_dict
+    todo = set(keys)
+    for key in progress(list(like)):
+        if key not in todo:
+            out[key] = like[key]  # a non-tensor entry
+            continue
+        shape, dtype = weights[-1].meta(key)
+        tensor = torch.empty(shape, dtype=dtype)
+        for start, block in averaged_blocks(weights, key):
+            if tensor.dim() == 0:
+                tensor.copy_(block)
+            else:
+                tensor[start:start + len(block)] = block
+        out[key] = tensor
+    return out
+
+
+def average_weight_file(weights: list[Weights], file: str, out_path: str, container: Any = None) -> int:
+    """Writes the tensors that the newest input keeps in `file` to out_path; returns their number."""
+    keys = [k for k in weights[-1].names_in(file) if weights[-1].where.get(k) == file]
+    progress = lambda items: tqdm(items, desc=os.path.basename(out_path), unit="tensor", leave=False,
+                                  disable=None, file=sys.stderr)
+    if file.endswith(".safetensors"):
+        write_safetensors(out_path, weights, keys, weights[-1].handle(file).metadata(), progress)
+    else:
+        sd = averaged_state_dict(weights, keys, weights[-1].handle(file), progress)
+        torch.save(wrap(container, sd) if container is not None else sd, out_path)
+    for w in weights:
+        w.close()
+    return len(keys)
+
+
+def wrap(container: tuple[Optional[str], Any], sd: dict) -> Any:
+    """The newest file's outer dict around the averaged state dict, without optimizer entries."""
+    key, outer = container
+    if key is None:
+        return sd
+    return {**{k: v for k, v in outer.items() if "optim" not in k.lower()}, key: sd}
+
+
+def average_files(inputs: list[str], out_tmp: str) -> str:
+    inputs = oldest_first(inputs, [step_of_name(os.path.splitext(p)[0]) for p in inputs])
+    weights = [Weights.of_files([p]) for p in inputs]
+    check_same_tensors(weights, inputs, list(weights[-1].where))
+    container, dropped = None, []
+    if not inputs[-1].endswith(".safetensors"):
+        outer = load_pickle(inputs[-1], weights_only=True)
+        key = state_dict_in(outer, inputs[-1])[0]
+        container = (key, outer)
+        dropped = [k for k in outer if "optim" in k.lower()] if key is not None else []
+    n = average_weight_file(weights, inputs[-1], out_tmp, container)
+    say(f"[1/1] {os.path.basename(inputs[-1])}: {n} tensors")
+    return f"{n} tensors averaged" + (f"; dropped {dropped} of the newest (weights only)" if dropped else "")
+
+
+def hf_weight_files(path: str) -> tuple[Optional[str], dict[str, str]]:
+    """(index file name or None, tensor name -> weight file path) of a Hugging Face model folder."""
+    for index in HF_INDEXES:
+        if os.path.isfile(os.path.join(path, index)):
+            try:
+                with open(os.path.join(path, index)) as f:
+                    weight_map = json.load(f)["weight_map"]
+            except (OSError, ValueError, KeyError) as e:
+                raise UsageError(f"{path}/{index}: not a weight index ({e})") from None
+            return index, {k: os.path.join(path, v) for k, v in weight_map.items()}
+    for single in HF_SINGLE:
+        if os.path.isfile(os.path.join(path, single)):
+            return None, Weights.of_files([os.path.join(path, single)]).where
+    raise UsageError(f"{path}: no model.safetensors, pytorch_model.bin or weight index in it")
+
+
+def average_hf(inputs: list[str], tmp: str) -> str:
+    inputs = oldest_first(inputs, [step_of_name(p) for p in inputs])
+    maps = [hf_weight_files(p) for p in inputs]
+    weights = [Weights(where) for _, where in maps]
+    keys = list(weights[-1].where)
+    check_same_tensors(weights, inputs, keys)
+    index, where = maps[-1]
+    files = list(dict.fromkeys(where.values()))  # the newest's files, in index order
+    os.makedirs(tmp)
+    total = 0
+    for i, file in enumerate(files, 1):
+        n = average_weight_file(weights, file, os.path.join(tmp, os.path.basename(file)))
+        total += n
+        say(f"[{i}/{len(files)}] {os.path.basename(file)}: {n} tensors")
+    # Everything else that describes the model comes from the newest: config, tokenizer, index.
+    written = {os.path.basename(f) for f in files}
+    copied, skipped = [], []
+    for name in sorted(os.listdir(inputs[-1])):
+        src = os.path.join(inputs[-1], name)
+        if name in written or not os.path.isfile(src):
+            continue
+        stale_weights = name.endswith(".safetensors") or re.match(r"^pytorch_model.*\.bin$", name) or \
+            (name in HF_INDEXES and name != index)
+        if stale_weights or HF_TRAINING_STATE.match(name):
+            skipped.append(name)  # weights in a format we did not average, or training state
+            continue
+        shutil.copy2(src, os.path.join(tmp, name))
+        copied.append(name)
+    note = f"; not copied: {skipped}" if skipped else ""
+    return (f"{len(files)} weight file(s), {total} tensors averaged over {len(inputs)} inputs; "
+            f"copied {copied} from the newest{note}")
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, like every other refusal
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    parser = Parser(prog="python -m averaging.average", description=__doc__,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("inputs", nargs="*", metavar="INPUT", help="checkpoints to average (all of one kind)")
+    parser.add_argument("--out", required=True, help="where to write the average (must not exist)")
+    parser.add_argument("--from-dir", metavar="DIR", help="pick the inputs from DIR's step-named subfolders")
+    parser.add_argument("--k", type=int, default=lawa.LawaArgs.k,
+                        help="with --from-dir: how many (default %(default)s)")
+    parser.add_argument("--spacing", type=int, default=0,
+                        help="with --from-dir: minimum steps between picked checkpoints (0: consecutive)")
+    parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> str:
+    if args.from_dir is not None and args.inputs:
+        raise UsageError("give either INPUT paths or --from-dir, not both")
+    if args.from_dir is not None:
+        if args.k < 1 or args.spacing < 0:
+            raise UsageError(f"--k must be at least 1 and --spacing at least 0 (got {args.k}, {args.spacing})")
+        inputs = pick_from_dir(args.from_dir, args.k, args.spacing)
+    else:
+        inputs = list(args.inputs)
+    if not inputs:
+        raise UsageError("nothing to average: give at least one INPUT or --from-dir")
+    inputs = [os.path.normpath(p) for p in inputs]
+    kinds = {p: kind_of(p) for p in inputs}
+    if len(set(kinds.values())) > 1:
+        a = inputs[0]
+        b = next(p for p in inputs if kinds[p] != kinds[a])
+        raise UsageError(f"inputs of different kinds: {a} is a {kinds[a]}, {b} is a {kinds[b]}")
+    if len(set(map(os.path.realpath, inputs))) < len(inputs):
+        raise UsageError("an input is given twice: it would weigh double in the average")
+    out = os.path.normpath(args.out)
+    if os.path.realpath(out) in map(os.path.realpath, inputs):
+        raise UsageError(f"--out {out} is one of the inputs")
+    if os.path.lexists(out) and not args.force:
+        raise UsageError(f"{out} already exists (--force replaces it)")
+    kind = kinds[inputs[0]]
+    if (kind == "safetensors" and not out.endswith(".safetensors")) or \
+            (kind == "torch" and not out.endswith(TORCH_EXTS)):
+        raise UsageError(f"--out {out}: the inputs are {kind} files, so OUT must be one too (same extension)")
+    say(f"averaging {len(inputs)} {kind} checkpoint(s) into {out}")
+    average = {"slot": average_slots, "deepspeed": average_deepspeed, "hf": average_hf,
+               "safetensors": average_files, "torch": average_files}[kind]
+    with staged(out, args.force) as tmp:
+        what = average(inputs, tmp)
+    if kind == "deepspeed":
+        latest = os.path.join(os.path.dirname(os.path.abspath(out)), "latest")
+        if not os.path.exists(latest):  # what zero_to_fp32 reads when given no tag
+            slots.write_file_atomic(latest, os.path.basename(os.path.abspath(out)).encode())
+    return f"wrote {out}: {what}"
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        say(run(args))
+    except (UsageError, slots.SlotError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except OSError as e:  # disk full, permissions: not a bug here, and OUT was left untouched
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

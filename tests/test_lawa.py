@@ -1,0 +1,154 @@
+"""LAWA math and the slot format, single process: the pure functions the sidecar is built from."""
+from __future__ import annotations
+
+import math
+import os
+from collections import OrderedDict
+
+import pytest
+import torch
+
+from averaging import slots
+from averaging.lawa import average_shards, average_state_dicts, average_tensors, select_spaced
+
+
+def test_select_spaced_takes_the_newest_k_at_least_spacing_apart():
+    steps = list(range(100, 1100, 100))  # 100 .. 1000
+    assert select_spaced(steps, k=5, spacing=100) == [1000, 900, 800, 700, 600]
+    assert select_spaced(steps, k=3, spacing=200) == [1000, 800, 600]
+    assert select_spaced(steps, k=3, spacing=250) == [1000, 700, 400]
+    assert select_spaced([5, 300], k=5, spacing=100) == [300, 5]  # short history: fewer than k
+    assert select_spaced([], k=5, spacing=1) == []
+
+
+def test_average_tensors_is_the_fp32_mean():
+    a, b, c = torch.randn(7), torch.randn(7), torch.randn(7)
+    assert torch.allclose(average_tensors([a, b, c]), (a + b + c) / 3, atol=1e-7)
+    half = average_tensors([a.bfloat16(), b.bfloat16()])
+    assert half.dtype == torch.float32
+    with pytest.raises(ValueError, match="shapes"):
+        average_tensors([a, torch.randn(3)])
+
+
+def shapes(**named) -> OrderedDict:
+    return OrderedDict((name, torch.Size(shape)) for name, shape in named.items())
+
+
+# Two flat groups, parameter sizes chosen so that most do not divide by dp=3 (padding).
+PARAM_SHAPES = [shapes(w1=(5, 7), w2=(4, 4)), shapes(b1=(7,), b2=(1,))]
+
+
+def partition(full: dict[str, torch.Tensor], dp: int, rank: int) -> list[torch.Tensor]:
+    """What ZeRO-3 keeps on `rank`: each parameter's ceil(numel/dp) chunk, padded, concatenated."""
+    groups = []
+    for group in PARAM_SHAPES:
+        chunks = []
+        for name in group:
+            flat = full[name].flatten()
+            part = slots.partition_numel(flat.numel(), dp)
+            padded = torch.cat([flat, torch.full((part * dp - flat.numel(),), 1e30)])  # garbage padding
+            chunks.append(padded[rank * part:(rank + 1) * part])
+        groups.append(torch.cat(chunks))
+    return groups
+
+
+def consolidate(shards: list[list[torch.Tensor]], dp: int) -> dict[str, torch.Tensor]:
+    parts = [slots.split_partitions(s, PARAM_SHAPES, dp) for s in shards]
+    return {name: torch.cat([p[name] for p in parts])[: math.prod(shape)].view(shape)
+            for group in PARAM_SHAPES for name, shape in group.items()}
+
+
+def random_model() -> dict[str, torch.Tensor]:
+    return {name: torch.randn(shape) for group in PARAM_SHAPES for name, shape in group.items()}
+
+
+@pytest.mark.parametrize("dp", [1, 2, 3])
+def test_the_average_of_shards_is_the_shard_of_the_average(dp):
+    models = [random_model() for _ in range(4)]
+    per_rank = [[partition(m, dp, r) for m in models] for r in range(dp)]
+    averaged_shards = [average_shards(per_rank[r]) for r in range(dp)]
+    reference = average_state_dicts(models)
+    got = consolidate(averaged_shards, dp)
+    for name in reference:
+        assert torch.allclose(got[name], reference[name], atol=1e-6), name
+
+
+def test_zero_padding_clears_exactly_the_tail_past_each_parameter():
+    dp = 3
+    model = random_model()
+    for rank in range(dp):
+        groups = partition(model, dp, rank)
+        slots.zero_padding(groups, PARAM_SHAPES, rank, dp)
+        assert all(torch.isfinite(g).all() and g.abs().max() < 1e29 for g in groups)
+        # the real values survive
+        for name, part in slots.split_partitions(groups, PARAM_SHAPES, dp).items():
+            flat = model[name].flatten()
+            size = slots.partition_numel(flat.numel(), dp)
+            real = flat[rank * size:(rank + 1) * size]
+            assert torch.equal(part[: real.numel()], real)
+            assert torch.count_nonzero(part[real.numel():]) == 0
+
+
+def model_states(dp: int, step: int = 0) -> dict:
+    return {"module": {}, "buffer_names": [], "param_shapes": PARAM_SHAPES, "frozen_param_shapes": None,
+            "frozen_param_fragments": None, "shared_params": {}, "dp_world_size": dp, "mp_world_size": 1,
+            "ds_version": "0.19.8", "global_steps": step}
+
+
+def write_slot(root: str, step: int, model: dict, dp: int = 2, commit: bool = True) -> str:
+    path = os.path.join(root, slots.slot_name(step))
+    files = {}
+    for rank in range(dp):
+        groups = partition(model, dp, rank)
+        slots.zero_padding(groups, PARAM_SHAPES, rank, dp)
+        files.update(slots.write_shard(path, rank, 0, groups, model_states(dp, step)))
+    if commit:
+        slots.commit(path, {"kind": "raw", "step": step, "tokens": step * 10, "lr": 0.1, "dp": dp, "tp": 1,
+                            "param_shapes": slots.shapes_to_json(PARAM_SHAPES), "files": files,
+                            "ds_version": "0.19.8"})
+    return path
+
+
+def test_slot_round_trip_and_commit_marker(tmp_path):
+    model = random_model()
+    write_slot(str(tmp_path), 4, model)
+    write_slot(str(tmp_path), 6, model, commit=False)  # a slot still being written, or torn
+    assert slots.committed_steps(str(tmp_path)) == [4]
+    groups, manifest = slots.read_shard(str(tmp_path / "step_00000004"), 1, 0)
+    assert manifest["step"] == 4 and manifest["dp"] == 2
+    expected = partition(model, 2, 1)
+    slots.zero_padding(expected, PARAM_SHAPES, 1, 2)
+    assert all(torch.equal(a, b) for a, b in zip(groups, expected))
+    with pytest.raises(slots.SlotVanished):
+        slots.read_shard(str(tmp_path / "step_00000006"), 0, 0)
+    # no temporary files are left behind
+    assert not [f for f in os.listdir(tmp_path / "step_00000004") if f.endswith(".tmp")]
+
+
+def test_a_flipped_byte_is_caught_by_the_checksum(tmp_path):
+    path = write_slot(str(tmp_path), 2, random_model())
+    victim = os.path.join(path, slots.optim_states_file(0, 0))
+    data = bytearray(open(victim, "rb").read())
+    data[len(data) // 2] ^= 0xFF
+    open(victim, "wb").write(bytes(data))
+    with pytest.raises(slots.SlotCorrupt, match="checksum"):
+        slots.read_shard(path, 0, 0)
+    slots.read_shard(path, 1, 0)  # the other rank's file is intact
+
+
+def test_a_slot_recycled_while_reading_is_reported_as_vanished(tmp_path):
+    path = write_slot(str(tmp_path), 2, random_model())
+    manifest = slots.read_manifest(path)
+    slots.remove_slot(path)  # the trainer recycles it between our manifest read and the data read
+    with pytest.raises(slots.SlotVanished):
+        slots.read_shard(path, 0, 0, manifest)
+
+
+def test_slots_of_different_layouts_or_shapes_are_refused(tmp_path):
+    a = slots.read_manifest(write_slot(str(tmp_path / "a"), 2, random_model(), dp=2))
+    b = slots.read_manifest(write_slot(str(tmp_path / "b"), 4, random_model(), dp=1))
+    with pytest.raises(slots.LayoutMismatch, match=r"data 2 × tensor 1\) with step 4 \(data 1 × tensor 1"):
+        slots.check_compatible([a, b])
+    c = dict(a, step=6, param_shapes=[[["w1", [5, 8]], ["w2", [4, 4]]], a["param_shapes"][1]])
+    with pytest.raises(slots.LayoutMismatch, match=r"w1: \[5, 7\] vs \[5, 8\]"):
+        slots.check_compatible([a, c])

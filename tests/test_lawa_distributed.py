@@ -1,0 +1,214 @@
+"""Online LAWA with real processes: 2 trainer ranks + 2 sidecar ranks (ZeRO-3 on gloo)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from averaging import slots
+from averaging.lawa import average_state_dicts
+from averaging.sidecar import read_eval_log
+from conftest import BIN, REPO, launcher_env, read_metrics, run_launcher, torchrun
+
+pytestmark = pytest.mark.distributed
+
+LAWA = ["snapshot.every=2", "snapshot.slots=8", "lawa.k=3", "lawa.spacing=2"]
+
+
+def smoke(data_dir: str, run_dir: Path, *extra: str) -> list[str]:
+    return ["--job", "jobs/smoke.yaml", f"data.dir={data_dir}", f"run_dir={run_dir}",
+            f"snapshot.dir={run_dir / 'snaps'}", *extra]
+
+
+def consolidate(parent: Path, step: int) -> dict[str, torch.Tensor]:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(parent), tag=slots.slot_name(step))
+
+
+def single_process_val_loss(run_dir: Path, state_dict: dict[str, torch.Tensor]) -> float:
+    """The reference: the consolidated model in one process, on the same held-out windows."""
+    from models.gpt import GPT, GPTConfig
+
+    spec = json.loads((run_dir / "sidecar/spec.json").read_text())
+    model = GPT(GPTConfig(**spec["model"])).eval()
+    model.load_state_dict(state_dict)
+    per_rank = []
+    with torch.no_grad():
+        for dp_rank in range(spec["dp"]):
+            batches = torch.load(run_dir / f"sidecar/val_dp{dp_rank}.pt")
+            per_rank.append(sum(model(x.long(), y.long())[1].item() for x, y in batches) / len(batches))
+    return sum(per_rank) / len(per_rank)
+
+
+def step_losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def lawa_run(pydoc_data, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("lawa") / "run"
+    proc = torchrun(2, *smoke(pydoc_data, run, *LAWA, "train.steps=12", "logging.every=2", "eval.every=6",
+                              "sidecar.enabled=true"))
+    assert "raw vs LAWA validation loss" in proc.stdout, proc.stdout[-3000:]
+    return run
+
+
+def test_sidecar_evaluates_the_final_average_of_spaced_committed_slots(lawa_run):
+    records = read_eval_log(str(lawa_run))
+    final = records[-1]
+    assert final["step"] == 12 and final["k"] == 3 and final["steps_averaged"] == [12, 10, 8]
+    assert all(math.isfinite(r["raw_val_loss"]) and math.isfinite(r["lawa_val_loss"]) for r in records)
+    # The sidecar scores the raw slot exactly as the trainer scored its own weights at that step.
+    trainer_val = {r["step"]: r["val_loss"] for r in read_metrics(lawa_run) if "val_loss" in r}
+    assert final["raw_val_loss"] == pytest.approx(trainer_val[12], rel=1e-6)
+    # Every committed slot is complete and passes its checksums; the sidecar exited after the last.
+    committed = slots.committed_steps(str(lawa_run / "snaps"))
+    assert committed == [2, 4, 6, 8, 10, 12]
+    for step in committed:
+        for dp_rank in (0, 1):
+            slots.read_shard(str(lawa_run / "snaps" / slots.slot_name(step)), dp_rank, 0)
+    left = subprocess.run(["pgrep", "-f", f"averaging.sidecar --run-dir {lawa_run}"], capture_output=True, text=True)
+    assert left.stdout.strip() == ""
+
+
+def test_consolidated_sidecar_average_equals_average_of_consolidated_slots(lawa_run):
+    """DeepSpeed's own zero_to_fp32 is the oracle: the sidecar never consolidated anything."""
+    best_root = lawa_run / "lawa_best"
+    (best_step,) = slots.committed_steps(str(best_root))
+    manifest = slots.read_manifest(str(best_root / slots.slot_name(best_step)))
+    assert manifest["kind"] == "lawa" and len(manifest["steps_averaged"]) >= 1
+    averaged = consolidate(best_root, best_step)
+    reference = average_state_dicts([consolidate(lawa_run / "snaps", s) for s in manifest["steps_averaged"]])
+    assert set(averaged) == set(reference)
+    assert max((averaged[k] - reference[k]).abs().max().item() for k in reference) <= 1e-6
+    record = {r["step"]: r for r in read_eval_log(str(lawa_run))}[best_step]
+    assert record["best"] and record["lawa_val_loss"] == pytest.approx(manifest["val_loss"])
+
+
+def test_sidecar_lawa_loss_equals_single_process_loss_of_the_consolidated_average(lawa_run):
+    final = read_eval_log(str(lawa_run))[-1]
+    reference = average_state_dicts([consolidate(lawa_run / "snaps", s) for s in final["steps_averaged"]])
+    assert final["lawa_val_loss"] == pytest.approx(single_process_val_loss(lawa_run, reference), rel=1e-5)
+    raw = consolidate(lawa_run / "snaps", final["step"])
+    assert final["raw_val_loss"] == pytest.approx(single_process_val_loss(lawa_run, raw), rel=1e-5)
+
+
+def test_training_losses_are_the_same_with_the_sidecar_on_and_off(lawa_run, pydoc_data, tmp_path):
+    plain = tmp_path / "plain"
+    torchrun(2, "--job", "jobs/smoke.yaml", f"data.dir={pydoc_data}", f"run_dir={plain}", "train.steps=12",
+             "logging.every=2", "eval.every=6")
+    assert step_losses(plain) == step_losses(lawa_run)
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL torchrun and every process under it (its workers run in sessions of their own)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return
+    procs = [root, *root.children(recursive=True)]
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=30)
+    assert not alive, alive
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_sigkill_during_a_snapshot_write_leaves_only_valid_committed_slots(pydoc_data, tmp_path):
+    run = tmp_path / "killed"
+    snaps = run / "snaps"
+    # A throttled write (320 KB per rank at 0.1 MB/s: ~3 s) gives a wide window to kill inside.
+    args = smoke(pydoc_data, run, "snapshot.every=2", "snapshot.slots=4", "lawa.k=2", "train.steps=2000",
+                 "checkpoint.every=5", "logging.every=50", "eval.every=0")
+    proc = subprocess.Popen([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "launcher/train.py", *args,
+                             "snapshot.max_write_mb_per_s=0.1"],
+                            cwd=REPO, env=launcher_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            )
+    try:
+        def mid_write():
+            listed = slots.list_slots(str(snaps))
+            if not any(committed for _, _, committed in listed):
+                return None
+            for step, path, committed in listed:
+                if not committed and any(f.endswith(".tmp") for f in os.listdir(path)):
+                    return step
+            return None
+
+        torn_step = wait_for(mid_write, 180, "a committed slot and a write in progress")
+        kill_tree(proc.pid)
+    finally:
+        kill_tree(proc.pid)
+    listed = slots.list_slots(str(snaps))
+    assert (torn_step, str(snaps / slots.slot_name(torn_step)), False) in listed
+    committed = [step for step, _, c in listed if c]
+    assert committed and torn_step not in committed
+    for step in committed:  # every committed slot is whole
+        for dp_rank in (0, 1):
+            slots.read_shard(str(snaps / slots.slot_name(step)), dp_rank, 0)
+
+    # The sidecar, started by hand on the dead run, averages only committed slots.
+    run_launcher([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "averaging.sidecar",
+                  "--run-dir", str(run), "--once"])
+    records = read_eval_log(str(run))
+    assert len(records) == 1, records
+    record = records[0]
+    assert record["step"] == max(committed) and set(record["steps_averaged"]) <= set(committed)
+    assert math.isfinite(record["lawa_val_loss"])
+
+    # Resuming continues the ring buffer: the torn slot and any slot past the checkpoint are gone,
+    # older committed slots stay and new ones follow.
+    resume_step = max(int(p.name.split("_")[1]) for p in (run / "checkpoints").iterdir()
+                      if (p / "run_state.json").exists())
+    torchrun(2, *args, f"train.stop_at={resume_step + 4}")
+    after = slots.committed_steps(str(snaps))
+    assert torn_step not in after or torn_step <= resume_step + 4
+    assert after[-1] == resume_step + 4 and all(s <= resume_step + 4 for s in after)
+    assert [s for s in committed if s <= resume_step][-1:] == [s for s in after if s <= resume_step][-1:]
+
+
+def test_a_crashed_sidecar_is_restarted_and_training_goes_on(pydoc_data, tmp_path):
+    run = tmp_path / "crash"
+    args = smoke(pydoc_data, run, *LAWA, "train.steps=400", "logging.every=5", "eval.every=0",
+                 "checkpoint.every=1000", "sidecar.enabled=true")
+    proc = subprocess.Popen([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "launcher/train.py", *args],
+                            cwd=REPO, env=launcher_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, )
+    try:
+        def sidecar_pids():
+            out = subprocess.run(["pgrep", "-f", f"averaging.sidecar --run-dir {run}"], capture_output=True, text=True)
+            return [int(p) for p in out.stdout.split()]
+
+        def first_eval():
+            return read_eval_log(str(run))
+
+        wait_for(first_eval, 180, "the sidecar's first evaluation")
+        os.kill(sidecar_pids()[0], signal.SIGKILL)
+        out, _ = proc.communicate(timeout=400)
+    finally:
+        kill_tree(proc.pid)
+    assert proc.returncode == 0, out[-3000:]
+    assert "sidecar died" in out and "generation 1" in out
+    assert "step 400/400" in out
+    assert read_eval_log(str(run))[-1]["step"] == 400
