@@ -285,19 +285,11 @@ def check_param_shapes(states: list[dict], inputs: list[str], name: str) -> None
 
 def zero_stage3_padding(groups: list[torch.Tensor], param_shapes: list[dict], dp_rank: int, dp: int,
                         where: str) -> list[torch.Tensor]:
-    layout = slots.group_layout(param_shapes, dp)
-    needed = [sum(part for _, _, part, _ in entries) for entries in layout]
-    if sum(needed) != sum(g.numel() for g in groups):
-        raise UsageError(f"{where}: {sum(g.numel() for g in groups):,} fp32 elements, but param_shapes "
-                         f"partitioned over {dp} ranks need {sum(needed):,}")
-    if needed == [g.numel() for g in groups]:
+    try:
         slots.zero_padding(groups, param_shapes, dp_rank, dp)
-        return groups
-    # DeepSpeed splits large param groups into several flat sub-groups (sub_group_size) while
-    # param_shapes stays per param group: walk them as one concatenated flat tensor.
-    flat = torch.cat(groups)
-    slots.zero_padding([flat], [{n: s for g in param_shapes for n, s in g.items()}], dp_rank, dp)
-    return [t.clone() for t in flat.split([g.numel() for g in groups])]
+    except slots.LayoutMismatch as e:
+        raise UsageError(f"{where}: {e}") from None
+    return groups
 
 
 def average_ds_optim(inputs: list[str], name: str, param_shapes: Optional[list[dict]]) -> dict:

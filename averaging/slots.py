@@ -78,18 +78,33 @@ def partition_numel(numel: int, dp: int) -> int:
     return math.ceil(numel / dp)
 
 
-def group_layout(param_shapes: list[dict[str, Any]], dp: int) -> list[list[tuple[str, int, int, int]]]:
-    """For each flat group: (name, offset in the flat group, partition numel, full numel) per param."""
-    layout = []
+def _partitions(flat_groups: list[torch.Tensor], param_shapes: list[dict[str, Any]],
+                dp: int) -> list[tuple[str, torch.Tensor, int]]:
+    """(name, view of its partition, its full numel) for every parameter, in flat order.
+
+    Parameters are laid out in `param_shapes` order across the flat groups, each partition whole
+    inside one group; walking them with one cursor works whether DeepSpeed reports one shape dict
+    per flat group or fewer (it splits large groups into sub-groups of `sub_group_size`)."""
+    out, g, offset = [], 0, 0
     for shapes in param_shapes:
-        offset, entries = 0, []
         for name, shape in shapes.items():
             numel = math.prod(shape)
             part = partition_numel(numel, dp)
-            entries.append((name, offset, part, numel))
+            while g < len(flat_groups) and offset + part > flat_groups[g].numel():
+                if offset != flat_groups[g].numel():
+                    raise LayoutMismatch(f"{name}'s partition of {part} elements straddles flat group {g} "
+                                         f"({flat_groups[g].numel()} elements, {offset} used)")
+                g, offset = g + 1, 0
+            if g == len(flat_groups):
+                raise LayoutMismatch(f"flat groups of {[f.numel() for f in flat_groups]} elements end before "
+                                     f"{name}: the parameter shapes need more at data-parallel size {dp}")
+            out.append((name, flat_groups[g][offset: offset + part], numel))
             offset += part
-        layout.append(entries)
-    return layout
+    used = sum(f.numel() for f in flat_groups[:g]) + offset
+    if used != sum(f.numel() for f in flat_groups):
+        raise LayoutMismatch(f"flat groups hold {sum(f.numel() for f in flat_groups)} elements but the "
+                             f"parameter shapes at data-parallel size {dp} account for {used}")
+    return out
 
 
 def zero_padding(flat_groups: list[torch.Tensor], param_shapes: list[dict[str, Any]], dp_rank: int, dp: int) -> None:
@@ -97,28 +112,16 @@ def zero_padding(flat_groups: list[torch.Tensor], param_shapes: list[dict[str, A
 
     DeepSpeed leaves them uninitialised (values up to 1e33 have been seen), which poisons any norm,
     finiteness check or average taken over the flat tensor."""
-    layout = group_layout(param_shapes, dp)
-    if [f.numel() for f in flat_groups] != [sum(e[2] for e in entries) for entries in layout]:
-        raise LayoutMismatch(f"flat groups of {[f.numel() for f in flat_groups]} elements do not match "
-                             f"the parameter shapes at data-parallel size {dp}")
-    for flat, entries in zip(flat_groups, layout):
-        for _, offset, part, numel in entries:
-            valid = min(max(numel - dp_rank * part, 0), part)
-            if valid < part:
-                flat[offset + valid: offset + part].zero_()
+    for _, view, numel in _partitions(flat_groups, param_shapes, dp):
+        part = view.numel()
+        valid = min(max(numel - dp_rank * part, 0), part)
+        view[valid:].zero_()
 
 
 def split_partitions(flat_groups: list[torch.Tensor], param_shapes: list[dict[str, Any]],
                      dp: int) -> dict[str, torch.Tensor]:
     """Views of each parameter's partition (ceil(numel/dp) elements, padding included) by name."""
-    out = {}
-    for flat, entries in zip(flat_groups, group_layout(param_shapes, dp)):
-        expected = sum(part for _, _, part, _ in entries)
-        if flat.numel() != expected:
-            raise LayoutMismatch(f"flat group of {flat.numel()} elements, but its parameters need {expected}")
-        for name, offset, part, _ in entries:
-            out[name] = flat[offset: offset + part]
-    return out
+    return {name: view for name, view, _ in _partitions(flat_groups, param_shapes, dp)}
 
 
 def shapes_to_json(param_shapes: list[dict[str, Any]]) -> list[list[list]]:

@@ -6,6 +6,7 @@ own zero_to_fp32 (or load it with transformers / safetensors / torch) and take t
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import socket
@@ -56,7 +57,7 @@ SHAPES = [OrderedDict([("a.weight", torch.Size([5, 3])), ("a.bias", torch.Size([
 
 def padding_mask(shapes, dp_rank: int, dp: int) -> list[torch.Tensor]:
     """True where rank dp_rank's flat groups hold padding."""
-    ones = [torch.ones(sum(part for _, _, part, _ in entries)) for entries in slots.group_layout(shapes, dp)]
+    ones = [torch.ones(sum(slots.partition_numel(math.prod(shape), dp) for shape in group.values())) for group in shapes]
     slots.zero_padding(ones, shapes, dp_rank, dp)
     return [t == 0 for t in ones]
 

@@ -113,3 +113,21 @@ def test_resolved_config_round_trips(tmp_path):
     path.write_text(dump_yaml(job))
     assert load_job(path) == job
     assert isinstance(load_job(path), JobConfig)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["snapshot.every=10", "snapshot.slots=4", "lawa.k=5", "lawa.spacing=10"],
+     "snapshot.slots=4 cannot hold lawa.k=5 snapshots 10 steps apart at snapshot.every=10 plus one being written: "
+     "needs at least 6"),
+    (["snapshot.every=10", "snapshot.slots=7", "lawa.k=3", "lawa.spacing=25"], "needs at least 8"),
+    (["snapshot.every=0", "sidecar.enabled=true"], "sidecar.enabled needs snapshot.every > 0"),
+    (["snapshot.every=10", "parallel.zero_stage=2", "sidecar.enabled=false"],
+     "snapshot.every=10 needs parallel.zero_stage=3"),
+    (["snapshot.if_busy=queue"], "snapshot.if_busy: must be one of skip, wait"),
+    (["sidecar.device=tpu"], "sidecar.device: must be one of auto, cpu, cuda"),
+    (["lawa.k=0"], "lawa.k: must be >= 1"),
+])
+def test_lawa_settings_are_checked_up_front(overrides, message):
+    with pytest.raises(ConfigError) as info:
+        load_job(None, overrides)
+    assert message in str(info.value)

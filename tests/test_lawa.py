@@ -152,3 +152,18 @@ def test_slots_of_different_layouts_or_shapes_are_refused(tmp_path):
     c = dict(a, step=6, param_shapes=[[["w1", [5, 8]], ["w2", [4, 4]]], a["param_shapes"][1]])
     with pytest.raises(slots.LayoutMismatch, match=r"w1: \[5, 7\] vs \[5, 8\]"):
         slots.check_compatible([a, c])
+
+
+def test_layout_walk_handles_deepspeed_sub_groups_and_refuses_wrong_sizes():
+    # DeepSpeed may split one parameter group into several flat sub-groups: the same partitions
+    # must come out whether param_shapes has one dict per flat group or one for all of them.
+    dp, model = 3, random_model()
+    per_group = partition(model, dp, 1)
+    merged_shapes = [OrderedDict((n, s) for g in PARAM_SHAPES for n, s in g.items())]
+    a = slots.split_partitions(per_group, PARAM_SHAPES, dp)
+    b = slots.split_partitions(per_group, merged_shapes, dp)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(slots.LayoutMismatch):
+        slots.split_partitions([per_group[0][:-1], per_group[1]], PARAM_SHAPES, dp)
+    with pytest.raises(slots.LayoutMismatch):
+        slots.zero_padding(per_group, PARAM_SHAPES, 0, dp=2)  # written at dp=3
