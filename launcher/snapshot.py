@@ -97,6 +97,7 @@ class SnapshotWriter:
         self.copy_stream = torch.cuda.Stream(par.device) if on_gpu else None
         self.copy_event: Optional[torch.cuda.Event] = None
         self.thread: Optional[threading.Thread] = None
+        self.commit_thread: Optional[threading.Thread] = None
         self.pending: Optional[dict[str, Any]] = None  # the snapshot written but not yet committed
         self.done_step = -1
         self.last_committed: Optional[int] = None
@@ -161,6 +162,12 @@ class SnapshotWriter:
         if self.thread is not None:
             self.thread.join()
             self.thread = None
+        self._join_commit()
+
+    def _join_commit(self) -> None:
+        if self.commit_thread is not None:
+            self.commit_thread.join()
+            self.commit_thread = None
 
     def _settle(self) -> bool:
         """One vote: commit or abandon the pending snapshot. Returns whether any rank is still writing."""
@@ -197,7 +204,10 @@ class SnapshotWriter:
             "ds_version": self.model_states["ds_version"],
         }
         if self.par.local_rank == 0:  # one committer per node: slots live on node-local storage
-            slots.commit(self.slot_dir(p["step"]), manifest)
+            # The fsyncs run off the training thread; the next write waits for them (see _write).
+            self.commit_thread = threading.Thread(target=slots.commit, args=(self.slot_dir(p["step"]), manifest),
+                                                  daemon=True, name=f"commit-{p['step']}")
+            self.commit_thread.start()
         self.last_committed = p["step"]
         self.pending = None
 
@@ -222,6 +232,7 @@ class SnapshotWriter:
 
     def _write(self, step: int, copied: Optional[torch.cuda.Event]) -> None:
         try:
+            self._join_commit()  # recycling must not mistake a slot being committed for a torn one
             if copied is not None:
                 copied.synchronize()
             slots.zero_padding(self.host, self.param_shapes, self.par.dp_rank, self.par.dp)

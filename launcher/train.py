@@ -174,8 +174,9 @@ def train(job: JobConfig) -> dict:
         window_steps += 1
         at_end = step == last_stop
         if snapshots is not None:
-            snap = snapshots.after_step(step, tokens, lr, final=at_end)
-            window_snapshot_s += snap.get("snapshot_stall_s", 0.0) + snap.get("snapshot_wait_s", 0.0)
+            snap_start = time.perf_counter()
+            snapshots.after_step(step, tokens, lr, final=at_end)
+            window_snapshot_s += time.perf_counter() - snap_start  # copy, votes, commit, any wait
 
         if step % job.logging.every == 0 or at_end:
             loss_value = all_reduce_mean((loss_sum / grad_accum).item(), par)
