@@ -326,7 +326,8 @@ class Sidecar:
                                   {**model_states, "global_steps": newest["step"]})
         merged = {name: meta for rank_files in self._gather(files) for name, meta in rank_files.items()}
         if self.par.local_rank == 0:
-            manifest = {**{k: newest[k] for k in ("step", "tokens", "lr", "dp", "tp", "param_shapes", "ds_version")},
+            manifest = {**{k: newest[k] for k in ("step", "tokens", "lr", "dp", "tp", "param_shapes", "ds_version",
+                                                  "tensor_parallel_layout") if k in newest},
                         "kind": "lawa", "steps_averaged": steps, "val_loss": loss, "files": merged}
             slots.commit(path, manifest)
             for step, old, _ in slots.list_slots(root):

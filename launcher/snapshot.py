@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from averaging import slots
 from launcher.distributed import Parallel
+from models.tensor_parallel import tensor_parallel_layout
 
 IF_BUSY = ("skip", "wait")
 
@@ -79,6 +80,8 @@ def model_states_metadata(engine, par: Parallel) -> dict[str, Any]:
         "dp_world_size": par.dp,
         "mp_world_size": par.tp,
         "ds_version": deepspeed.__version__,
+        # Ours: which dimension each split parameter is split along, for merging mp_rank files.
+        "tensor_parallel_layout": tensor_parallel_layout(engine.module),
     }
 
 
@@ -200,6 +203,7 @@ class SnapshotWriter:
             "dp": self.par.dp,
             "tp": self.par.tp,
             "param_shapes": slots.shapes_to_json(self.param_shapes),
+            "tensor_parallel_layout": self.model_states["tensor_parallel_layout"],
             "files": files,
             "ds_version": self.model_states["ds_version"],
         }

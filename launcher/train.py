@@ -47,6 +47,7 @@ from launcher.optim import build_optimizer, full_numel
 from launcher.schedule import lr_at
 from launcher.snapshot import SnapshotWriter, resolve_root
 from models.gpt import GPT, count_parameters, flops_per_token
+from models.tensor_parallel import tensor_parallel_layout
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -142,6 +143,7 @@ def train(job: JobConfig) -> dict:
         raise ConfigError(f"{ckpt_dir} holds checkpoints but checkpoint.resume is false: "
                           f"choose another run_dir or delete them")
 
+    tp_layout = tensor_parallel_layout(model)
     metrics = MetricsLogger(run_dir, par.is_main, job.logging.tensorboard)
     if step > 0:
         metrics.log({"event": "resume", "step": step})
@@ -207,7 +209,8 @@ def train(job: JobConfig) -> dict:
             metrics.log({"step": step, "tokens": tokens, "val_loss": val_loss},
                         f"step {step} | val loss {val_loss:.4f}")
         if step % job.checkpoint.every == 0 or at_end:
-            tag = checkpoint.save(engine, ckpt_dir, step, {"tokens": tokens, "dp": par.dp, "tp": par.tp},
+            tag = checkpoint.save(engine, ckpt_dir, step, {"tokens": tokens, "dp": par.dp, "tp": par.tp,
+                                                           "tensor_parallel_layout": tp_layout},
                                   job.checkpoint.keep, par.is_main)
             say(par, f"saved checkpoint {os.path.join(ckpt_dir, tag)}")
         window_paused += time.perf_counter() - pause_start

@@ -70,19 +70,37 @@ def reduce_from_parallel(x: torch.Tensor, group: Group) -> torch.Tensor:
     return x if group_size(group) == 1 else _ReduceFromParallel.apply(x, group)
 
 
-def _local_slice(full: torch.Tensor, dim: int, stride: int, group: Group) -> torch.Tensor:
-    """This rank's slice of `full` along `dim`; with stride s the dim holds s fused blocks
-    (e.g. q, k, v) and each block is split separately so every rank gets whole heads of each."""
-    size, rank = group_size(group), group_rank(group)
-    if size == 1:
-        return full
+def split_tensor(full: torch.Tensor, dim: int, stride: int, size: int) -> list[torch.Tensor]:
+    """The `size` tensor-parallel slices of `full` along `dim`. With stride s the dim holds s fused
+    blocks (e.g. q, k, v): each block is split separately so every rank gets whole heads of each."""
     blocks = full.chunk(stride, dim=dim)
-    return torch.cat([b.chunk(size, dim=dim)[rank] for b in blocks], dim=dim).contiguous()
+    return [torch.cat([b.chunk(size, dim=dim)[r] for b in blocks], dim=dim).contiguous() for r in range(size)]
+
+
+def merge_tensors(parts: list[torch.Tensor], dim: int, stride: int) -> torch.Tensor:
+    """Inverse of split_tensor: the full tensor from every rank's slice, in rank order."""
+    blocks = [p.chunk(stride, dim=dim) for p in parts]
+    return torch.cat([torch.cat([b[i] for b in blocks], dim=dim) for i in range(stride)], dim=dim)
+
+
+def _local_slice(full: torch.Tensor, dim: int, stride: int, group: Group) -> torch.Tensor:
+    size = group_size(group)
+    return full if size == 1 else split_tensor(full, dim, stride, size)[group_rank(group)]
 
 
 def _mark_split(p: nn.Parameter, dim: int, stride: int = 1) -> None:
     p.tensor_parallel_dim = dim
     p.tensor_parallel_stride = stride
+    # DeepSpeed's gradient norm counts a parameter on every TP rank only when this is set;
+    # replicated parameters are counted once (on TP rank 0).
+    p.tensor_model_parallel = True
+
+
+def tensor_parallel_layout(model: nn.Module) -> dict[str, list[int]]:
+    """{name: [dim, stride]} of every parameter split across tensor-parallel ranks; checkpoints and
+    snapshots record it so that consolidation merges mp_rank files without guessing."""
+    return {name: [p.tensor_parallel_dim, p.tensor_parallel_stride] for name, p in model.named_parameters()
+            if hasattr(p, "tensor_parallel_dim")}
 
 
 class ColumnParallelLinear(nn.Module):
