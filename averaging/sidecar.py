@@ -18,6 +18,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -346,6 +347,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: {args.run_dir} has no {SPEC_FILE}: is it the run directory of a job with "
               f"snapshot.every > 0?", file=sys.stderr)
         return 2
+    # Slurm's warning signal reaches every process of the job step; the trainers handle it and
+    # tell the sidecar when to finish (the training_done marker).
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     sidecar = Sidecar(args.run_dir, args.parent_pid)
     try:
         sidecar.run(args.once)
@@ -418,14 +422,14 @@ class SidecarSupervisor:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
 
-    def wait(self) -> Optional[int]:
+    def wait(self, timeout_s: float) -> Optional[int]:
         """At the end of training: let the sidecar finish its last evaluation."""
         if self.proc is None:
             return None
         try:
-            return self.proc.wait(timeout=self.args.exit_timeout_s)
+            return self.proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            self.log(f"sidecar still busy after sidecar.exit_timeout_s={self.args.exit_timeout_s}s; stopping it")
+            self.log(f"sidecar still busy after {timeout_s:.0f}s; stopping it")
             self.stop()
             return None
 

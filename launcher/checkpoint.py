@@ -25,6 +25,8 @@ class CheckpointArgs:
     keep: int = 2  # complete checkpoints kept; older ones are deleted
     dir: Optional[str] = None  # None: <run_dir>/checkpoints
     resume: bool = True  # continue from the newest complete checkpoint found in `dir`
+    on_signal: bool = True  # SIGUSR1/SIGTERM: finish the step, checkpoint, snapshot and stop
+    requeue: bool = True  # after stopping on a signal under Slurm, `scontrol requeue` the job
 
 
 def tag_for(step: int) -> str:

@@ -371,10 +371,22 @@ if __name__ == "__main__":
 
     parser = argparse.ArgumentParser(description="Print a job's resolved config (every key, defaults filled in).")
     parser.add_argument("--job", default=None)
+    parser.add_argument("--get", default=None, help="print one resolved value, e.g. run_dir or train.steps")
     parser.add_argument("overrides", nargs="*")
     cli = parser.parse_args()
     try:
-        print(dump_yaml(load_job(cli.job, cli.overrides)), end="")
+        job = load_job(cli.job, cli.overrides)
+        if cli.get == "run_dir":
+            print(job.resolved_run_dir)
+        elif cli.get:
+            value: Any = to_dict(job)
+            for key in cli.get.split("."):
+                if not isinstance(value, dict) or key not in value:
+                    raise ConfigError(f"--get {cli.get}: no such key")
+                value = value[key]
+            print(value)
+        else:
+            print(dump_yaml(job), end="")
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -3,6 +3,7 @@ process-group init; the TP x DP layout itself is models.parallel's."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 from dataclasses import dataclass
 from typing import Optional
@@ -34,12 +35,26 @@ def _first_slurm_host(nodelist: str) -> str:
     return out.stdout.split()[0]
 
 
+def _mpi_master_addr(env: dict) -> str:
+    """Rank 0's host, told to every rank through MPI (mpi4py); loopback when all share one host."""
+    if env.get("OMPI_COMM_WORLD_LOCAL_SIZE") == env.get("OMPI_COMM_WORLD_SIZE"):
+        return "127.0.0.1"
+    from mpi4py import MPI
+
+    return MPI.COMM_WORLD.bcast(socket.gethostname() if MPI.COMM_WORLD.Get_rank() == 0 else None, root=0)
+
+
 def rank_env(environ: Optional[dict] = None) -> RankEnv:
-    """Rank, world and rendezvous from torchrun / the DeepSpeed launcher, or Slurm, or a lone process."""
+    """Rank, world and rendezvous from torchrun / the DeepSpeed launcher, mpirun, Slurm's srun, or a
+    lone process, in that order (mpirun inside a Slurm allocation also sets SLURM_* variables)."""
     env = os.environ if environ is None else environ
     if "RANK" in env and "WORLD_SIZE" in env:  # torchrun, deepspeed launcher
         return RankEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
                        env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)), "torchrun")
+    if "OMPI_COMM_WORLD_RANK" in env:  # mpirun (Open MPI)
+        return RankEnv(int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"]),
+                       int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)),
+                       env.get("MASTER_ADDR") or _mpi_master_addr(env), int(env.get("MASTER_PORT", 29500)), "mpi")
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:  # srun, one task per GPU
         addr = env.get("MASTER_ADDR") or _first_slurm_host(env["SLURM_JOB_NODELIST"])
         port = int(env.get("MASTER_PORT", 20000 + int(env.get("SLURM_JOB_ID", 0)) % 20000))

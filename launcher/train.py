@@ -44,6 +44,7 @@ from launcher.data import TokenBatches, ensure_prepared
 from launcher.distributed import Parallel, barrier, init_distributed, rank_env
 from launcher.metrics import MetricsLogger
 from launcher.optim import build_optimizer, full_numel
+from launcher.preemption import Preemption, requeue_slurm_job
 from launcher.schedule import lr_at
 from launcher.snapshot import SnapshotWriter, resolve_root
 from models.gpt import GPT, count_parameters, flops_per_token
@@ -153,10 +154,12 @@ def train(job: JobConfig) -> dict:
     tokens_per_step = job.train.global_batch_size * job.data.seq_len
     flops_per_step = flops_per_token(model_config, job.data.seq_len) * tokens_per_step
     last_stop = job.train.stop_at or job.train.steps
+    preemption = Preemption(job.checkpoint.on_signal, par.ctrl_group)
+    preempted = False
     result: dict = {}
     window_start, window_steps, window_paused, window_snapshot_s = time.perf_counter(), 0, 0.0, 0.0
 
-    while step < last_stop:
+    while step < last_stop and not preempted:
         lr = lr_at(step, job.optimizer.lr, job.schedule, job.train.steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -174,7 +177,8 @@ def train(job: JobConfig) -> dict:
         step += 1
         tokens += tokens_per_step
         window_steps += 1
-        at_end = step == last_stop
+        preempted = preemption.should_stop()
+        at_end = step == last_stop or preempted
         if snapshots is not None:
             snap_start = time.perf_counter()
             snapshots.after_step(step, tokens, lr, final=at_end)
@@ -203,7 +207,7 @@ def train(job: JobConfig) -> dict:
 
         # Evaluation and checkpoint time is kept out of tokens/s.
         pause_start = time.perf_counter()
-        if (job.eval.every and step % job.eval.every == 0) or at_end:
+        if (job.eval.every and step % job.eval.every == 0) or (at_end and not preempted):
             val_loss = validation_loss(engine, val_set, par.device, par.dp_group, par.dp)
             result = {**result, "val_loss": val_loss}
             metrics.log({"step": step, "tokens": tokens, "val_loss": val_loss},
@@ -215,11 +219,19 @@ def train(job: JobConfig) -> dict:
             say(par, f"saved checkpoint {os.path.join(ckpt_dir, tag)}")
         window_paused += time.perf_counter() - pause_start
 
-    if job.train.stop_at is not None and step < job.train.steps:
+    if preempted:
+        say(par, f"stopped at step {step} on {preemption.received or 'a signal to another rank'}: "
+                 f"checkpoint written; the same command resumes the run")
+    elif job.train.stop_at is not None and step < job.train.steps:
         say(par, f"stopped at step {step} (train.stop_at); the same command resumes the run")
     metrics.close()
     if snapshots is not None:
-        finish_lawa(snapshots, sidecar, par, run_dir, step, shown_evals, finished=step == job.train.steps)
+        # A preempted job has a short grace period: the sidecar gets a bounded time to finish, and
+        # the requeued job's sidecar evaluates whatever it missed.
+        finish_lawa(snapshots, sidecar, par, run_dir, step, shown_evals, finished=step == job.train.steps,
+                    wait_s=min(job.sidecar.exit_timeout_s, 60.0) if preempted else job.sidecar.exit_timeout_s)
+    if preempted and job.checkpoint.requeue and par.is_main:
+        requeue_slurm_job(lambda m: say(par, m))
     return result
 
 
@@ -263,14 +275,14 @@ def show_new_evals(run_dir: str, shown: int, is_main: bool) -> int:
 
 
 def finish_lawa(snapshots: SnapshotWriter, sidecar, par: Parallel, run_dir: str, step: int, shown: int,
-                finished: bool) -> None:
+                finished: bool, wait_s: float) -> None:
     """Collective: commit the last snapshot, let the sidecar evaluate it, and show the results."""
     snapshots.finish()
     if par.is_main:
         lawa_sidecar.mark_training_done(run_dir, snapshots.last_committed, step)
     if sidecar is not None:
         say(par, "waiting for the sidecar to evaluate the last snapshot ...")
-        sidecar.wait()
+        sidecar.wait(wait_s)
     barrier()
     if par.is_main:
         show_new_evals(run_dir, shown, True)

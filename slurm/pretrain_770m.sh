@@ -1,0 +1,22 @@
+#!/bin/bash
+# GPT-2 770M, the LAWA paper's recipe (jobs/gpt2_770m.yaml) on 4 nodes x 8 GPUs, with the LAWA
+# sidecar beside the trainers. Everything is overridable:
+#
+#   sbatch slurm/pretrain_770m.sh                                     # baseline LR 2e-4
+#   sbatch slurm/pretrain_770m.sh optimizer.lr=2e-3 name=gpt2_770m_high_lr
+#   sbatch --nodes=8 slurm/pretrain_770m.sh parallel.tensor=2         # TP inside each node
+#
+# The body is slurm/pretrain.sh's: this file only sets the 770M defaults.
+#SBATCH --job-name=gpt2-770m
+#SBATCH --nodes=4
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=8
+#SBATCH --time=2-00:00:00
+#SBATCH --requeue
+#SBATCH --signal=USR1@180
+#SBATCH --open-mode=append
+#SBATCH --output=slurm-%j.out
+set -euo pipefail
+export JOB=${JOB:-jobs/gpt2_770m.yaml}
+exec bash "${REPO:-${SLURM_SUBMIT_DIR:-$PWD}}/slurm/pretrain.sh" "$@"

@@ -1,0 +1,143 @@
+"""Slurm launch, rank discovery through Slurm and mpirun, preemption and exact resume, on a real
+single-node Slurm (slurm-wlm + munge, installed by .ci/run) started by the fixture below."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from averaging.sidecar import read_eval_log
+from conftest import REPO, launcher_env, read_metrics, run_launcher, torchrun
+from slurm_cluster import SlurmCluster, missing
+
+pytestmark = pytest.mark.distributed
+
+# The 770M preset, shrunk to a tiny CPU model on 2 tasks.
+SHRINK = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=20",
+          "--signal=USR1@5"]
+
+
+def tiny(data_dir: str, run_dir: Path, steps: int) -> list[str]:
+    return [f"data.dir={data_dir}", f"run_dir={run_dir}", f"snapshot.dir={run_dir / 'snaps'}",
+            "model.size=micro", "model.vocab_size=4096", "model.block_size=64", "data.seq_len=64",
+            "data.vocab_size=4096", "train.global_batch_size=8", "train.micro_batch_size=2", f"train.steps={steps}",
+            "train.precision=fp32", "schedule.warmup_steps=2", "optimizer.lr=3e-3", "snapshot.every=4",
+            "lawa.spacing=4", "lawa.k=3", "eval.every=10", "eval.batches=2", "checkpoint.every=10",
+            "logging.every=1", "sidecar.poll_seconds=0.2"]
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    why = missing()
+    if why:
+        pytest.skip(f"no Slurm here: {why}")
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
+    yield cluster
+    cluster.stop()
+
+
+def submit(cluster: SlurmCluster, args: list[str], tmp_path: Path) -> int:
+    env = dict(launcher_env(), PYTHON=str(Path(os.sys.executable)), REPO=str(REPO))
+    return cluster.sbatch(*SHRINK, f"--output={tmp_path}/slurm-%j.out", "slurm/pretrain_770m.sh", *args,
+                          env=env, cwd=str(REPO))
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+
+
+def test_sbatch_of_the_770m_preset_shrunk_to_cpu_runs_to_completion(slurm, pydoc_data, tmp_path):
+    run = tmp_path / "run"
+    start = time.monotonic()
+    job = submit(slurm, tiny(pydoc_data, run, steps=12), tmp_path)
+    info = slurm.wait(job, timeout=300)
+    wall = time.monotonic() - start
+    out = (tmp_path / f"slurm-{job}.out").read_text()
+    assert info["JobState"] == "COMPLETED", out + "".join(p.read_text() for p in (run / "logs").glob("*.log"))
+    print(f"\nSlurm smoke job: {wall:.1f} s wall")
+    assert sorted(losses(run)) == list(range(1, 13))
+    assert read_eval_log(str(run))[-1]["step"] == 12
+    logs = sorted(p.name for p in (run / "logs").glob("*.log"))
+    assert logs == [f"slurm-{job}-0-rank0.log", f"slurm-{job}-0-rank1.log"]
+    rank0 = (run / "logs" / logs[0]).read_text()
+    assert "world 2 = tensor 1 × data 2" in rank0 and "raw vs LAWA validation loss" in rank0
+    assert f"rendezvous {socket.gethostname().split('.')[0]}" in out or "rendezvous " in out
+
+
+def test_preempted_job_requeues_and_resumes_exactly(slurm, pydoc_data, tmp_path):
+    steps = 100
+    run = tmp_path / "preempted"
+    start = time.monotonic()
+    job = submit(slurm, tiny(pydoc_data, run, steps=steps), tmp_path)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:  # signal it mid-run, past its first checkpoint
+        if (run / "metrics.jsonl").exists() and max(losses(run), default=0) >= 30:
+            break
+        time.sleep(0.2)
+    slurm.run("scancel", "--signal=USR1", str(job))
+    time.sleep(1.0)
+    slurm.run("scancel", "--signal=USR1", str(job), check=False)  # a second warning during the save
+    info = slurm.wait(job, timeout=600)
+    wall = time.monotonic() - start
+    out = (tmp_path / f"slurm-{job}.out").read_text()
+    assert info["JobState"] == "COMPLETED", out
+    assert int(info.get("Restarts", 0)) >= 1, info
+    print(f"\nSlurm preemption test: {wall:.1f} s wall (job restarts: {info.get('Restarts')})")
+    first_attempt = (run / "logs" / f"slurm-{job}-0-rank0.log").read_text()
+    assert "on SIGUSR1" in first_attempt and "requeued Slurm job" in first_attempt
+    assert "resumed from" in (run / "logs" / f"slurm-{job}-1-rank0.log").read_text()
+
+    # The uninterrupted run of the same job and layout.
+    whole = tmp_path / "whole"
+    torchrun(2, "--job", "jobs/gpt2_770m.yaml", *tiny(pydoc_data, whole, steps=steps))
+    expected, got = losses(whole), losses(run)
+    assert sorted(got) == list(range(1, steps + 1))
+    assert all(got[s] == pytest.approx(expected[s], rel=1e-6, abs=1e-6) for s in expected)
+    # Sidecar evaluations of the same steps agree too (each run may skip different steps).
+    a = {r["step"]: r for r in read_eval_log(str(whole))}
+    b = {r["step"]: r for r in read_eval_log(str(run))}
+    common = sorted(set(a) & set(b))
+    assert common and common[-1] == steps
+    for s in common:
+        assert b[s]["raw_val_loss"] == pytest.approx(a[s]["raw_val_loss"], rel=1e-6)
+        if b[s]["steps_averaged"] == a[s]["steps_averaged"]:
+            assert b[s]["lawa_val_loss"] == pytest.approx(a[s]["lawa_val_loss"], rel=1e-6)
+
+
+@pytest.mark.skipif(shutil.which("mpirun") is None, reason="Open MPI is not installed (apt-get install openmpi-bin)")
+def test_mpirun_ranks_train(pydoc_data, tmp_path):
+    run = tmp_path / "mpi"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(launcher_env(), MASTER_PORT=str(port), OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    proc = subprocess.run(["mpirun", "-np", "2", "--oversubscribe", "-x", "MASTER_PORT", "-x", "TORCH_EXTENSIONS_DIR",
+                           "-x", "OMP_NUM_THREADS", os.sys.executable, "launcher/train.py", "--job", "jobs/smoke.yaml",
+                           f"data.dir={pydoc_data}", f"run_dir={run}", "train.steps=4"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "world 2 = tensor 1 × data 2" in proc.stdout
+    assert sorted(losses(run)) == [1, 2, 3, 4]
+
+
+def test_rank_discovery_reads_each_launcher():
+    from launcher.distributed import rank_env
+
+    assert rank_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "7"}) \
+        .__dict__ == dict(rank=3, world_size=4, local_rank=1, master_addr="h", master_port=7, source="torchrun")
+    slurm_env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "1234",
+                 "MASTER_ADDR": "node1"}
+    assert rank_env(slurm_env).__dict__ == dict(rank=5, world_size=8, local_rank=1, master_addr="node1",
+                                                master_port=21234, source="slurm")
+    mpi_env = {"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+               "OMPI_COMM_WORLD_LOCAL_SIZE": "2", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}
+    assert rank_env(mpi_env).__dict__ == dict(rank=1, world_size=2, local_rank=1, master_addr="127.0.0.1",
+                                              master_port=29500, source="mpi")
+    assert rank_env({}).source == "single"
