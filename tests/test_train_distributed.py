@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -101,3 +102,39 @@ def test_layout_mistake_is_reported_before_training(pydoc_data, tmp_path):
     assert proc.returncode != 0
     assert "config error: train.global_batch_size=6 is not divisible by train.micro_batch_size × " \
            "data-parallel size = 2 × 2" in proc.stderr
+
+
+def test_a_signal_to_one_rank_stops_all_ranks_at_the_same_step_and_the_run_resumes_exactly(pydoc_data, tmp_path):
+    """SIGUSR1 reaches one worker only; the per-step vote stops both after the same step, with a
+    checkpoint; the same command resumes, and the losses equal an uninterrupted run's."""
+    import subprocess
+    import time
+
+    import psutil
+
+    from conftest import REPO, launcher_env
+
+    steps = ["train.steps=60", "checkpoint.every=1000", "eval.every=0", "logging.every=1"]
+    run = tmp_path / "signalled"
+    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "launcher/train.py",
+           *smoke_args(pydoc_data, run, *steps)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=launcher_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not ((run / "metrics.jsonl").exists() and len(step_losses(run)) >= 10):
+        time.sleep(0.1)
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "launcher/train.py" in " ".join(p.cmdline())]
+    assert len(workers) == 2
+    workers[1].send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-3000:]
+    stopped = max(step_losses(run))
+    assert 10 <= stopped < 60 and f"stopped at step {stopped} on" in out
+    assert (run / "checkpoints" / f"step_{stopped:08d}" / "run_state.json").exists()
+
+    torchrun(2, *smoke_args(pydoc_data, run, *steps))
+    whole = tmp_path / "whole"
+    torchrun(2, *smoke_args(pydoc_data, whole, *steps))
+    expected, got = step_losses(whole), step_losses(run)
+    assert sorted(got) == list(range(1, 61))
+    assert all(got[s] == pytest.approx(expected[s], rel=1e-6, abs=1e-6) for s in expected)
