@@ -144,6 +144,14 @@ def train(job: JobConfig) -> dict:
         raise ConfigError(f"{ckpt_dir} holds checkpoints but checkpoint.resume is false: "
                           f"choose another run_dir or delete them")
 
+    if step >= job.train.steps:
+        say(par, f"{run_dir} has already trained its {job.train.steps} steps (train.steps); to go on, raise "
+                 f"train.steps, or start a new run with run_dir=<another directory>")
+        records = lawa_sidecar.read_eval_log(run_dir) if par.is_main else []
+        if records:
+            print("raw vs LAWA validation loss (eval.jsonl):\n" + lawa_sidecar.format_eval_table(records), flush=True)
+        return {}
+
     tp_layout = tensor_parallel_layout(model)
     metrics = MetricsLogger(run_dir, par.is_main, job.logging.tensorboard)
     if step > 0:
