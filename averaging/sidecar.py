@@ -69,10 +69,7 @@ def write_spec(run_dir: str, spec: dict[str, Any]) -> None:
 def write_val_batches(run_dir: str, dp_rank: int, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
     os.makedirs(os.path.join(run_dir, "sidecar"), exist_ok=True)
     tensors = [(x.to(torch.int32), y.to(torch.int32)) for x, y in batches]
-    path = val_file(run_dir, dp_rank)
-    tmp = f"{path}.tmp"
-    torch.save(tensors, tmp)
-    os.replace(tmp, path)
+    slots.write_file_atomic(val_file(run_dir, dp_rank), slots.serialize(tensors))
 
 
 def mark_training_done(run_dir: str, last_snapshot_step: Optional[int], final_step: int) -> None:
@@ -107,6 +104,18 @@ def read_eval_log(run_dir: str) -> list[dict[str, Any]]:
                 record = json.loads(line)
                 by_step[record["step"]] = record
     return [by_step[s] for s in sorted(by_step)]
+
+
+def read_new_eval_records(run_dir: str, offset: int) -> tuple[list[dict[str, Any]], int]:
+    """Records appended to eval.jsonl since byte `offset`, and the new offset (whole lines only)."""
+    path = os.path.join(run_dir, EVAL_FILE)
+    if not os.path.isfile(path):
+        return [], offset
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read()
+    complete = data[: data.rfind(b"\n") + 1]
+    return [json.loads(line) for line in complete.splitlines() if line.strip()], offset + len(complete)
 
 
 def format_eval_line(r: dict[str, Any]) -> str:

@@ -168,7 +168,7 @@ def write_file_atomic(path: str, data: bytes | memoryview, max_bytes_per_s: floa
     os.replace(tmp, path)
 
 
-def _serialize(obj: Any) -> memoryview:
+def serialize(obj: Any) -> memoryview:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     return buffer.getbuffer()
@@ -189,7 +189,7 @@ def write_shard(slot_dir: str, dp_rank: int, tp_rank: int, flat_groups: list[tor
     written = {}
     for name, obj in ((model_states_file(dp_rank, tp_rank), model_states),
                       (optim_states_file(dp_rank, tp_rank), optim_states)):
-        data = _serialize(obj)
+        data = serialize(obj)
         write_file_atomic(os.path.join(slot_dir, name), data, max_bytes_per_s)
         written[name] = {"bytes": len(data), "xxh3": _checksum(data)}
     fsync_dir(slot_dir)

@@ -13,6 +13,7 @@ import shutil
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from averaging.slots import write_file_atomic
 from launcher.distributed import barrier
 
 RUN_STATE = "run_state.json"
@@ -31,15 +32,6 @@ class CheckpointArgs:
 
 def tag_for(step: int) -> str:
     return f"{TAG_PREFIX}{step:08d}"
-
-
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def complete_checkpoints(ckpt_dir: str) -> list[tuple[int, str]]:
@@ -65,8 +57,8 @@ def save(engine, ckpt_dir: str, step: int, run_state: dict[str, Any], keep: int,
     engine.save_checkpoint(ckpt_dir, tag=tag, client_state={"run_state": run_state}, save_latest=False)
     barrier()
     if is_main:
-        _write_atomic(os.path.join(ckpt_dir, tag, RUN_STATE), json.dumps({"step": step, **run_state}, indent=1))
-        _write_atomic(os.path.join(ckpt_dir, "latest"), tag)  # what zero_to_fp32 reads by default
+        write_file_atomic(os.path.join(ckpt_dir, tag, RUN_STATE), json.dumps({"step": step, **run_state}, indent=1).encode())
+        write_file_atomic(os.path.join(ckpt_dir, "latest"), tag.encode())  # what zero_to_fp32 reads by default
         for _, old in complete_checkpoints(ckpt_dir)[:-keep]:
             shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
     barrier()

@@ -357,19 +357,24 @@ def _is_document(text) -> bool:
 def _tokenizer_sentences(sources: list, val_fraction: float) -> Iterator[str]:
     """Lines of the text each source will keep for training, for the tokenizer trainer.
 
-    Which documents end up in val is only settled after tokenization (val is grown until it holds
-    a window), so this uses the nominal split: the first 1 - val_fraction of the documents.
+    Token counts are only known after tokenization, so the split is _train_token_count's rule
+    (the last documents go to val until it holds val_fraction of the source) applied to character
+    counts instead: the tokenizer never learns from held-out documents, up to the boundary document.
     """
     import pyarrow.compute as pc
 
-    spans = []
+    spans, chars = [], 0
     for ds in sources:
-        n = len(ds)
-        spans.append(n - _nominal_val_documents(n, val_fraction) if n > 1 else n)
-    chars = 0
-    for ds, n_train in zip(sources, spans):
-        for batch in ds.select(range(n_train)).with_format("arrow").iter(batch_size=10_000):
-            chars += pc.sum(pc.utf8_length(batch.column("text"))).as_py() or 0
+        lengths = np.concatenate([
+            pc.fill_null(pc.utf8_length(batch.column("text")), 0).to_numpy(zero_copy_only=False)
+            for batch in ds.with_format("arrow").iter(batch_size=10_000)]).astype(np.int64)
+        ends = np.cumsum(lengths)
+        n_train = len(lengths)
+        if n_train > 1:
+            val_chars = math.ceil(int(ends[-1]) * val_fraction)
+            n_train = min(n_train - 1, max(1, int(np.searchsorted(ends, int(ends[-1]) - val_chars, side="right"))))
+        spans.append(n_train)
+        chars += int(ends[n_train - 1]) if n_train else 0
     stride = max(1, math.ceil(chars / SPM_TRAIN_MAX_CHARS))
     index = 0
     for ds, n_train in zip(sources, spans):
@@ -389,10 +394,6 @@ def _tokenizer_sentences(sources: list, val_fraction: float) -> Iterator[str]:
 
 # --------------------------------------------------------------------------------------------
 # Preparation
-
-
-def _nominal_val_documents(n: int, val_fraction: float) -> int:
-    return min(n - 1, max(1, round(n * val_fraction)))
 
 
 def _train_token_count(doc_tokens: np.ndarray, val_fraction: float, window: int, what: str) -> int:

@@ -59,9 +59,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def say(par_or_main, message: str) -> None:
-    is_main = par_or_main if isinstance(par_or_main, bool) else par_or_main.is_main
-    if is_main:
+def say(par: Parallel, message: str) -> None:
+    if par.is_main:
         print(message, flush=True)
 
 
@@ -158,7 +157,9 @@ def train(job: JobConfig) -> dict:
         metrics.log({"event": "resume", "step": step})
     val_set = batches.val_batches(par.dp_rank, par.dp, job.eval.batches, job.train.micro_batch_size)
     snapshots, sidecar = start_lawa(job, engine, par, run_dir, step, model_config, ds_config, precision, val_set)
-    shown_evals = len(lawa_sidecar.read_eval_log(run_dir)) if par.is_main else 0
+    # Byte offset into eval.jsonl: the trainer prints the sidecar's new lines without re-reading.
+    eval_offset = os.path.getsize(os.path.join(run_dir, lawa_sidecar.EVAL_FILE)) \
+        if par.is_main and os.path.isfile(os.path.join(run_dir, lawa_sidecar.EVAL_FILE)) else 0
     tokens_per_step = job.train.global_batch_size * job.data.seq_len
     flops_per_step = flops_per_token(model_config, job.data.seq_len) * tokens_per_step
     last_stop = job.train.stop_at or job.train.steps
@@ -210,7 +211,7 @@ def train(job: JobConfig) -> dict:
                                 f"{tok_s / 1e3:.1f}k tok/s | grad norm {norm_text}")
             if sidecar is not None:
                 sidecar.check()
-            shown_evals = show_new_evals(run_dir, shown_evals, par.is_main)
+            eval_offset = show_new_evals(run_dir, eval_offset, par.is_main)
             window_start, window_steps, window_paused, window_snapshot_s = time.perf_counter(), 0, 0.0, 0.0
 
         # Evaluation and checkpoint time is kept out of tokens/s.
@@ -236,7 +237,7 @@ def train(job: JobConfig) -> dict:
     if snapshots is not None:
         # A preempted job has a short grace period: the sidecar gets a bounded time to finish, and
         # the requeued job's sidecar evaluates whatever it missed.
-        finish_lawa(snapshots, sidecar, par, run_dir, step, shown_evals, finished=step == job.train.steps,
+        finish_lawa(snapshots, sidecar, par, run_dir, step, eval_offset, finished=step == job.train.steps,
                     wait_s=min(job.sidecar.exit_timeout_s, 60.0) if preempted else job.sidecar.exit_timeout_s)
     if preempted and job.checkpoint.requeue and par.is_main:
         requeue_slurm_job(lambda m: say(par, m))
@@ -273,16 +274,16 @@ def start_lawa(job: JobConfig, engine, par: Parallel, run_dir: str, step: int, m
     return snapshots, sidecar
 
 
-def show_new_evals(run_dir: str, shown: int, is_main: bool) -> int:
+def show_new_evals(run_dir: str, offset: int, is_main: bool) -> int:
     if not is_main:
-        return shown
-    records = lawa_sidecar.read_eval_log(run_dir)
-    for record in records[shown:]:
+        return offset
+    records, offset = lawa_sidecar.read_new_eval_records(run_dir, offset)
+    for record in records:
         print(lawa_sidecar.format_eval_line(record), flush=True)
-    return len(records)
+    return offset
 
 
-def finish_lawa(snapshots: SnapshotWriter, sidecar, par: Parallel, run_dir: str, step: int, shown: int,
+def finish_lawa(snapshots: SnapshotWriter, sidecar, par: Parallel, run_dir: str, step: int, eval_offset: int,
                 finished: bool, wait_s: float) -> None:
     """Collective: commit the last snapshot, let the sidecar evaluate it, and show the results."""
     snapshots.finish()
@@ -293,7 +294,7 @@ def finish_lawa(snapshots: SnapshotWriter, sidecar, par: Parallel, run_dir: str,
         sidecar.wait(wait_s)
     barrier()
     if par.is_main:
-        show_new_evals(run_dir, shown, True)
+        show_new_evals(run_dir, eval_offset, True)
         records = lawa_sidecar.read_eval_log(run_dir)
         if records:
             print("\nraw vs LAWA validation loss (eval.jsonl):\n" + lawa_sidecar.format_eval_table(records), flush=True)

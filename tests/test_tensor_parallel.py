@@ -1,7 +1,6 @@
 """Megatron-style tensor parallelism with ZeRO-3: layers, training, snapshots, sidecar, consolidation."""
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
