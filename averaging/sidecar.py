@@ -35,6 +35,7 @@ import torch.distributed as dist
 from averaging import slots
 from averaging.evaluate import validation_loss
 from averaging.lawa import average_shards, select_spaced
+from launcher.distributed import exit_process
 
 SPEC_FILE = os.path.join("sidecar", "spec.json")
 DONE_FILE = os.path.join("sidecar", "training_done.json")
@@ -218,6 +219,10 @@ class Sidecar:
             except ImportError:
                 pass
 
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
     def say(self, message: str) -> None:
         if self.is_main:
             print(f"[sidecar] {message}", flush=True)
@@ -360,11 +365,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     # tell the sidecar when to finish (the training_done marker).
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     sidecar = Sidecar(args.run_dir, args.parent_pid)
-    try:
-        sidecar.run(args.once)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    sidecar.run(args.once)
+    sidecar.close()
     return 0
 
 
@@ -444,4 +446,4 @@ class SidecarSupervisor:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -433,7 +433,6 @@ def worker(args: argparse.Namespace) -> int:
         with open(args.worker_out, "w") as f:
             json.dump(result, f)
     barrier()
-    dist.destroy_process_group()
     return 0
 
 
@@ -633,7 +632,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("overrides", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        return worker(args)
+        from launcher.distributed import exit_process
+
+        exit_process(worker(args))
 
     from launcher.config import load_job
     from launcher.data import prepare

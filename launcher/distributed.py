@@ -2,11 +2,13 @@
 process-group init; the TP x DP layout itself is models.parallel's."""
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import subprocess
+import sys
 from dataclasses import dataclass
-from typing import Optional
+from typing import NoReturn, Optional
 
 import torch
 import torch.distributed as dist
@@ -88,3 +90,20 @@ def init_distributed(tensor_parallel: int) -> Parallel:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def exit_process(code: int) -> NoReturn:
+    """Destroy the process groups and leave without the interpreter's teardown.
+
+    A Gloo worker thread frees a finished collective's tensors just after the caller has its
+    result; when that happens while the interpreter is finalizing, the thread cannot take the GIL
+    and the process aborts ("terminate called without an active exception", about one sidecar exit
+    in four on 2 CPU cores). Every file this project writes is closed and fsynced before its entry
+    point returns, so skipping the teardown loses nothing.
+    """
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

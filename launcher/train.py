@@ -41,7 +41,7 @@ from launcher.config import (
     validate_layout,
 )
 from launcher.data import TokenBatches, ensure_prepared
-from launcher.distributed import Parallel, barrier, init_distributed, rank_env
+from launcher.distributed import Parallel, barrier, exit_process, init_distributed, rank_env
 from launcher.metrics import MetricsLogger
 from launcher.optim import build_optimizer, full_numel
 from launcher.preemption import Preemption, requeue_slurm_job
@@ -312,11 +312,8 @@ def main(argv: list[str] | None = None) -> int:
         if is_main:
             print(f"config error: {e}", file=sys.stderr, flush=True)
         return 2
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -13,6 +13,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 import torch.distributed as dist
 
+from launcher.distributed import exit_process
 from models.gpt import GPT, gpt_config
 from models.parallel import build_parallel
 from models.tensor_parallel import merge_tensors, split_tensor, tensor_parallel_layout
@@ -88,8 +89,8 @@ def main() -> None:
     dist.barrier()
     if dist.get_rank() == 0:
         print(f"OK: tensor parallel {tp} x data parallel {par.dp} matches the dense model", flush=True)
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
+    exit_process(0)
