@@ -34,6 +34,7 @@ import torch.distributed as dist
 
 from averaging import slots
 from averaging.evaluate import validation_loss
+from averaging.averages import KINDS
 from averaging.lawa import average_shards, select_spaced
 from launcher.distributed import exit_process
 
@@ -121,15 +122,19 @@ def read_new_eval_records(run_dir: str, offset: int) -> tuple[list[dict[str, Any
 
 def format_eval_line(r: dict[str, Any]) -> str:
     steps = ",".join(str(s) for s in r["steps_averaged"])
+    others = "".join(f", {kind.upper()} {r[f'{kind}_val_loss']:.4f}" for kind in KINDS if f"{kind}_val_loss" in r)
     return (f"lawa | step {r['step']}: raw val {r['raw_val_loss']:.4f}, averaged {r['lawa_val_loss']:.4f} "
-            f"(k={r['k']}: {steps})")
+            f"(k={r['k']}: {steps}){others}")
 
 
 def format_eval_table(records: list[dict[str, Any]]) -> str:
-    lines = ["| step | raw val loss | LAWA val loss | LAWA - raw | k |", "|---:|---:|---:|---:|---:|"]
+    kinds = [kind for kind in KINDS if any(f"{kind}_val_loss" in r for r in records)]
+    lines = ["| step | raw val loss | LAWA val loss | LAWA - raw | k |" + "".join(f" {k.upper()} val loss |" for k in kinds),
+             "|---:|---:|---:|---:|---:|" + "---:|" * len(kinds)]
     for r in records:
+        extra = "".join(f" {r[f'{k}_val_loss']:.4f} |" if f"{k}_val_loss" in r else " |" for k in kinds)
         lines.append(f"| {r['step']} | {r['raw_val_loss']:.4f} | {r['lawa_val_loss']:.4f} | "
-                     f"{r['lawa_val_loss'] - r['raw_val_loss']:+.4f} | {r['k']} |")
+                     f"{r['lawa_val_loss'] - r['raw_val_loss']:+.4f} | {r['k']} |" + extra)
     return "\n".join(lines)
 
 
@@ -262,7 +267,7 @@ class Sidecar:
         """Average and evaluate the newest set; False when it must be chosen again."""
         chosen = select_spaced(committed, self.k, self.spacing)
         outcome: tuple = ("ok",)
-        shards, manifests, model_states = [], [], None
+        shards, manifests, model_states, others = [], [], None, {}
         start = time.perf_counter()
         try:
             for step in chosen:
@@ -279,6 +284,13 @@ class Sidecar:
                     model_states = slots.read_model_states(path, self.par.dp_rank, self.par.tp_rank, manifest)
                 shards.append(flat)
                 manifests.append(manifest)
+            if outcome == ("ok",):
+                # The trainers' EMA/SWA as of the newest step, stored in the same slot.
+                step = chosen[0]  # what a corrupt file below is blamed on
+                newest_path = os.path.join(self.root, slots.slot_name(step))
+                for kind in manifests[0].get("averages", {}):
+                    others[kind], _ = slots.read_shard(newest_path, self.par.dp_rank, self.par.tp_rank,
+                                                       manifests[0], kind=kind)
         except slots.SlotVanished:
             outcome = ("vanished",)
         except slots.SlotCorrupt as e:
@@ -309,6 +321,10 @@ class Sidecar:
             lawa_loss = self._loss()
         else:
             lawa_loss = raw_loss
+        other_losses = {}
+        for kind, flat in others.items():
+            load_partitions(self.params, flat, shapes, dp)
+            other_losses[f"{kind}_val_loss"] = self._loss()
         newest = manifests[0]
         is_best = lawa_loss < self.best_loss
         if is_best:
@@ -317,6 +333,7 @@ class Sidecar:
         record = {
             "step": newest["step"], "tokens": newest["tokens"], "raw_val_loss": raw_loss,
             "lawa_val_loss": lawa_loss, "k": len(shards), "steps_averaged": [m["step"] for m in manifests],
+            **other_losses, "averages": newest.get("averages", {}),
             "best": is_best, "read_s": read_s, "average_s": average_s,
             "bytes_averaged": sum(t.numel() * 4 for shard in shards for t in shard),
         }

@@ -4,7 +4,9 @@ A slot is a folder `step_XXXXXXXX/` holding, for every (dp, tp) rank,
 `zero_pp_rank_{dp}_mp_rank_{tp:02d}_model_states.pt` (the model-states metadata DeepSpeed writes:
 param_shapes, buffer_names, shared_params, ...) and `..._optim_states.pt` (only
 `optimizer_state_dict.fp32_flat_groups`, `zero_stage` and `partition_count`), so DeepSpeed's own
-`zero_to_fp32` consolidates it like any checkpoint. `manifest.json` (step, tokens, lr, layout,
+`zero_to_fp32` consolidates it like any checkpoint. The trainers' EMA and SWA of the same step,
+when enabled, sit in sub-folders `ema/` and `swa/` laid out the same way (each one consolidates on
+its own). `manifest.json` (step, tokens, lr, layout, the averages present,
 param shapes, a checksum per file) and then the empty `COMMITTED` marker are written last: a
 folder without the marker is being written, or was torn by a crash, and is never read.
 
@@ -59,6 +61,16 @@ def slot_step(name: str) -> Optional[int]:
     if name.startswith(SLOT_PREFIX) and name[len(SLOT_PREFIX):].isdigit():
         return int(name[len(SLOT_PREFIX):])
     return None
+
+
+def kind_dir(slot_dir: str, kind: str) -> str:
+    """Where a slot keeps the weights of one kind: "raw" at the top, averages in sub-folders."""
+    return slot_dir if kind == "raw" else os.path.join(slot_dir, kind)
+
+
+def kind_file(kind: str, name: str) -> str:
+    """A file's name in the manifest, relative to the slot folder."""
+    return name if kind == "raw" else f"{kind}/{name}"
 
 
 def model_states_file(dp_rank: int, tp_rank: int) -> str:
@@ -265,11 +277,14 @@ def _read_verified(slot_dir: str, name: str, manifest: dict[str, Any]) -> Any:
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
 
 
-def read_shard(slot_dir: str, dp_rank: int, tp_rank: int,
-               manifest: Optional[dict[str, Any]] = None) -> tuple[list[torch.Tensor], dict[str, Any]]:
-    """This rank's fp32 flat groups of a committed slot, checksum-verified; and the manifest."""
+def read_shard(slot_dir: str, dp_rank: int, tp_rank: int, manifest: Optional[dict[str, Any]] = None,
+               kind: str = "raw") -> tuple[list[torch.Tensor], dict[str, Any]]:
+    """This rank's fp32 flat groups of a committed slot (the raw weights, or one of the averages
+    its manifest lists), checksum-verified; and the manifest."""
     manifest = manifest or read_manifest(slot_dir)
-    optim = _read_verified(slot_dir, optim_states_file(dp_rank, tp_rank), manifest)
+    if kind != "raw" and kind not in manifest.get("averages", {}):
+        raise LayoutMismatch(f"{slot_dir} holds no {kind} average")
+    optim = _read_verified(slot_dir, kind_file(kind, optim_states_file(dp_rank, tp_rank)), manifest)
     if not is_committed(slot_dir):  # recycled after we opened it: the data may be from elsewhere
         raise SlotVanished(f"{slot_dir} was recycled while reading")
     return optim["optimizer_state_dict"]["fp32_flat_groups"], manifest

@@ -13,7 +13,12 @@ import shutil
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from averaging.slots import write_file_atomic
+import torch
+
+from averaging import slots
+from averaging.consolidate import consolidate
+from averaging.slots import serialize, write_file_atomic
+from models.tensor_parallel import split_tensor, tensor_parallel_layout
 from launcher.distributed import barrier
 
 RUN_STATE = "run_state.json"
@@ -28,6 +33,10 @@ class CheckpointArgs:
     resume: bool = True  # continue from the newest complete checkpoint found in `dir`
     on_signal: bool = True  # SIGUSR1/SIGTERM: finish the step, checkpoint, snapshot and stop
     requeue: bool = True  # after stopping on a signal under Slurm, `scontrol requeue` the job
+    # Continual pretraining: start a new run from another run's weights (a checkpoints folder, a
+    # checkpoint or slot folder, or an averaged model in lawa_best/), at step 0 of this job's schedule.
+    init_from: Optional[str] = None
+    init_optimizer: bool = False  # also take its optimizer state (same layout needed); false: fresh AdamW
 
 
 def tag_for(step: int) -> str:
@@ -51,10 +60,19 @@ def read_run_state(ckpt_dir: str, tag: str) -> dict[str, Any]:
         return json.load(f)
 
 
-def save(engine, ckpt_dir: str, step: int, run_state: dict[str, Any], keep: int, is_main: bool) -> str:
-    """Collective: every rank calls it. Returns the tag written."""
+def rank_state_file(dp_rank: int, tp_rank: int) -> str:
+    """Per-rank state of ours (the EMA/SWA partitions) beside DeepSpeed's files in a checkpoint."""
+    return f"averages_dp{dp_rank}_tp{tp_rank}.pt"
+
+
+def save(engine, ckpt_dir: str, step: int, run_state: dict[str, Any], keep: int, is_main: bool,
+         rank_state: Optional[tuple[str, Any]] = None) -> str:
+    """Collective: every rank calls it, with its own (file name, object) to add, if any.
+    Returns the tag written."""
     tag = tag_for(step)
     engine.save_checkpoint(ckpt_dir, tag=tag, client_state={"run_state": run_state}, save_latest=False)
+    if rank_state is not None:
+        write_file_atomic(os.path.join(ckpt_dir, tag, rank_state[0]), serialize(rank_state[1]))
     barrier()
     if is_main:
         write_file_atomic(os.path.join(ckpt_dir, tag, RUN_STATE), json.dumps({"step": step, **run_state}, indent=1).encode())
@@ -71,3 +89,82 @@ def load(engine, ckpt_dir: str, tag: str) -> None:
                                      load_lr_scheduler_states=False)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {os.path.join(ckpt_dir, tag)}")
+
+
+def load_rank_state(ckpt_dir: str, tag: str, name: str) -> Optional[Any]:
+    path = os.path.join(ckpt_dir, tag, name)
+    if not os.path.isfile(path):
+        return None
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# continual pretraining: a new run that starts from another run's weights
+
+
+def resolve_init_source(path: str) -> str:
+    """The weights folder `checkpoint.init_from` names: a checkpoints folder (its newest complete
+    checkpoint), or a checkpoint, slot or averaged-model folder holding DeepSpeed *_states.pt files."""
+    path = os.path.abspath(path)
+    if not os.path.isdir(path):
+        raise ValueError(f"checkpoint.init_from: {path} does not exist (or is not a folder)")
+    found = complete_checkpoints(path)
+    if found:
+        return os.path.join(path, found[-1][1])
+    if any(name.endswith("_optim_states.pt") for name in os.listdir(path)):
+        return path
+    raise ValueError(f"checkpoint.init_from: {path} is neither a checkpoints folder with a complete checkpoint "
+                     f"nor a checkpoint/slot folder with DeepSpeed *_optim_states.pt files")
+
+
+def init_from(engine, par, source: str, keep_optimizer: bool, log) -> None:
+    """Collective. Load another run's weights (and, if asked, its optimizer state) into this fresh
+    engine; the run then starts at step 0 of its own schedule (a re-warmup, in the usual recipe)."""
+    if keep_optimizer:
+        state_file = os.path.join(source, RUN_STATE)
+        if not os.path.isfile(state_file):
+            raise ValueError(f"checkpoint.init_optimizer: {source} is not a complete training checkpoint "
+                             f"(no {RUN_STATE}); it has no optimizer state to keep")
+        with open(state_file) as f:
+            state = json.load(f)
+        if (state["dp"], state["tp"]) != (par.dp, par.tp):
+            raise ValueError(f"checkpoint.init_optimizer: {source} was written with data {state['dp']} × tensor "
+                             f"{state['tp']}, this run is data {par.dp} × tensor {par.tp}; optimizer state moves "
+                             f"only between equal layouts (set checkpoint.init_optimizer=false to take the weights)")
+        load(engine, os.path.dirname(source), os.path.basename(source))
+        log(f"initialised weights and optimizer state from {source}")
+        return
+    load_weights(engine, par, consolidate(source))
+    log(f"initialised weights from {source} (fresh optimizer state)")
+
+
+@torch.no_grad()
+def load_weights(engine, par, full: dict[str, torch.Tensor]) -> None:
+    """Put a full (consolidated, unsplit) fp32 state dict into a ZeRO-3 engine of any layout: each
+    rank cuts its own tensor-parallel piece and data-parallel partition, into both the optimizer's
+    fp32 master partition and the model's working partition."""
+    shapes = engine._get_zero_param_shapes()
+    master = slots.split_partitions(engine.optimizer.fp32_partitioned_groups_flat, shapes, par.dp)
+    layout = tensor_parallel_layout(engine.module)
+    params = dict(engine.module.named_parameters())
+    missing = sorted(set(master) - set(full))
+    if missing:
+        raise ValueError(f"checkpoint.init_from: the source has no {missing[0]} (and {len(missing) - 1} more "
+                         f"parameters): a different model?")
+    for name, view in master.items():
+        tensor = full[name]
+        if name in layout:
+            tensor = split_tensor(tensor, *layout[name], par.tp)[par.tp_rank]
+        p = params[name]
+        if tuple(tensor.shape) != tuple(p.ds_shape):
+            raise ValueError(f"checkpoint.init_from: {name} is {tuple(full[name].shape)} in the source, this "
+                             f"model needs {tuple(p.ds_shape)} per tensor-parallel rank")
+        flat = tensor.reshape(-1).float()
+        part = view.numel()
+        padded = torch.zeros(part * par.dp, dtype=torch.float32)
+        padded[: flat.numel()] = flat
+        mine = padded[par.dp_rank * part: (par.dp_rank + 1) * part]
+        view.copy_(mine)
+        p.ds_tensor.data.copy_(mine.view_as(p.ds_tensor))
+        if p.data.numel() == tensor.numel():  # gathered and kept whole (persistent): not re-gathered before use
+            p.data.copy_(tensor.view_as(p.data))

@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 import yaml
 
+from averaging.averages import EmaArgs, SwaArgs
 from averaging.lawa import LawaArgs
 from averaging.sidecar import DEVICES as SIDECAR_DEVICES
 from averaging.sidecar import SidecarArgs
@@ -23,7 +24,7 @@ from launcher.data import DataArgs
 from launcher.distributed import ParallelArgs
 from launcher.metrics import LoggingArgs
 from launcher.optim import OptimizerArgs
-from launcher.schedule import DECAY_SHAPES, ScheduleArgs
+from launcher.schedule import DECAY_SHAPES, SCHEDULES, ScheduleArgs
 from launcher.snapshot import IF_BUSY, SnapshotArgs
 from models.gpt import GPT_SIZES, GPTConfig, gpt_config
 
@@ -80,6 +81,8 @@ class JobConfig:
     logging: LoggingArgs = field(default_factory=LoggingArgs)
     snapshot: SnapshotArgs = field(default_factory=SnapshotArgs)
     lawa: LawaArgs = field(default_factory=LawaArgs)
+    ema: EmaArgs = field(default_factory=EmaArgs)
+    swa: SwaArgs = field(default_factory=SwaArgs)
     sidecar: SidecarArgs = field(default_factory=SidecarArgs)
 
     @property
@@ -196,17 +199,40 @@ def apply_override(raw: dict, keys: list[str], value: Any) -> None:
     node[keys[-1]] = value
 
 
-def load_job(path: str | Path | None = None, overrides: list[str] = ()) -> JobConfig:
-    """Read a job file (default: the tiny CPU job), apply overrides, check types and combinations."""
-    path = Path(path) if path is not None else DEFAULT_JOB
-    if not path.is_file():
-        raise ConfigError(f"job file not found: {path}")
+def merge_sections(base: dict, delta: dict) -> dict:
+    """`delta` on top of `base`, section by section (lists and values are replaced whole)."""
+    out = dict(base)
+    for key, value in delta.items():
+        out[key] = merge_sections(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def read_job_file(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A job file as a mapping; `base: other.yaml` (relative to this file) is read first and this
+    file's sections are laid over it, so a recipe states only what it changes."""
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: 'base' chain loops back to itself")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    base_path = path.parent / str(base)
+    if not base_path.is_file():
+        raise ConfigError(f"{path}: base job file not found: {base_path}")
+    return merge_sections(read_job_file(base_path, seen + (path.resolve(),)), raw)
+
+
+def load_job(path: str | Path | None = None, overrides: list[str] = ()) -> JobConfig:
+    """Read a job file (default: the tiny CPU job), apply overrides, check types and combinations."""
+    path = Path(path) if path is not None else DEFAULT_JOB
+    if not path.is_file():
+        raise ConfigError(f"job file not found: {path}")
+    raw = read_job_file(path)
     for text in overrides:
         apply_override(raw, *parse_override(text))
     job = build_dataclass(JobConfig, raw)
@@ -244,13 +270,23 @@ def validate(job: JobConfig) -> None:
     need(o.weight_decay >= 0, f"optimizer.weight_decay: must be >= 0, got {o.weight_decay}")
     need(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optimizer.beta1/beta2: must be in [0, 1)")
 
-    need(s.name in DECAY_SHAPES, f"schedule.name: unknown schedule '{s.name}' (known: {', '.join(DECAY_SHAPES)})")
+    need(s.name in SCHEDULES, f"schedule.name: unknown schedule '{s.name}' (known: {', '.join(SCHEDULES)})")
     need(s.warmup_steps >= 0, f"schedule.warmup_steps: must be >= 0, got {s.warmup_steps}")
     need(0.0 <= s.min_lr_ratio <= 1.0, f"schedule.min_lr_ratio: must be in [0, 1], got {s.min_lr_ratio}")
-    decay_steps = s.decay_steps if s.decay_steps is not None else t.steps
-    need(s.warmup_steps <= decay_steps,
-         f"schedule.warmup_steps={s.warmup_steps} exceeds the decay length "
-         f"({'schedule.decay_steps' if s.decay_steps is not None else 'train.steps'}={decay_steps})")
+    if s.name in ("cosine", "linear"):
+        decay_steps = s.decay_steps if s.decay_steps is not None else t.steps
+        need(s.warmup_steps <= decay_steps,
+             f"schedule.warmup_steps={s.warmup_steps} exceeds the decay length "
+             f"({'schedule.decay_steps' if s.decay_steps is not None else 'train.steps'}={decay_steps})")
+    if s.name == "wsd":
+        need(s.cooldown_steps > 0, f"schedule.cooldown_steps: schedule.name=wsd needs a cooldown length > 0, "
+                                   f"got {s.cooldown_steps}")
+        need(s.cooldown_shape in DECAY_SHAPES, f"schedule.cooldown_shape: must be one of "
+                                               f"{', '.join(DECAY_SHAPES)}, got '{s.cooldown_shape}'")
+        begin = s.cooldown_start if s.cooldown_start is not None else t.steps - s.cooldown_steps
+        need(begin >= s.warmup_steps,
+             f"schedule: the cooldown would start at step {begin}, inside the {s.warmup_steps}-step warmup "
+             f"(schedule.cooldown_start, or train.steps - schedule.cooldown_steps)")
 
     need(t.steps > 0, f"train.steps: must be positive, got {t.steps}")
     need(t.micro_batch_size > 0, f"train.micro_batch_size: must be positive, got {t.micro_batch_size}")
@@ -274,6 +310,16 @@ def validate(job: JobConfig) -> None:
     c = job.checkpoint
     need(c.every > 0, f"checkpoint.every: must be positive, got {c.every}")
     need(c.keep >= 1, f"checkpoint.keep: must be >= 1, got {c.keep}")
+    need(c.init_from is not None or not c.init_optimizer, "checkpoint.init_optimizer needs checkpoint.init_from")
+
+    e, w = job.ema, job.swa
+    need(e.half_life > 0, f"ema.half_life: must be positive, got {e.half_life}")
+    need(e.every >= 1, f"ema.every: must be >= 1, got {e.every}")
+    need(e.start_step >= 0 and w.start_step >= 0, "ema.start_step/swa.start_step: must be >= 0")
+    need(w.lr is None or w.lr > 0, f"swa.lr: must be positive, got {w.lr}")
+    need(not (e.enabled or w.enabled) or job.snapshot.every > 0,
+         "ema.enabled/swa.enabled need snapshot.every > 0 (the averages are snapshotted beside the weights "
+         "and scored by the sidecar)")
     need(job.eval.every >= 0, f"eval.every: must be >= 0, got {job.eval.every}")
     need(job.eval.batches > 0, f"eval.batches: must be positive, got {job.eval.batches}")
     need(job.logging.every > 0, f"logging.every: must be positive, got {job.logging.every}")

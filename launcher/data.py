@@ -34,7 +34,8 @@ import torch
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-BUILTIN_PYDOC = "builtin:pydoc"
+BUILTIN_PYDOC = "builtin:pydoc"  # CPython's bundled documentation topics: ~120k tokens
+BUILTIN_STDLIB = "builtin:stdlib"  # the standard library's own .py sources (tests excluded): ~12 MB
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -61,7 +62,7 @@ VAL_ORDER_SEED = 0x5EED
 
 @dataclass
 class DataSource:
-    path: str  # a file, a directory of files, a glob, a saved `datasets` dataset, or "builtin:pydoc"
+    path: str  # a file, a directory of files, a glob, a saved `datasets` dataset, builtin:pydoc or builtin:stdlib
     weight: float = 1.0
 
 
@@ -270,9 +271,11 @@ def _source_key(i: int) -> str:
 
 def _resolve_source(i: int, path: str) -> tuple[str, list[str]]:
     """Says how to read a source: ("builtin", []), ("saved", [dir]) or (builder, files)."""
-    if path == BUILTIN_PYDOC:
-        return "builtin", []
     key = _source_key(i)
+    if path in BUILTIN_CORPORA:
+        return "builtin", []
+    if path.startswith("builtin:"):
+        raise ValueError(f"{key}: unknown builtin corpus {path!r} (known: {', '.join(BUILTIN_CORPORA)})")
     expanded = os.path.expanduser(path)
     if os.path.isdir(expanded):
         if any(os.path.isfile(os.path.join(expanded, m)) for m in ("state.json", "dataset_dict.json")):
@@ -312,13 +315,32 @@ def _pydoc_documents() -> list[str]:
     return [topics[k] for k in sorted(topics)]
 
 
+def _stdlib_documents() -> list[str]:
+    """One document per module source of the running Python's standard library."""
+    import sysconfig
+
+    root = sysconfig.get_paths()["stdlib"]
+    skip = {"site-packages", "dist-packages", "test", "tests", "idle_test"}
+    files = sorted(f for f in glob.glob(os.path.join(root, "**", "*.py"), recursive=True)
+                   if not skip & set(os.path.relpath(f, root).split(os.sep)))
+    documents = []
+    for f in files:
+        with open(f, encoding="utf-8", errors="replace") as handle:
+            documents.append(handle.read())
+    return documents
+
+
+# Corpora that ship with Python itself: they need no download and no path.
+BUILTIN_CORPORA = {BUILTIN_PYDOC: _pydoc_documents, BUILTIN_STDLIB: _stdlib_documents}
+
+
 def _load_source(args: DataArgs, i: int, cache_dir: str):
     """The source as a `datasets.Dataset` with one string column, "text"."""
     datasets = _datasets()
     path = args.sources[i].path
     kind, files = _resolve_source(i, path)
     if kind == "builtin":
-        return datasets.Dataset.from_dict({"text": _pydoc_documents()})
+        return datasets.Dataset.from_dict({"text": BUILTIN_CORPORA[path]()})
     try:
         if kind == "saved":
             ds = datasets.load_from_disk(files[0])
@@ -633,7 +655,7 @@ def _fingerprint_inputs(args: DataArgs) -> dict:
     for i, source in enumerate(args.sources):
         kind, files = _resolve_source(i, source.path)
         if kind == "builtin":
-            content = hashlib.sha256("\0".join(_pydoc_documents()).encode()).hexdigest()
+            content = hashlib.sha256("\0".join(BUILTIN_CORPORA[source.path]()).encode()).hexdigest()
             sources.append({"path": source.path, "content": content})
             continue
         if kind == "saved":

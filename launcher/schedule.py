@@ -8,10 +8,13 @@ from typing import Callable, Optional
 
 @dataclass
 class ScheduleArgs:
-    name: str = "cosine"
-    warmup_steps: int = 2000
+    name: str = "cosine"  # cosine, linear or constant decay after warmup; or wsd (warmup-stable-decay)
+    warmup_steps: int = 2000  # linear warmup to the peak; in a continual-pretraining run, the re-warmup
     min_lr_ratio: float = 0.1  # min_lr = lr * min_lr_ratio (the LAWA/nanoGPT recipes use lr/10)
-    decay_steps: Optional[int] = None  # step at which the decay reaches min_lr; None: train.steps
+    decay_steps: Optional[int] = None  # cosine/linear: step at which the decay reaches min_lr; None: train.steps
+    cooldown_steps: int = 0  # wsd: length of the cooldown from the peak to min_lr
+    cooldown_shape: str = "linear"  # wsd: linear, cosine or 1-sqrt
+    cooldown_start: Optional[int] = None  # wsd: first cooldown step; None: train.steps - cooldown_steps
 
 
 def _cosine(progress: float) -> float:
@@ -23,30 +26,50 @@ def _linear(progress: float) -> float:
     return 1.0 - progress
 
 
-def _constant(progress: float) -> float:
-    return 1.0
+def _one_minus_sqrt(progress: float) -> float:
+    """Hägele et al. 2024's cooldown: most of the drop comes early, then it flattens."""
+    return 1.0 - math.sqrt(progress)
 
 
 # Each decay shape maps progress through the decay phase (0 -> 1) to a factor (1 -> 0) that
-# interpolates between the peak and min_lr. A new schedule is one more entry here.
+# interpolates between the peak and min_lr. A new shape is one more entry here.
 DECAY_SHAPES: dict[str, Callable[[float], float]] = {
     "cosine": _cosine,
     "linear": _linear,
-    "constant": _constant,
+    "1-sqrt": _one_minus_sqrt,
 }
+SCHEDULES = ("cosine", "linear", "constant", "wsd")
+
+
+def cooldown_start(args: ScheduleArgs, total_steps: int) -> int:
+    return args.cooldown_start if args.cooldown_start is not None else total_steps - args.cooldown_steps
 
 
 def lr_at(step: int, peak_lr: float, args: ScheduleArgs, total_steps: int) -> float:
     """Learning rate for the optimizer update with 0-based index `step`.
 
-    Linear warmup from peak/warmup to the peak over `warmup_steps` updates, then the decay shape
-    from the peak down to `peak * min_lr_ratio` at `decay_steps`, and min_lr after that.
+    Linear warmup from peak/warmup to the peak over `warmup_steps` updates. Then:
+    cosine/linear: the shape from the peak down to `peak * min_lr_ratio` at `decay_steps`, min_lr after;
+    constant: the peak;
+    wsd: the peak until `cooldown_start`, then `cooldown_shape` down to min_lr over `cooldown_steps`,
+    min_lr after. Because the cooldown's start is a setting, an "infinite" run can be resumed from
+    any checkpoint of its stable phase with a cooldown that starts there.
     """
-    decay_steps = args.decay_steps if args.decay_steps is not None else total_steps
-    min_lr = peak_lr * args.min_lr_ratio
     if step < args.warmup_steps:
         return peak_lr * (step + 1) / args.warmup_steps
+    min_lr = peak_lr * args.min_lr_ratio
+    if args.name == "constant":
+        return peak_lr
+    if args.name == "wsd":
+        begin = cooldown_start(args, total_steps)
+        if step < begin:
+            return peak_lr
+        if step >= begin + args.cooldown_steps:
+            return min_lr
+        progress = (step - begin) / args.cooldown_steps
+        return min_lr + (peak_lr - min_lr) * DECAY_SHAPES[args.cooldown_shape](progress)
+    decay_steps = args.decay_steps if args.decay_steps is not None else total_steps
     if step >= decay_steps:
-        return min_lr if args.name != "constant" else peak_lr
+        return min_lr
     progress = (step - args.warmup_steps) / max(1, decay_steps - args.warmup_steps)
     return min_lr + (peak_lr - min_lr) * DECAY_SHAPES[args.name](progress)

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from averaging import slots
+from averaging.averages import ShardAverages
 from launcher.distributed import Parallel
 from models.tensor_parallel import tensor_parallel_layout
 
@@ -86,18 +87,22 @@ def model_states_metadata(engine, par: Parallel) -> dict[str, Any]:
 
 
 class SnapshotWriter:
+    """Writes the raw partition, and the EMA/SWA partitions of `averages` when they have started,
+    into each slot (the averages in sub-folders `ema/`, `swa/` of the same layout)."""
+
     def __init__(self, args: SnapshotArgs, engine, par: Parallel, root: str, resume_step: int,
-                 log: Callable[[str], None]):
+                 log: Callable[[str], None], averages: Optional[ShardAverages] = None):
         self.args = args
+        self.averages = averages
         self.par = par
         self.root = root
         self.log = log
         self.flat = engine.optimizer.fp32_partitioned_groups_flat
         self.model_states = model_states_metadata(engine, par)
         self.param_shapes = self.model_states["param_shapes"]
-        on_gpu = par.device.type == "cuda"
-        self.host = [torch.empty(f.numel(), dtype=torch.float32, pin_memory=on_gpu) for f in self.flat]
-        self.copy_stream = torch.cuda.Stream(par.device) if on_gpu else None
+        self.on_gpu = par.device.type == "cuda"
+        self.host: dict[str, list[torch.Tensor]] = {"raw": self._host_buffers()}
+        self.copy_stream = torch.cuda.Stream(par.device) if self.on_gpu else None
         self.copy_event: Optional[torch.cuda.Event] = None
         self.thread: Optional[threading.Thread] = None
         self.commit_thread: Optional[threading.Thread] = None
@@ -114,6 +119,9 @@ class SnapshotWriter:
                 if not committed or step > resume_step:
                     slots.remove_slot(path)
         dist.barrier(group=par.ctrl_group)
+
+    def _host_buffers(self) -> list[torch.Tensor]:
+        return [torch.empty(f.numel(), dtype=torch.float32, pin_memory=self.on_gpu) for f in self.flat]
 
     @property
     def enabled(self) -> bool:
@@ -206,6 +214,7 @@ class SnapshotWriter:
             "tensor_parallel_layout": self.model_states["tensor_parallel_layout"],
             "files": files,
             "ds_version": self.model_states["ds_version"],
+            "averages": p["averages"],
         }
         if self.par.local_rank == 0:  # one committer per node: slots live on node-local storage
             # The fsyncs run off the training thread; the next write waits for them (see _write).
@@ -217,35 +226,46 @@ class SnapshotWriter:
 
     def _start(self, step: int, tokens: int, lr: float) -> float:
         start = time.perf_counter()
+        sources = {"raw": self.flat, **(self.averages.current() if self.averages is not None else {})}
+        for kind in sources:
+            if kind not in self.host:
+                self.host[kind] = self._host_buffers()
         if self.copy_stream is not None:
             self.copy_stream.wait_stream(torch.cuda.current_stream(self.par.device))
             with torch.cuda.stream(self.copy_stream):
-                for host, flat in zip(self.host, self.flat):
-                    host.copy_(flat.detach().view(-1), non_blocking=True)
+                for kind, flats in sources.items():
+                    for host, flat in zip(self.host[kind], flats):
+                        host.copy_(flat.detach().view(-1), non_blocking=True)
             self.copy_event = torch.cuda.Event()
             self.copy_event.record(self.copy_stream)
         else:
-            for host, flat in zip(self.host, self.flat):
-                host.copy_(flat.detach().view(-1))
+            for kind, flats in sources.items():
+                for host, flat in zip(self.host[kind], flats):
+                    host.copy_(flat.detach().view(-1))
         stall = time.perf_counter() - start
-        self.pending = {"step": step, "tokens": tokens, "lr": lr}
-        self.thread = threading.Thread(target=self._write, args=(step, self.copy_event), daemon=True,
+        averages = self.averages.describe() if self.averages is not None else {}
+        self.pending = {"step": step, "tokens": tokens, "lr": lr, "averages": averages}
+        self.thread = threading.Thread(target=self._write, args=(step, self.copy_event, list(sources)), daemon=True,
                                        name=f"snapshot-{step}")
         self.thread.start()
         return stall
 
-    def _write(self, step: int, copied: Optional[torch.cuda.Event]) -> None:
+    def _write(self, step: int, copied: Optional[torch.cuda.Event], kinds: list[str]) -> None:
         try:
             self._join_commit()  # recycling must not mistake a slot being committed for a torn one
             if copied is not None:
                 copied.synchronize()
-            slots.zero_padding(self.host, self.param_shapes, self.par.dp_rank, self.par.dp)
             if self.par.local_rank == 0:
                 self._recycle(step)
-            self.written = slots.write_shard(
-                self.slot_dir(step), self.par.dp_rank, self.par.tp_rank, self.host,
-                {**self.model_states, "global_steps": step},
-                max_bytes_per_s=self.args.max_write_mb_per_s * 1e6)
+            written = {}
+            for kind in kinds:
+                slots.zero_padding(self.host[kind], self.param_shapes, self.par.dp_rank, self.par.dp)
+                files = slots.write_shard(
+                    slots.kind_dir(self.slot_dir(step), kind), self.par.dp_rank, self.par.tp_rank, self.host[kind],
+                    {**self.model_states, "global_steps": step},
+                    max_bytes_per_s=self.args.max_write_mb_per_s * 1e6)
+                written.update({slots.kind_file(kind, name): meta for name, meta in files.items()})
+            self.written = written
             self.done_step = step
         except BaseException as e:  # reported through the vote; training goes on
             self.failed = e

@@ -18,6 +18,7 @@ import os
 import sys
 import time
 import warnings
+from typing import Optional
 
 if __package__ in (None, ""):
     # Run as a script (the deepspeed launcher and torchrun do this): make the repo importable
@@ -28,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from averaging import sidecar as lawa_sidecar
+from averaging.averages import ShardAverages, scheduled_lr
 from averaging.evaluate import validation_loss
 from launcher import checkpoint
 from launcher.config import (
@@ -142,6 +144,21 @@ def train(job: JobConfig) -> dict:
     elif found:
         raise ConfigError(f"{ckpt_dir} holds checkpoints but checkpoint.resume is false: "
                           f"choose another run_dir or delete them")
+    elif job.checkpoint.init_from is not None:
+        try:
+            source = checkpoint.resolve_init_source(job.checkpoint.init_from)
+            checkpoint.init_from(engine, par, source, job.checkpoint.init_optimizer, lambda m: say(par, m))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+    averages = ShardAverages(job.ema, job.swa, engine.optimizer.fp32_partitioned_groups_flat, job.snapshot.every)
+    averages_file = checkpoint.rank_state_file(par.dp_rank, par.tp_rank)
+    if step > 0 and averages.enabled:
+        saved = checkpoint.load_rank_state(ckpt_dir, tag, averages_file)
+        if saved is not None:
+            averages.load_state_dict(saved)
+        else:
+            say(par, f"note: {os.path.join(ckpt_dir, tag)} holds no EMA/SWA state; the averages start afresh")
 
     if step >= job.train.steps:
         say(par, f"{run_dir} has already trained its {job.train.steps} steps (train.steps); to go on, raise "
@@ -156,7 +173,8 @@ def train(job: JobConfig) -> dict:
     if step > 0:
         metrics.log({"event": "resume", "step": step})
     val_set = batches.val_batches(par.dp_rank, par.dp, job.eval.batches, job.train.micro_batch_size)
-    snapshots, sidecar = start_lawa(job, engine, par, run_dir, step, model_config, ds_config, precision, val_set)
+    snapshots, sidecar = start_lawa(job, engine, par, run_dir, step, model_config, ds_config, precision, val_set,
+                                    averages if averages.enabled else None)
     # Byte offset into eval.jsonl: the trainer prints the sidecar's new lines without re-reading.
     eval_offset = os.path.getsize(os.path.join(run_dir, lawa_sidecar.EVAL_FILE)) \
         if par.is_main and os.path.isfile(os.path.join(run_dir, lawa_sidecar.EVAL_FILE)) else 0
@@ -169,7 +187,7 @@ def train(job: JobConfig) -> dict:
     window_start, window_steps, window_paused, window_snapshot_s = time.perf_counter(), 0, 0.0, 0.0
 
     while step < last_stop and not preempted:
-        lr = lr_at(step, job.optimizer.lr, job.schedule, job.train.steps)
+        lr = scheduled_lr(step, lr_at(step, job.optimizer.lr, job.schedule, job.train.steps), job.swa)
         for group in optimizer.param_groups:
             group["lr"] = lr
         # Dropout draws from a stream that depends only on (seed, step, rank): resume is exact.
@@ -186,6 +204,8 @@ def train(job: JobConfig) -> dict:
         step += 1
         tokens += tokens_per_step
         window_steps += 1
+        if averages.enabled:
+            averages.update(step)
         preempted = preemption.should_stop()
         at_end = step == last_stop or preempted
         if snapshots is not None:
@@ -224,7 +244,8 @@ def train(job: JobConfig) -> dict:
         if step % job.checkpoint.every == 0 or at_end:
             tag = checkpoint.save(engine, ckpt_dir, step, {"tokens": tokens, "dp": par.dp, "tp": par.tp,
                                                            "tensor_parallel_layout": tp_layout},
-                                  job.checkpoint.keep, par.is_main)
+                                  job.checkpoint.keep, par.is_main,
+                                  (averages_file, averages.state_dict()) if averages.enabled else None)
             say(par, f"saved checkpoint {os.path.join(ckpt_dir, tag)}")
         window_paused += time.perf_counter() - pause_start
 
@@ -245,12 +266,13 @@ def train(job: JobConfig) -> dict:
 
 
 def start_lawa(job: JobConfig, engine, par: Parallel, run_dir: str, step: int, model_config, ds_config: dict,
-               precision: str, val_set: list):
+               precision: str, val_set: list, averages: Optional[ShardAverages]):
     """Collective: the snapshot ring buffer, the sidecar's spec and held-out set, and the sidecar."""
     if job.snapshot.every == 0:
         return None, None
     root = resolve_root(job.snapshot, par, run_dir, job.name, count_parameters(model_config))
-    snapshots = SnapshotWriter(job.snapshot, engine, par, root, resume_step=step, log=lambda m: say(par, m))
+    snapshots = SnapshotWriter(job.snapshot, engine, par, root, resume_step=step, log=lambda m: say(par, m),
+                               averages=averages)
     say(par, f"snapshots: every {job.snapshot.every} steps into a ring of {job.snapshot.slots} slots in {root}")
     # What the sidecar needs, so that it can also be started by hand on this run directory.
     if par.is_main:

@@ -58,13 +58,21 @@ def test_overrides_reach_typed_fields():
     ("parallel.zero_stage=4", "parallel.zero_stage: must be 0, 1, 2 or 3"),
     ("parallel.tensor=3", "model.n_head=4 is not divisible by parallel.tensor=3"),
     ("train.stop_at=601", "train.stop_at=601 must be in [1, train.steps=600]"),
+    ("schedule.name=wsd", "schedule.cooldown_steps: schedule.name=wsd needs a cooldown length > 0"),
+    ("schedule.name=cosne", "schedule.name: unknown schedule 'cosne' (known: cosine, linear, constant, wsd)"),
+    ("schedule.name=wsd & schedule.cooldown_steps=590", "the cooldown would start at step 10, inside the 30-step warmup"),
+    ("schedule.name=wsd & schedule.cooldown_steps=50 & schedule.cooldown_shape=sqrt",
+     "schedule.cooldown_shape: must be one of cosine, linear, 1-sqrt, got 'sqrt'"),
+    ("ema.enabled=true & snapshot.every=0 & sidecar.enabled=false", "ema.enabled/swa.enabled need snapshot.every > 0"),
+    ("ema.half_life=0", "ema.half_life: must be positive"),
+    ("swa.lr=-1", "swa.lr: must be positive"),
+    ("checkpoint.init_optimizer=true", "checkpoint.init_optimizer needs checkpoint.init_from"),
     ("data.sources=[{path: a, weight: 0}]", "data.sources: at least one weight must be positive"),
     ("model.block_size=64", "data.seq_len=128 exceeds model.block_size=64"),
-    ("schedule.name=wsd", "schedule.name: unknown schedule 'wsd'"),
 ])
 def test_mistakes_are_one_line_errors_naming_the_key(override, message):
     with pytest.raises(ConfigError) as info:
-        load_job(None, [override])
+        load_job(None, override.split(" & "))
     assert message in str(info.value)
     assert "\n" not in str(info.value)
 
@@ -131,3 +139,20 @@ def test_lawa_settings_are_checked_up_front(overrides, message):
     with pytest.raises(ConfigError) as info:
         load_job(None, overrides)
     assert message in str(info.value)
+
+
+def test_a_recipe_states_only_what_it_changes_over_its_base(tmp_path):
+    (tmp_path / "base.yaml").write_text("name: base\noptimizer: {lr: 1.0e-3, weight_decay: 0.05}\n"
+                                        "schedule: {name: cosine, warmup_steps: 10}\ntrain: {steps: 100}\n")
+    (tmp_path / "high_lr.yaml").write_text("base: base.yaml\nname: high\noptimizer: {lr: 1.0e-2}\n")
+    job = load_job(tmp_path / "high_lr.yaml", ["train.steps=50"])
+    assert (job.name, job.optimizer.lr, job.optimizer.weight_decay, job.train.steps) == ("high", 1e-2, 0.05, 50)
+    (tmp_path / "typo.yaml").write_text("base: base.yaml\noptimizer: {lrr: 1}\n")
+    with pytest.raises(ConfigError, match="unknown key 'optimizer.lrr'"):
+        load_job(tmp_path / "typo.yaml")
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="loops back"):
+        load_job(tmp_path / "loop.yaml")
+    (tmp_path / "orphan.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match="base job file not found"):
+        load_job(tmp_path / "orphan.yaml")

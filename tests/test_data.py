@@ -389,3 +389,14 @@ def test_progress_lines(pydoc, tmp_path, capsys):
     assert "tokenizing source 0" in out and f"wrote {total} tokens in 2 shards" in out
     prepare(args, progress=False)
     assert capsys.readouterr().out == ""
+
+
+def test_builtin_corpora_need_no_path_and_unknown_ones_are_named(tmp_path):
+    from launcher.data import BUILTIN_CORPORA, BUILTIN_STDLIB, fingerprint
+
+    documents = BUILTIN_CORPORA[BUILTIN_STDLIB]()
+    assert len(documents) > 300 and sum(map(len, documents)) > 5_000_000
+    assert any("def " in d for d in documents[:20])
+    assert fingerprint(DataArgs(sources=[DataSource(BUILTIN_STDLIB)])) != fingerprint(DataArgs())
+    with pytest.raises(ValueError, match=r"data.sources\[0\].path: unknown builtin corpus 'builtin:wiki'"):
+        prepare(DataArgs(sources=[DataSource("builtin:wiki")], dir=str(tmp_path / "x")), progress=False)

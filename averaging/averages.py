@@ -1,0 +1,152 @@
+"""EMA and SWA of the weights, kept shard-local: each training rank averages its own ZeRO-3 fp32
+partition, so no parameter is ever gathered and the cost is one element-wise op per update.
+
+The math is pure functions on lists of flat tensors (any partition or whole state dict works);
+`ShardAverages` is the thin stateful wrapper the training loop calls. LAWA, the third average,
+needs no trainer state: the sidecar averages committed snapshots (averaging.lawa).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+KINDS = ("ema", "swa")
+
+
+@dataclass
+class EmaArgs:
+    enabled: bool = False
+    half_life: float = 1000.0  # steps after which a weight's contribution to the EMA has halved
+    start_step: int = 0  # the EMA starts as a copy of the weights after this step
+    every: int = 1  # update every this many steps (the half-life stays in steps)
+    offload: bool = False  # keep the EMA in host memory: frees device memory, costs a copy per update
+
+
+@dataclass
+class SwaArgs:
+    enabled: bool = False
+    start_step: int = 0  # uniform average of the weights at every snapshot step from this one on
+    lr: Optional[float] = None  # SWA's learning-rate phase: this constant LR from start_step; None: the schedule's
+
+
+# ---------------------------------------------------------------------------------------------
+# pure functions
+
+
+def ema_decay(half_life: float, every: int) -> float:
+    """Per-update decay so that a weight's contribution halves every `half_life` steps."""
+    return 0.5 ** (every / half_life)
+
+
+def ema_update_(average: list[torch.Tensor], weights: list[torch.Tensor], decay: float) -> None:
+    """average <- decay * average + (1 - decay) * weights, in place, tensor by tensor."""
+    for a, w in zip(average, weights):
+        a.lerp_(w.to(a.device), 1.0 - decay)
+
+
+def swa_update_(average: list[torch.Tensor], weights: list[torch.Tensor], count: int) -> None:
+    """The running uniform mean: `average` of `count` weights becomes the mean of count + 1."""
+    for a, w in zip(average, weights):
+        a.lerp_(w.to(a.device), 1.0 / (count + 1))
+
+
+def ema_reference(history: list[list[torch.Tensor]], decay: float) -> list[torch.Tensor]:
+    """EMA of a whole weight history, written the slow obvious way (tests compare against it)."""
+    average = [t.clone() for t in history[0]]
+    for weights in history[1:]:
+        average = [decay * a + (1.0 - decay) * w for a, w in zip(average, weights)]
+    return average
+
+
+def scheduled_lr(step: int, schedule_lr: float, swa: SwaArgs) -> float:
+    """The learning rate with SWA's constant phase applied on top of the schedule."""
+    if swa.enabled and swa.lr is not None and step >= swa.start_step:
+        return swa.lr
+    return schedule_lr
+
+
+# ---------------------------------------------------------------------------------------------
+# the stateful wrapper
+
+
+class ShardAverages:
+    """EMA and SWA of one rank's flat fp32 partition. Call `update(step)` after every optimizer
+    step (`step` counts completed steps); snapshot steps also feed SWA."""
+
+    def __init__(self, ema: EmaArgs, swa: SwaArgs, weights: list[torch.Tensor], snapshot_every: int):
+        self.ema_args, self.swa_args = ema, swa
+        self.weights = weights
+        self.snapshot_every = snapshot_every
+        self.decay = ema_decay(ema.half_life, ema.every)
+        self.ema: Optional[list[torch.Tensor]] = None
+        self.ema_updates = 0
+        self.swa: Optional[list[torch.Tensor]] = None
+        self.swa_count = 0
+        self.ema_device = torch.device("cpu") if ema.offload else None
+
+    @property
+    def enabled(self) -> bool:
+        return self.ema_args.enabled or self.swa_args.enabled
+
+    def _fresh_copy(self, device: Optional[torch.device]) -> list[torch.Tensor]:
+        pin = device is not None and device.type == "cpu" and self.weights[0].is_cuda
+        out = []
+        for w in self.weights:
+            copy = torch.empty(w.shape, dtype=torch.float32, device=device or w.device, pin_memory=pin)
+            copy.copy_(w.detach())
+            out.append(copy)
+        return out
+
+    def update(self, step: int) -> None:
+        e, s = self.ema_args, self.swa_args
+        if e.enabled and step >= e.start_step and (step - e.start_step) % e.every == 0:
+            if self.ema is None:
+                self.ema = self._fresh_copy(self.ema_device)
+            else:
+                ema_update_(self.ema, [w.detach() for w in self.weights], self.decay)
+            self.ema_updates += 1
+        if s.enabled and step >= s.start_step and self.snapshot_every and step % self.snapshot_every == 0:
+            if self.swa is None:
+                self.swa = self._fresh_copy(None)
+            else:
+                swa_update_(self.swa, [w.detach() for w in self.weights], self.swa_count)
+            self.swa_count += 1
+
+    def current(self) -> dict[str, list[torch.Tensor]]:
+        """The averages that have started, by kind."""
+        out = {}
+        if self.ema is not None:
+            out["ema"] = self.ema
+        if self.swa is not None:
+            out["swa"] = self.swa
+        return out
+
+    def describe(self) -> dict[str, dict[str, Any]]:
+        """What each current average is, for the snapshot manifest and the sidecar's log."""
+        out = {}
+        if self.ema is not None:
+            out["ema"] = {"half_life": self.ema_args.half_life, "every": self.ema_args.every,
+                          "start_step": self.ema_args.start_step, "updates": self.ema_updates}
+        if self.swa is not None:
+            out["swa"] = {"start_step": self.swa_args.start_step, "count": self.swa_count}
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ema": None if self.ema is None else [t.cpu() for t in self.ema], "ema_updates": self.ema_updates,
+                "swa": None if self.swa is None else [t.cpu() for t in self.swa], "swa_count": self.swa_count}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for kind, count_key, device in (("ema", "ema_updates", self.ema_device), ("swa", "swa_count", None)):
+            saved = state.get(kind)
+            if saved is None:
+                setattr(self, kind, None)
+            else:
+                if [t.numel() for t in saved] != [w.numel() for w in self.weights]:
+                    raise ValueError(f"the checkpoint's {kind} partition does not match this model's layout")
+                buffers = self._fresh_copy(device)
+                for b, t in zip(buffers, saved):
+                    b.copy_(t)
+                setattr(self, kind, buffers)
+            setattr(self, count_key, state.get(count_key, 0))

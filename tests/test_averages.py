@@ -1,0 +1,95 @@
+"""EMA and SWA math against single-process references, and the stateful wrapper's bookkeeping."""
+import pytest
+import torch
+
+from averaging.averages import (EmaArgs, ShardAverages, SwaArgs, ema_decay, ema_reference, ema_update_,
+                                scheduled_lr, swa_update_)
+from averaging.lawa import average_tensors
+
+
+def history(n: int, seed: int = 0) -> list[list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randn(37, generator=g), torch.randn(5, 3, generator=g)] for _ in range(n)]
+
+
+def test_half_life_means_half_the_weight_after_that_many_steps():
+    for every in (1, 4):
+        decay = ema_decay(half_life=100, every=every)
+        assert decay ** (100 / every) == pytest.approx(0.5)
+
+
+def test_in_place_ema_equals_the_reference():
+    h = history(12)
+    average = [t.clone() for t in h[0]]
+    for weights in h[1:]:
+        ema_update_(average, weights, 0.8)
+    for a, b in zip(average, ema_reference(h, 0.8)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_running_swa_equals_the_uniform_mean():
+    h = history(9)
+    average = [t.clone() for t in h[0]]
+    for count, weights in enumerate(h[1:], start=1):
+        swa_update_(average, weights, count)
+    for i, a in enumerate(average):
+        torch.testing.assert_close(a, average_tensors([w[i] for w in h]), rtol=1e-6, atol=1e-6)
+
+
+def test_wrapper_follows_start_step_and_update_interval():
+    """Weights change every step; the wrapper's EMA/SWA must equal the references over exactly the
+    steps its settings select."""
+    h = history(20, seed=3)
+    weights = [t.clone() for t in h[0]]
+    ema_args = EmaArgs(enabled=True, half_life=3.0, start_step=4, every=2)
+    swa_args = SwaArgs(enabled=True, start_step=9)
+    avg = ShardAverages(ema_args, swa_args, weights, snapshot_every=3)
+    seen = {}
+    for step in range(1, 20):
+        for w, new in zip(weights, h[step]):
+            w.copy_(new)  # the optimizer's in-place update of the partition
+        avg.update(step)
+        seen[step] = [t.clone() for t in h[step]]
+    ema_steps = [s for s in range(1, 20) if s >= 4 and (s - 4) % 2 == 0]
+    swa_steps = [s for s in range(1, 20) if s >= 9 and s % 3 == 0]
+    assert avg.ema_updates == len(ema_steps) and avg.swa_count == len(swa_steps) == 4
+    for a, b in zip(avg.ema, ema_reference([seen[s] for s in ema_steps], ema_decay(3.0, 2))):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for i, a in enumerate(avg.swa):
+        torch.testing.assert_close(a, average_tensors([seen[s][i] for s in swa_steps]), rtol=1e-6, atol=1e-6)
+    assert avg.describe() == {"ema": {"half_life": 3.0, "every": 2, "start_step": 4, "updates": len(ema_steps)},
+                              "swa": {"start_step": 9, "count": 4}}
+
+
+def test_averages_appear_only_once_started_and_survive_a_state_dict_round_trip():
+    weights = [torch.ones(4)]
+    avg = ShardAverages(EmaArgs(enabled=True, start_step=5), SwaArgs(enabled=True, start_step=10), weights, 5)
+    avg.update(4)
+    assert avg.current() == {}
+    avg.update(5)
+    assert set(avg.current()) == {"ema"}  # SWA starts at step 10
+    weights[0].fill_(3.0)
+    avg.update(6)
+    restored = ShardAverages(avg.ema_args, avg.swa_args, [torch.zeros(4)], 5)
+    restored.load_state_dict(avg.state_dict())
+    torch.testing.assert_close(restored.ema[0], avg.ema[0])
+    assert restored.ema_updates == avg.ema_updates == 2 and restored.swa is None
+    with pytest.raises(ValueError, match="layout"):
+        ShardAverages(avg.ema_args, avg.swa_args, [torch.zeros(5)], 5).load_state_dict(avg.state_dict())
+
+
+def test_offloaded_ema_lives_in_host_memory_and_matches():
+    weights = [torch.randn(10)]
+    avg = ShardAverages(EmaArgs(enabled=True, half_life=2.0, offload=True), SwaArgs(), weights, 0)
+    avg.update(0)
+    first = weights[0].clone()
+    weights[0].add_(1.0)
+    avg.update(1)
+    assert avg.ema[0].device.type == "cpu"
+    torch.testing.assert_close(avg.ema[0], ema_reference([[first], [weights[0]]], ema_decay(2.0, 1))[0])
+
+
+def test_swa_learning_rate_phase_replaces_the_schedule_from_its_start():
+    swa = SwaArgs(enabled=True, start_step=100, lr=5e-4)
+    assert scheduled_lr(99, 1e-3, swa) == 1e-3 and scheduled_lr(100, 1e-3, swa) == 5e-4
+    assert scheduled_lr(100, 1e-3, SwaArgs(enabled=True, start_step=100)) == 1e-3
