@@ -27,6 +27,7 @@ METHODS = ("raw", "lawa", *KINDS)
 LABELS = {"raw": "raw", "lawa": "LAWA", "ema": "EMA", "swa": "SWA"}
 COLORS = {"raw": "black", "lawa": "tab:blue", "ema": "tab:orange", "swa": "tab:green"}
 RUN_STYLES = ("-", "--", ":", "-.")
+GAP_FRACTIONS = (0.25, 0.5, 0.75)
 
 
 @dataclass
@@ -104,7 +105,12 @@ def savings(run: Run, method: str) -> dict[str, Any]:
     best = min(records, key=lambda r: r[f"{method}_val_loss"])
     reached = next((r for r in records if r[f"{method}_val_loss"] <= raw_final), None)
     out = {"best": best[f"{method}_val_loss"], "best_step": best["step"],
-           "final": records[-1][f"{method}_val_loss"] if records[-1] is final else None, "reached_step": None}
+           "final": records[-1][f"{method}_val_loss"] if records[-1] is final else None, "reached_step": None,
+           "gaps": {}}
+    for fraction in GAP_FRACTIONS:  # averaging gains most early and mid-run; the final step hides it
+        near = min(run.evals, key=lambda r: abs(r["step"] - fraction * final["step"]))
+        if f"{method}_val_loss" in near:
+            out["gaps"][fraction] = (near["step"], near[f"{method}_val_loss"] - near["raw_val_loss"])
     if reached is not None:
         steps = final["step"] - reached["step"]
         out.update(reached_step=reached["step"], steps_saved=steps, fraction_saved=steps / final["step"],
@@ -130,8 +136,9 @@ def markdown(runs: list[Run]) -> str:
                   f"{final['step']} steps, {_tokens(final['tokens'])} tokens{lr}; {len(run.evals)} evaluations on "
                   f"the same held-out set. Raw model's final loss: **{final['raw_val_loss']:.4f}**.", "",
                   f"| method | best val loss (step) | final val loss | first step at or below raw's final | "
-                  f"steps saved | tokens saved | {run.device_kind}-hours saved |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
+                  f"steps saved | tokens saved | {run.device_kind}-hours saved | "
+                  + " | ".join(f"− raw at {f:.0%}" for f in GAP_FRACTIONS) + " |",
+                  "|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(GAP_FRACTIONS)]
         for method in run.methods():
             s = savings(run, method)
             final_text = "n/a" if s["final"] is None else f"{s['final']:.4f}"
@@ -141,11 +148,14 @@ def markdown(runs: list[Run]) -> str:
                 hours = f"{s['device_hours_saved']:.3f}" if "device_hours_saved" in s else "n/a"
                 saved = [str(s["reached_step"]), f"{s['steps_saved']} ({s['fraction_saved']:.0%})",
                          _tokens(s["tokens_saved"]), hours]
+            gaps = [f"{s['gaps'][f][1]:+.4f} ({s['gaps'][f][0]})" if f in s["gaps"] else "–" for f in GAP_FRACTIONS]
             lines.append(f"| {LABELS[method]} | {s['best']:.4f} ({s['best_step']}) | {final_text} | "
-                         + " | ".join(saved) + " |")
+                         + " | ".join(saved + gaps) + " |")
         lines.append("")
     lines.append("Device-hours: steps saved × the run's median compute time per step (from metrics.jsonl) × its "
-                 "training ranks. The sidecar scores every snapshot it sees, so savings are resolved to that spacing.")
+                 "training ranks. The sidecar scores every snapshot it sees, so savings are resolved to that spacing. "
+                 "\"− raw at x%\": the method's loss minus the raw model's at the evaluation nearest that point "
+                 "of the run (negative: the average is better).")
     return "\n".join(lines) + "\n"
 
 
