@@ -19,6 +19,7 @@ KINDS = ("ema", "swa")
 class EmaArgs:
     enabled: bool = False
     half_life: float = 1000.0  # steps after which a weight's contribution to the EMA has halved
+    decay: Optional[float] = None  # per-update decay, instead of half_life (e.g. 0.999)
     start_step: int = 0  # the EMA starts as a copy of the weights after this step
     every: int = 1  # update every this many steps (the half-life stays in steps)
     offload: bool = False  # keep the EMA in host memory: frees device memory, costs a copy per update
@@ -79,7 +80,7 @@ class ShardAverages:
         self.ema_args, self.swa_args = ema, swa
         self.weights = weights
         self.snapshot_every = snapshot_every
-        self.decay = ema_decay(ema.half_life, ema.every)
+        self.decay = ema.decay if ema.decay is not None else ema_decay(ema.half_life, ema.every)
         self.ema: Optional[list[torch.Tensor]] = None
         self.ema_updates = 0
         self.swa: Optional[list[torch.Tensor]] = None
@@ -127,7 +128,7 @@ class ShardAverages:
         """What each current average is, for the snapshot manifest and the sidecar's log."""
         out = {}
         if self.ema is not None:
-            out["ema"] = {"half_life": self.ema_args.half_life, "every": self.ema_args.every,
+            out["ema"] = {"decay": self.decay, "every": self.ema_args.every,
                           "start_step": self.ema_args.start_step, "updates": self.ema_updates}
         if self.swa is not None:
             out["swa"] = {"start_step": self.swa_args.start_step, "count": self.swa_count}

@@ -314,6 +314,7 @@ def validate(job: JobConfig) -> None:
 
     e, w = job.ema, job.swa
     need(e.half_life > 0, f"ema.half_life: must be positive, got {e.half_life}")
+    need(e.decay is None or 0.0 < e.decay < 1.0, f"ema.decay: must be in (0, 1), got {e.decay}")
     need(e.every >= 1, f"ema.every: must be >= 1, got {e.every}")
     need(e.start_step >= 0 and w.start_step >= 0, "ema.start_step/swa.start_step: must be >= 0")
     need(w.lr is None or w.lr > 0, f"swa.lr: must be positive, got {w.lr}")

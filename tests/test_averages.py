@@ -57,7 +57,7 @@ def test_wrapper_follows_start_step_and_update_interval():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     for i, a in enumerate(avg.swa):
         torch.testing.assert_close(a, average_tensors([seen[s][i] for s in swa_steps]), rtol=1e-6, atol=1e-6)
-    assert avg.describe() == {"ema": {"half_life": 3.0, "every": 2, "start_step": 4, "updates": len(ema_steps)},
+    assert avg.describe() == {"ema": {"decay": ema_decay(3.0, 2), "every": 2, "start_step": 4, "updates": len(ema_steps)},
                               "swa": {"start_step": 9, "count": 4}}
 
 
@@ -93,3 +93,8 @@ def test_swa_learning_rate_phase_replaces_the_schedule_from_its_start():
     swa = SwaArgs(enabled=True, start_step=100, lr=5e-4)
     assert scheduled_lr(99, 1e-3, swa) == 1e-3 and scheduled_lr(100, 1e-3, swa) == 5e-4
     assert scheduled_lr(100, 1e-3, SwaArgs(enabled=True, start_step=100)) == 1e-3
+
+
+def test_a_decay_can_be_given_instead_of_a_half_life():
+    avg = ShardAverages(EmaArgs(enabled=True, decay=0.9), SwaArgs(), [torch.zeros(3)], 0)
+    assert avg.decay == 0.9

@@ -65,6 +65,7 @@ def test_overrides_reach_typed_fields():
      "schedule.cooldown_shape: must be one of cosine, linear, 1-sqrt, got 'sqrt'"),
     ("ema.enabled=true & snapshot.every=0 & sidecar.enabled=false", "ema.enabled/swa.enabled need snapshot.every > 0"),
     ("ema.half_life=0", "ema.half_life: must be positive"),
+    ("ema.decay=1.0", "ema.decay: must be in (0, 1), got 1.0"),
     ("swa.lr=-1", "swa.lr: must be positive"),
     ("checkpoint.init_optimizer=true", "checkpoint.init_optimizer needs checkpoint.init_from"),
     ("data.sources=[{path: a, weight: 0}]", "data.sources: at least one weight must be positive"),
