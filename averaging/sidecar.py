@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import signal
+import shutil
 import subprocess
 import sys
 import time
@@ -42,6 +43,7 @@ SPEC_FILE = os.path.join("sidecar", "spec.json")
 DONE_FILE = os.path.join("sidecar", "training_done.json")
 EVAL_FILE = "eval.jsonl"
 BEST_DIR = "lawa_best"
+HF_BEST_DIR = "lawa_best_hf"
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -53,6 +55,7 @@ class SidecarArgs:
     restarts: int = 2  # how many times the trainers restart a crashed sidecar
     port_offset: int = 1  # its rendezvous port: training's MASTER_PORT + this (+ restart count)
     exit_timeout_s: float = 900.0  # at the end of training, how long to wait for its last evaluation
+    export_hf: bool = False  # at the end of training, export the best LAWA average to <run_dir>/lawa_best_hf
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,8 +126,11 @@ def read_new_eval_records(run_dir: str, offset: int) -> tuple[list[dict[str, Any
 def format_eval_line(r: dict[str, Any]) -> str:
     steps = ",".join(str(s) for s in r["steps_averaged"])
     others = "".join(f", {kind.upper()} {r[f'{kind}_val_loss']:.4f}" for kind in KINDS if f"{kind}_val_loss" in r)
+    tasks = r.get("tasks", {})
+    scores = "".join(f"; {name} acc raw {tasks['raw'][name]['acc']:.3f} LAWA {tasks['lawa'][name]['acc']:.3f}"
+                     for name in tasks.get("lawa", {}))
     return (f"lawa | step {r['step']}: raw val {r['raw_val_loss']:.4f}, averaged {r['lawa_val_loss']:.4f} "
-            f"(k={r['k']}: {steps}){others}")
+            f"(k={r['k']}: {steps}){others}{scores}")
 
 
 def format_eval_table(records: list[dict[str, Any]]) -> str:
@@ -186,7 +192,7 @@ class Sidecar:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import deepspeed
 
-        from models.gpt import GPT, GPTConfig
+        from models.registry import build_model, config_from_dict
         from models.parallel import build_parallel
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
@@ -206,10 +212,19 @@ class Sidecar:
         ds_config = inference_config(spec["deepspeed"], bf16=spec["precision"] == "bf16" and use_cuda)
         with deepspeed.zero.Init(config_dict_or_path=ds_config, data_parallel_group=self.par.dp_group,
                                  mpu=self.par):
-            self.model = GPT(GPTConfig(**spec["model"]), tp_group=self.par.tp_group)
+            self.model = build_model(config_from_dict(spec["model"]), self.par.tp_group)
         self.engine, *_ = deepspeed.initialize(model=self.model, config=ds_config, mpu=self.par)
         self.params = dict(self.model.named_parameters())
         self.val = torch.load(val_file(run_dir, self.par.dp_rank), weights_only=True)
+        self.tasks, self.encode = [], None
+        if spec.get("tasks"):
+            from averaging.zero_shot import load_task
+            from launcher.data import load_tokenizer
+            from models.hf import run_tokenizer
+
+            self.tasks = [load_task(path, spec.get("task_limit", 0)) for path in spec["tasks"]]
+            self.encode = load_tokenizer(run_tokenizer(run_dir)).encode
+            self.block_size = spec["model"]["block_size"]
         self.k, self.spacing = spec["lawa"]["k"], spec["lawa"]["spacing"]
         self.bad_steps: set[int] = set()
         done = read_eval_log(run_dir)
@@ -259,6 +274,8 @@ class Sidecar:
                     self.last_step = newest
                 continue  # look again at once: a retry, or a slot committed meanwhile
             # Nothing newer to do: the trainers mark training done only after their last commit.
+            if done is not None and self.spec.get("export_hf"):
+                self.export_best()
             if once or orphaned or done is not None:
                 return
             time.sleep(self.spec["poll_seconds"])
@@ -314,17 +331,22 @@ class Sidecar:
         averaged = average_shards(shards) if len(shards) > 1 else shards[0]
         average_s = time.perf_counter() - start
         dp, shapes = manifests[0]["dp"], slots.shapes_from_json(manifests[0]["param_shapes"])
+        task_scores = {}
         load_partitions(self.params, shards[0], shapes, dp)
         raw_loss = self._loss()
+        task_scores["raw"] = self._task_scores()
         if len(shards) > 1:
             load_partitions(self.params, averaged, shapes, dp)
             lawa_loss = self._loss()
+            task_scores["lawa"] = self._task_scores()
         else:
             lawa_loss = raw_loss
+            task_scores["lawa"] = task_scores["raw"]
         other_losses = {}
         for kind, flat in others.items():
             load_partitions(self.params, flat, shapes, dp)
             other_losses[f"{kind}_val_loss"] = self._loss()
+            task_scores[kind] = self._task_scores()
         newest = manifests[0]
         is_best = lawa_loss < self.best_loss
         if is_best:
@@ -334,6 +356,7 @@ class Sidecar:
             "step": newest["step"], "tokens": newest["tokens"], "raw_val_loss": raw_loss,
             "lawa_val_loss": lawa_loss, "k": len(shards), "steps_averaged": [m["step"] for m in manifests],
             **other_losses, "averages": newest.get("averages", {}),
+            **({"tasks": task_scores} if self.tasks else {}),
             "best": is_best, "read_s": read_s, "average_s": average_s,
             "bytes_averaged": sum(t.numel() * 4 for shard in shards for t in shard),
         }
@@ -346,6 +369,50 @@ class Sidecar:
                 self.tb.flush()
             self.say(format_eval_line(record))
         return True
+
+    def export_best(self) -> None:
+        """The best LAWA average as a Hugging Face folder (consolidated by the main rank)."""
+        if self.is_main:
+            from averaging.consolidate import consolidate
+            from models.hf import export, run_tokenizer
+            from models.registry import config_from_dict
+
+            best = slots.committed_steps(os.path.join(self.run_dir, BEST_DIR))
+            if best:
+                folder = os.path.join(self.run_dir, BEST_DIR, slots.slot_name(best[-1]))
+                out = os.path.join(self.run_dir, HF_BEST_DIR)
+                export(consolidate(folder), config_from_dict(self.spec["model"]), out + ".tmp",
+                       run_tokenizer(self.run_dir))
+                shutil.rmtree(out, ignore_errors=True)
+                os.replace(out + ".tmp", out)
+                self.say(f"exported the best LAWA average (step {best[-1]}) to {out}")
+        dist.barrier(group=self.par.ctrl_group)
+
+    def _task_scores(self) -> dict[str, dict[str, float]]:
+        """Collective: each data-parallel rank scores its share of every task's examples."""
+        if not self.tasks:
+            return {}
+        from averaging.zero_shot import evaluate_task, summarize
+
+        def log_probs(x: torch.Tensor) -> torch.Tensor:
+            logits, _ = self.engine(x)  # (1, T, V/tp): this rank's slice of the vocabulary
+            if self.par.tp > 1:
+                parts = [torch.empty_like(logits) for _ in range(self.par.tp)]
+                dist.all_gather(parts, logits.contiguous(), group=self.par.tp_group)
+                logits = torch.cat(parts, dim=-1)
+            return torch.log_softmax(logits.float(), dim=-1)
+
+        scores = {}
+        self.engine.eval()
+        with torch.no_grad():
+            for task in self.tasks:
+                sums = evaluate_task(task, log_probs, self.encode, self.block_size, self.device,
+                                     (self.par.dp_rank, self.par.dp))
+                # Tensor-parallel ranks of one data-parallel rank scored the same examples: count once.
+                gathered = self._gather(sums if self.par.tp_rank == 0 else None)
+                total = {k: sum(g[k] for g in gathered if g is not None) for k in sums}
+                scores[task.name] = summarize(task, total)
+        return scores
 
     def _loss(self) -> float:
         return validation_loss(self.engine, self.val, self.device, self.par.dp_group, self.par.dp)

@@ -311,7 +311,7 @@ def worker(args: argparse.Namespace) -> int:
     from launcher.distributed import barrier, init_distributed, rank_env
     from launcher.optim import build_optimizer
     from launcher.snapshot import SnapshotArgs, SnapshotWriter
-    from models.gpt import GPT, count_parameters
+    from models.registry import build_model, count_parameters
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
@@ -329,7 +329,7 @@ def worker(args: argparse.Namespace) -> int:
     torch.manual_seed(job.train.seed)
     with deepspeed.zero.Init(config_dict_or_path=ds_config, data_parallel_group=par.dp_group, mpu=par,
                              enabled=job.parallel.zero_stage == 3):
-        model = GPT(model_config, tp_group=par.tp_group)
+        model = build_model(model_config, par.tp_group)
     optimizer = build_optimizer(model, job.optimizer, par.device)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, mpu=par)
 

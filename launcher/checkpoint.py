@@ -33,8 +33,9 @@ class CheckpointArgs:
     resume: bool = True  # continue from the newest complete checkpoint found in `dir`
     on_signal: bool = True  # SIGUSR1/SIGTERM: finish the step, checkpoint, snapshot and stop
     requeue: bool = True  # after stopping on a signal under Slurm, `scontrol requeue` the job
-    # Continual pretraining: start a new run from another run's weights (a checkpoints folder, a
-    # checkpoint or slot folder, or an averaged model in lawa_best/), at step 0 of this job's schedule.
+    # Continual pretraining: start a new run from other weights (a checkpoints folder, a checkpoint or
+    # slot folder, an average in lawa_best/, or a Hugging Face GPT-2/GPT-NeoX folder such as a Pythia
+    # checkpoint), at step 0 of this job's schedule.
     init_from: Optional[str] = None
     init_optimizer: bool = False  # also take its optimizer state (same layout needed); false: fresh AdamW
 
@@ -111,10 +112,11 @@ def resolve_init_source(path: str) -> str:
     found = complete_checkpoints(path)
     if found:
         return os.path.join(path, found[-1][1])
-    if any(name.endswith("_optim_states.pt") for name in os.listdir(path)):
+    names = os.listdir(path)
+    if any(name.endswith("_optim_states.pt") for name in names) or "config.json" in names:
         return path
-    raise ValueError(f"checkpoint.init_from: {path} is neither a checkpoints folder with a complete checkpoint "
-                     f"nor a checkpoint/slot folder with DeepSpeed *_optim_states.pt files")
+    raise ValueError(f"checkpoint.init_from: {path} is neither a checkpoints folder with a complete checkpoint, "
+                     f"a checkpoint/slot folder with DeepSpeed *_optim_states.pt files, nor a Hugging Face model folder")
 
 
 def init_from(engine, par, source: str, keep_optimizer: bool, log) -> None:
@@ -134,7 +136,13 @@ def init_from(engine, par, source: str, keep_optimizer: bool, log) -> None:
         load(engine, os.path.dirname(source), os.path.basename(source))
         log(f"initialised weights and optimizer state from {source}")
         return
-    load_weights(engine, par, consolidate(source))
+    if os.path.isfile(os.path.join(source, "config.json")):
+        from models.hf import read_folder
+
+        full, _ = read_folder(source)
+    else:
+        full = consolidate(source)
+    load_weights(engine, par, full)
     log(f"initialised weights from {source} (fresh optimizer state)")
 
 

@@ -26,7 +26,7 @@ from launcher.metrics import LoggingArgs
 from launcher.optim import OptimizerArgs
 from launcher.schedule import DECAY_SHAPES, SCHEDULES, ScheduleArgs
 from launcher.snapshot import IF_BUSY, SnapshotArgs
-from models.gpt import GPT_SIZES, GPTConfig, gpt_config
+from models.registry import FAMILIES, SIZES, ModelConfig, model_config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_JOB = REPO_ROOT / "jobs" / "tiny_cpu.yaml"
@@ -39,7 +39,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelArgs:
-    size: str = "tiny"  # a named shape from models.gpt.GPT_SIZES; the fields below override it
+    size: str = "tiny"  # a named shape (models.registry.SIZES: GPT-2 or Pythia/GPT-NeoX); the fields below override it
     n_layer: Optional[int] = None
     n_head: Optional[int] = None
     n_embd: Optional[int] = None
@@ -64,6 +64,8 @@ class TrainArgs:
 class EvalArgs:
     every: int = 100  # validation loss every this many steps, and at the end; 0: only at the end
     batches: int = 8  # micro-batches of held-out data per data-parallel rank
+    tasks: list[str] = field(default_factory=list)  # zero-shot task files the sidecar scores at each commit
+    task_limit: int = 0  # first N examples of each task; 0: all
 
 
 @dataclass
@@ -249,8 +251,8 @@ def validate(job: JobConfig) -> None:
         if not ok:
             raise ConfigError(message)
 
-    need(m.size in GPT_SIZES, f"model.size: unknown size '{m.size}' (known: {', '.join(GPT_SIZES)})")
-    shape = {**GPT_SIZES[m.size], **{k: v for k, v in (("n_layer", m.n_layer), ("n_head", m.n_head),
+    need(m.size in SIZES, f"model.size: unknown size '{m.size}' (known: {', '.join(SIZES)})")
+    shape = {**FAMILIES[SIZES[m.size]].sizes[m.size], **{k: v for k, v in (("n_layer", m.n_layer), ("n_head", m.n_head),
                                                         ("n_embd", m.n_embd)) if v is not None}}
     for k, v in shape.items():
         need(v > 0, f"model.{k}: must be positive, got {v}")
@@ -323,6 +325,11 @@ def validate(job: JobConfig) -> None:
          "and scored by the sidecar)")
     need(job.eval.every >= 0, f"eval.every: must be >= 0, got {job.eval.every}")
     need(job.eval.batches > 0, f"eval.batches: must be positive, got {job.eval.batches}")
+    for i, task in enumerate(job.eval.tasks):
+        need(Path(task).is_file(), f"eval.tasks[{i}]: no such file: {task}")
+    need(not job.eval.tasks or job.snapshot.every > 0,
+         "eval.tasks are scored by the sidecar: they need snapshot.every > 0")
+    need(job.eval.task_limit >= 0, f"eval.task_limit: must be >= 0, got {job.eval.task_limit}")
     need(job.logging.every > 0, f"logging.every: must be positive, got {job.logging.every}")
 
     snap, lawa, side = job.snapshot, job.lawa, job.sidecar
@@ -360,16 +367,16 @@ def validate_layout(job: JobConfig, world_size: int) -> int:
     return job.train.global_batch_size // per_step
 
 
-def resolve_model_config(job: JobConfig, tokenizer_vocab: int) -> GPTConfig:
+def resolve_model_config(job: JobConfig, tokenizer_vocab: int) -> ModelConfig:
     m = job.model
     vocab = m.vocab_size if m.vocab_size is not None else -(-tokenizer_vocab // 64) * 64
     if vocab < tokenizer_vocab:
         raise ConfigError(f"model.vocab_size={vocab} is smaller than the tokenizer's vocabulary ({tokenizer_vocab})")
     if vocab % job.parallel.tensor != 0:
         raise ConfigError(f"model.vocab_size={vocab} is not divisible by parallel.tensor={job.parallel.tensor}")
-    return gpt_config(m.size, n_layer=m.n_layer, n_head=m.n_head, n_embd=m.n_embd, vocab_size=vocab,
-                      block_size=m.block_size if m.block_size is not None else job.data.seq_len,
-                      bias=m.bias, dropout=m.dropout)
+    return model_config(m.size, n_layer=m.n_layer, n_head=m.n_head, n_embd=m.n_embd, vocab_size=vocab,
+                        block_size=m.block_size if m.block_size is not None else job.data.seq_len,
+                        bias=m.bias, dropout=m.dropout)
 
 
 def resolve_precision(job: JobConfig, device_type: str) -> str:

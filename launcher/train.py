@@ -11,7 +11,6 @@ directory that already holds a complete checkpoint is resumed from it.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
@@ -49,7 +48,8 @@ from launcher.optim import build_optimizer, full_numel
 from launcher.preemption import Preemption, requeue_slurm_job
 from launcher.schedule import lr_at
 from launcher.snapshot import SnapshotWriter, resolve_root
-from models.gpt import GPT, count_parameters, flops_per_token
+from models.hf import MODEL_FILE
+from models.registry import build_model, config_to_dict, count_parameters, flops_per_token
 from models.tensor_parallel import tensor_parallel_layout
 
 
@@ -110,13 +110,15 @@ def train(job: JobConfig) -> dict:
     if par.is_main:
         with open(os.path.join(run_dir, "deepspeed_config.json"), "w") as f:
             json.dump(ds_config, f, indent=1)
+        with open(os.path.join(run_dir, MODEL_FILE), "w") as f:  # what export tools rebuild the model from
+            json.dump(config_to_dict(model_config), f, indent=1)
 
     # The same seed on every rank: the model is identical whatever the layout, and zero.Init
     # partitions it without needing a broadcast to agree.
     torch.manual_seed(job.train.seed)
     with deepspeed.zero.Init(config_dict_or_path=ds_config, data_parallel_group=par.dp_group,
                              mpu=par, enabled=job.parallel.zero_stage == 3):
-        model = GPT(model_config, tp_group=par.tp_group)
+        model = build_model(model_config, par.tp_group)
     n_params = count_parameters(model_config)
     local = sum(full_numel(p) for p in model.parameters())
     per_rank = f" ({local / 1e6:.2f}M per tensor-parallel rank)" if par.tp > 1 else ""
@@ -278,11 +280,13 @@ def start_lawa(job: JobConfig, engine, par: Parallel, run_dir: str, step: int, m
     if par.is_main:
         lawa_sidecar.clear_training_done(run_dir)
         lawa_sidecar.write_spec(run_dir, {
-            "model": dataclasses.asdict(model_config), "deepspeed": ds_config, "dp": par.dp, "tp": par.tp,
+            "model": config_to_dict(model_config), "deepspeed": ds_config, "dp": par.dp, "tp": par.tp,
             "snapshot_dir": os.path.abspath(root), "snapshot_every": job.snapshot.every,
             "lawa": {"k": job.lawa.k, "spacing": job.lawa.spacing or job.snapshot.every},
             "device": job.sidecar.device, "training_device": par.device.type, "precision": precision,
             "poll_seconds": job.sidecar.poll_seconds, "tensorboard": job.logging.tensorboard,
+            "export_hf": job.sidecar.export_hf,
+            "tasks": [os.path.abspath(t) for t in job.eval.tasks], "task_limit": job.eval.task_limit,
         })
     if par.tp_rank == 0:
         lawa_sidecar.write_val_batches(run_dir, par.dp_rank, val_set)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -29,6 +30,7 @@ from models.tensor_parallel import (
 
 @dataclass
 class GPTConfig:
+    family: ClassVar[str] = "gpt2"
     vocab_size: int = 50304  # GPT-2's 50257 padded to a multiple of 64
     block_size: int = 1024  # maximum sequence length
     n_layer: int = 12
@@ -150,14 +152,6 @@ class GPT(nn.Module):
         return logits, loss
 
 
-def gpt_config(size: str, **overrides) -> GPTConfig:
-    """A named size with any field overridden (None values are ignored)."""
-    if size not in GPT_SIZES:
-        raise ValueError(f"unknown model size '{size}' (known: {', '.join(GPT_SIZES)})")
-    fields = {**GPT_SIZES[size], **{k: v for k, v in overrides.items() if v is not None}}
-    return GPTConfig(**fields)
-
-
 def count_parameters(config: GPTConfig) -> int:
     """Parameters of the whole (unsplit) model, tied head counted once."""
     C, L, V = config.n_embd, config.n_layer, config.vocab_size
@@ -170,8 +164,3 @@ def count_parameters(config: GPTConfig) -> int:
         + 4 * C * C + C * b  # mlp down
     )
     return V * C + config.block_size * C + L * per_block + C * (1 + b)
-
-
-def flops_per_token(config: GPTConfig, seq_len: int) -> int:
-    """Training FLOPs per token: 6N for the matmuls plus 12·L·d·T for attention (PaLM appendix B)."""
-    return 6 * count_parameters(config) + 12 * config.n_layer * config.n_embd * seq_len

@@ -35,10 +35,10 @@ def consolidate(parent: Path, step: int) -> dict[str, torch.Tensor]:
 
 def single_process_val_loss(run_dir: Path, state_dict: dict[str, torch.Tensor]) -> float:
     """The reference: the consolidated model in one process, on the same held-out windows."""
-    from models.gpt import GPT, GPTConfig
+    from models.registry import build_model, config_from_dict
 
     spec = json.loads((run_dir / "sidecar/spec.json").read_text())
-    model = GPT(GPTConfig(**spec["model"])).eval()
+    model = build_model(config_from_dict(spec["model"])).eval()
     model.load_state_dict(state_dict)
     per_rank = []
     with torch.no_grad():

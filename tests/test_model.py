@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from models.gpt import GPT, GPT_SIZES, count_parameters, flops_per_token, gpt_config
+from models.gpt import GPT, GPT_SIZES
+from models.registry import count_parameters, flops_per_token, model_config
 
 
 def test_named_sizes_have_the_nanogpt_shapes():
@@ -10,21 +11,21 @@ def test_named_sizes_have_the_nanogpt_shapes():
     assert GPT_SIZES["gpt2-350m"] == dict(n_layer=24, n_head=16, n_embd=1024)
     assert GPT_SIZES["gpt2-770m"] == dict(n_layer=36, n_head=20, n_embd=1280)
     # nanoGPT's GPT-2 small with the padded vocabulary: 124.48M including positions.
-    assert count_parameters(gpt_config("gpt2-125m")) == 124_475_904
-    assert 350e6 < count_parameters(gpt_config("gpt2-350m")) < 360e6
-    assert 770e6 < count_parameters(gpt_config("gpt2-770m")) < 780e6
+    assert count_parameters(model_config("gpt2-125m")) == 124_475_904
+    assert 350e6 < count_parameters(model_config("gpt2-350m")) < 360e6
+    assert 770e6 < count_parameters(model_config("gpt2-770m")) < 780e6
 
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_parameter_count_matches_the_module(bias):
-    config = gpt_config("micro", vocab_size=320, block_size=48, bias=bias)
+    config = model_config("micro", vocab_size=320, block_size=48, bias=bias)
     model = GPT(config)
     assert sum(p.numel() for p in model.parameters()) == count_parameters(config)
     assert flops_per_token(config, 48) == 6 * count_parameters(config) + 12 * 2 * 32 * 48
 
 
 def test_shapes_and_tied_head():
-    config = gpt_config("micro", vocab_size=320, block_size=48)
+    config = model_config("micro", vocab_size=320, block_size=48)
     model = GPT(config)
     idx = torch.randint(8, 320, (3, 40))  # token 7 never appears in the input
     logits, loss = model(idx)
@@ -40,7 +41,7 @@ def test_shapes_and_tied_head():
 
 
 def test_causal_attention_does_not_look_ahead():
-    model = GPT(gpt_config("micro", vocab_size=64, block_size=16)).eval()
+    model = GPT(model_config("micro", vocab_size=64, block_size=16)).eval()
     a = torch.randint(0, 64, (1, 16))
     b = a.clone()
     b[0, 10:] = (b[0, 10:] + 1) % 64
@@ -49,14 +50,14 @@ def test_causal_attention_does_not_look_ahead():
 
 
 def test_sequence_longer_than_block_size_is_refused():
-    model = GPT(gpt_config("micro", vocab_size=64, block_size=8))
+    model = GPT(model_config("micro", vocab_size=64, block_size=8))
     with pytest.raises(ValueError, match="longer than block_size 8"):
         model(torch.zeros(1, 9, dtype=torch.long))
 
 
 def test_loss_falls_on_a_tiny_batch():
     torch.manual_seed(0)
-    model = GPT(gpt_config("micro", vocab_size=128, block_size=32))
+    model = GPT(model_config("micro", vocab_size=128, block_size=32))
     batch = torch.randint(0, 128, (4, 33))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     losses = []
@@ -71,7 +72,7 @@ def test_loss_falls_on_a_tiny_batch():
 
 
 def test_same_seed_same_model():
-    config = gpt_config("micro", vocab_size=64, block_size=8)
+    config = model_config("micro", vocab_size=64, block_size=8)
     torch.manual_seed(3)
     a = GPT(config).state_dict()
     torch.manual_seed(3)

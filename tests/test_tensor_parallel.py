@@ -33,12 +33,13 @@ def slot(run_dir: Path, step: int, root: str = "snaps") -> str:
     return str(run_dir / root / slots.slot_name(step))
 
 
-@pytest.mark.parametrize("nproc", [2, 4])
-def test_tensor_parallel_layers_match_the_dense_model(nproc):
+@pytest.mark.parametrize("nproc, size", [(2, "micro"), (4, "micro"), (2, "neox-micro")])
+def test_tensor_parallel_layers_match_the_dense_model(nproc, size):
     """Logits and loss ≤ 1e-5 relative, gradients ≤ 1e-4, three AdamW steps, replicated parameters
-    bitwise equal across TP ranks: TP=2 × DP=1 and TP=2 × DP=2 (tests/tp_equivalence_worker.py)."""
+    bitwise equal across TP ranks: TP=2 × DP=1 and TP=2 × DP=2, GPT-2 and GPT-NeoX
+    (tests/tp_equivalence_worker.py)."""
     proc = run_launcher([str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={nproc}",
-                         "tests/tp_equivalence_worker.py", "2"])
+                         "tests/tp_equivalence_worker.py", "2", size])
     assert f"OK: tensor parallel 2 x data parallel {nproc // 2} matches the dense model" in proc.stdout
 
 

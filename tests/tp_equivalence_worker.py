@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from launcher.distributed import exit_process
-from models.gpt import GPT, gpt_config
+from models.registry import build_model, model_config
 from models.parallel import build_parallel
 from models.tensor_parallel import merge_tensors, split_tensor, tensor_parallel_layout
 
@@ -31,13 +31,14 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def main() -> None:
     tp = int(sys.argv[1])
+    size = sys.argv[2] if len(sys.argv) > 2 else "micro"
     dist.init_process_group("gloo")
     par = build_parallel(tp, int(os.environ.get("LOCAL_RANK", 0)), torch.device("cpu"))
-    config = gpt_config("micro", n_head=4, vocab_size=256, block_size=32)
+    config = model_config(size, n_head=4, vocab_size=256, block_size=32)
     torch.manual_seed(0)
-    dense = GPT(config)
+    dense = build_model(config)
     torch.manual_seed(0)
-    model = GPT(config, tp_group=par.tp_group)
+    model = build_model(config, par.tp_group)
     layout = tensor_parallel_layout(model)
     full = dict(dense.named_parameters())
     for name, p in model.named_parameters():

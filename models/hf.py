@@ -1,0 +1,287 @@
+"""Hugging Face `transformers` format: our GPT-2 / GPT-NeoX state dicts to and from
+`GPT2LMHeadModel` / `GPTNeoXForCausalLM` folders (config.json + model.safetensors).
+
+The mapping is a table of names per family; the only reshaping is GPT-2's Conv1D, whose weights
+are stored transposed (in, out). Biases our config leaves out are exported as zeros (both HF
+architectures always have them), which computes the same function.
+
+    python -m models.hf export runs/x/lawa_best/step_00002000 --out hf/x      # any slot/checkpoint/average
+    python -m models.hf import hf/pythia-160m --out pythia.pt                 # -> our state dict + config
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import sys
+from typing import Any, Optional
+
+import torch
+
+from models.gpt import GPTConfig
+from models.neox import NeoXConfig
+from models.registry import ModelConfig
+
+# ours -> HF, per family; "{i}" is the block index.
+GPT2_NAMES = {
+    "wte.weight": "transformer.wte.weight",
+    "wpe.weight": "transformer.wpe.weight",
+    "ln_f.weight": "transformer.ln_f.weight",
+    "ln_f.bias": "transformer.ln_f.bias",
+    "blocks.{i}.ln_1.weight": "transformer.h.{i}.ln_1.weight",
+    "blocks.{i}.ln_1.bias": "transformer.h.{i}.ln_1.bias",
+    "blocks.{i}.attn.qkv.weight": "transformer.h.{i}.attn.c_attn.weight",
+    "blocks.{i}.attn.qkv.bias": "transformer.h.{i}.attn.c_attn.bias",
+    "blocks.{i}.attn.proj.weight": "transformer.h.{i}.attn.c_proj.weight",
+    "blocks.{i}.attn.proj.bias": "transformer.h.{i}.attn.c_proj.bias",
+    "blocks.{i}.ln_2.weight": "transformer.h.{i}.ln_2.weight",
+    "blocks.{i}.ln_2.bias": "transformer.h.{i}.ln_2.bias",
+    "blocks.{i}.mlp.up.weight": "transformer.h.{i}.mlp.c_fc.weight",
+    "blocks.{i}.mlp.up.bias": "transformer.h.{i}.mlp.c_fc.bias",
+    "blocks.{i}.mlp.down.weight": "transformer.h.{i}.mlp.c_proj.weight",
+    "blocks.{i}.mlp.down.bias": "transformer.h.{i}.mlp.c_proj.bias",
+}
+GPT2_CONV1D = re.compile(r"\.(c_attn|c_proj|c_fc)\.weight$")  # stored (in, out)
+
+NEOX_NAMES = {
+    "wte.weight": "gpt_neox.embed_in.weight",
+    "head.weight": "embed_out.weight",
+    "ln_f.weight": "gpt_neox.final_layer_norm.weight",
+    "ln_f.bias": "gpt_neox.final_layer_norm.bias",
+    "blocks.{i}.ln_1.weight": "gpt_neox.layers.{i}.input_layernorm.weight",
+    "blocks.{i}.ln_1.bias": "gpt_neox.layers.{i}.input_layernorm.bias",
+    "blocks.{i}.ln_2.weight": "gpt_neox.layers.{i}.post_attention_layernorm.weight",
+    "blocks.{i}.ln_2.bias": "gpt_neox.layers.{i}.post_attention_layernorm.bias",
+    "blocks.{i}.attn.qkv.weight": "gpt_neox.layers.{i}.attention.query_key_value.weight",
+    "blocks.{i}.attn.qkv.bias": "gpt_neox.layers.{i}.attention.query_key_value.bias",
+    "blocks.{i}.attn.proj.weight": "gpt_neox.layers.{i}.attention.dense.weight",
+    "blocks.{i}.attn.proj.bias": "gpt_neox.layers.{i}.attention.dense.bias",
+    "blocks.{i}.mlp.up.weight": "gpt_neox.layers.{i}.mlp.dense_h_to_4h.weight",
+    "blocks.{i}.mlp.up.bias": "gpt_neox.layers.{i}.mlp.dense_h_to_4h.bias",
+    "blocks.{i}.mlp.down.weight": "gpt_neox.layers.{i}.mlp.dense_4h_to_h.weight",
+    "blocks.{i}.mlp.down.bias": "gpt_neox.layers.{i}.mlp.dense_4h_to_h.bias",
+}
+
+NAMES = {"gpt2": GPT2_NAMES, "neox": NEOX_NAMES}
+
+
+def name_map(config: ModelConfig) -> dict[str, str]:
+    """Every parameter name of ours -> its HF name, for this config's depth."""
+    out = {}
+    for ours, theirs in NAMES[config.family].items():
+        if "{i}" in ours:
+            out.update({ours.format(i=i): theirs.format(i=i) for i in range(config.n_layer)})
+        else:
+            out[ours] = theirs
+    return out
+
+
+def _bias_shape(name: str, config: ModelConfig) -> tuple[int, ...]:
+    C = config.n_embd
+    return {"qkv": (3 * C,), "up": (4 * C,)}.get(name.split(".")[-2], (C,))
+
+
+def to_hf_state_dict(state_dict: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    out = {}
+    for ours, theirs in name_map(config).items():
+        if ours in state_dict:
+            tensor = state_dict[ours]
+        elif ours.endswith(".bias") and not config.bias:
+            tensor = torch.zeros(_bias_shape(ours, config))
+        else:
+            raise KeyError(f"the state dict has no {ours}: not a {config.family} model of this shape?")
+        if config.family == "gpt2" and GPT2_CONV1D.search(theirs):
+            tensor = tensor.t()
+        out[theirs] = tensor.detach().contiguous()
+    return out
+
+
+def from_hf_state_dict(hf: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    out = {}
+    for ours, theirs in name_map(config).items():
+        if theirs not in hf:
+            if ours.endswith(".bias") and not config.bias:
+                continue
+            raise KeyError(f"the Hugging Face weights have no {theirs}")
+        tensor = hf[theirs]
+        if config.family == "gpt2" and GPT2_CONV1D.search(theirs):
+            tensor = tensor.t()
+        out[ours] = tensor.contiguous()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# configs
+
+
+def hf_config(config: ModelConfig):
+    import transformers
+
+    if config.family == "gpt2":
+        return transformers.GPT2Config(
+            vocab_size=config.vocab_size, n_positions=config.block_size, n_embd=config.n_embd,
+            n_layer=config.n_layer, n_head=config.n_head, activation_function="gelu_new",
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=1e-5,
+            tie_word_embeddings=True, architectures=["GPT2LMHeadModel"])
+    return transformers.GPTNeoXConfig(
+        vocab_size=config.vocab_size, hidden_size=config.n_embd, num_hidden_layers=config.n_layer,
+        num_attention_heads=config.n_head, intermediate_size=4 * config.n_embd, hidden_act="gelu",
+        max_position_embeddings=config.block_size, rotary_pct=config.rotary_pct,
+        rotary_emb_base=config.rotary_base, use_parallel_residual=config.parallel_residual,
+        layer_norm_eps=config.layer_norm_eps, tie_word_embeddings=False, attention_dropout=0.0,
+        hidden_dropout=0.0, architectures=["GPTNeoXForCausalLM"])
+
+
+def config_from_hf(data: dict[str, Any]) -> ModelConfig:
+    """Our config from an HF config.json, refusing variants our models do not compute."""
+    kind = data.get("model_type")
+    if kind == "gpt2":
+        act = data.get("activation_function", "gelu_new")
+        if act not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise ValueError(f"GPT-2 with activation {act!r}: only the tanh-approximated GELU is supported")
+        return GPTConfig(vocab_size=data["vocab_size"], block_size=data.get("n_positions", 1024),
+                         n_layer=data["n_layer"], n_head=data["n_head"], n_embd=data["n_embd"], bias=True)
+    if kind == "gpt_neox":
+        C = data["hidden_size"]
+        if data.get("intermediate_size", 4 * C) != 4 * C:
+            raise ValueError(f"GPT-NeoX with intermediate_size {data['intermediate_size']} != 4 × {C}")
+        if data.get("hidden_act", "gelu") != "gelu":
+            raise ValueError(f"GPT-NeoX with activation {data['hidden_act']!r}: only exact GELU is supported")
+        if data.get("tie_word_embeddings"):
+            raise ValueError("GPT-NeoX with tied embeddings is not supported")
+        rope = data.get("rope_parameters") or data.get("rope_scaling") or {}
+        return NeoXConfig(vocab_size=data["vocab_size"], block_size=data.get("max_position_embeddings", 2048),
+                          n_layer=data["num_hidden_layers"], n_head=data["num_attention_heads"], n_embd=C,
+                          rotary_pct=rope.get("partial_rotary_factor", data.get("rotary_pct", 0.25)),
+                          rotary_base=rope.get("rope_theta", data.get("rotary_emb_base", 10000.0)),
+                          parallel_residual=data.get("use_parallel_residual", True),
+                          layer_norm_eps=data.get("layer_norm_eps", 1e-5))
+    raise ValueError(f"model_type {kind!r}: only gpt2 and gpt_neox models can be imported")
+
+
+# ---------------------------------------------------------------------------------------------
+# folders
+
+
+def export(state_dict: dict[str, torch.Tensor], config: ModelConfig, out_dir: str,
+           tokenizer: Optional[str] = None, dtype: torch.dtype = torch.float32) -> list[str]:
+    """Write an HF model folder; returns notes (e.g. why no tokenizer was written)."""
+    from safetensors.torch import save_file
+
+    os.makedirs(out_dir, exist_ok=True)
+    tensors = {k: v.to(dtype) for k, v in to_hf_state_dict(state_dict, config).items()}
+    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    hf_config(config).save_pretrained(out_dir)
+    notes = []
+    if tokenizer is None:
+        notes.append("no tokenizer given: the folder holds the model only")
+    elif os.path.basename(tokenizer) == "tokenizer.json" or os.path.isdir(tokenizer):
+        source = tokenizer if os.path.isdir(tokenizer) else os.path.dirname(tokenizer)
+        for name in os.listdir(source):
+            if name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                        "merges.txt"):
+                shutil.copy(os.path.join(source, name), os.path.join(out_dir, name))
+    else:
+        notes.append(f"tokenizer {tokenizer} is a sentencepiece model, which transformers cannot load as a GPT-2/"
+                     f"NeoX tokenizer: it was copied as {os.path.basename(tokenizer)} for reference only")
+        shutil.copy(tokenizer, os.path.join(out_dir, os.path.basename(tokenizer)))
+    return notes
+
+
+def read_folder(path: str) -> tuple[dict[str, torch.Tensor], ModelConfig]:
+    """Weights and config of an HF model folder (safetensors or .bin, sharded or not), in our names."""
+    with open(os.path.join(path, "config.json")) as f:
+        config = config_from_hf(json.load(f))
+    from averaging.average import UsageError, Weights, hf_weight_files
+
+    try:
+        _, where = hf_weight_files(path)
+    except UsageError as e:
+        raise ValueError(str(e)) from None
+    weights = Weights(where)
+    hf = {key: weights.rows(key, 0, None) for key in where if key in set(name_map(config).values())}
+    return from_hf_state_dict(hf, config), config
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+
+
+def find_run_dir(folder: str) -> Optional[str]:
+    """The run directory above a checkpoint/slot folder: the first parent holding model.json."""
+    path = os.path.abspath(folder)
+    while path != os.path.dirname(path):
+        if os.path.isfile(os.path.join(path, MODEL_FILE)):
+            return path
+        path = os.path.dirname(path)
+    return None
+
+
+MODEL_FILE = "model.json"  # written by the trainer into the run directory: the model's config
+
+
+def run_model_config(run_dir: str) -> ModelConfig:
+    from models.registry import config_from_dict
+
+    with open(os.path.join(run_dir, MODEL_FILE)) as f:
+        return config_from_dict(json.load(f))
+
+
+def run_tokenizer(run_dir: str) -> Optional[str]:
+    """The tokenizer file the run trained with, from its resolved config's data folder."""
+    config = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(config):
+        return None
+    import yaml
+
+    data_dir = (yaml.safe_load(open(config)) or {}).get("data", {}).get("dir")
+    manifest = os.path.join(data_dir or "", "manifest.json")
+    if not data_dir or not os.path.isfile(manifest):
+        return None
+    with open(manifest) as f:
+        entry = json.load(f).get("tokenizer", {})
+    return os.path.join(data_dir, entry["file"]) if "file" in entry else None
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    ex = sub.add_parser("export", help="a checkpoint, slot or averaged-model folder -> a Hugging Face folder")
+    ex.add_argument("folder", help="checkpoint tag folder, slot (or its ema/ swa/), or lawa_best/step_XXXXXXXX")
+    ex.add_argument("--out", required=True)
+    ex.add_argument("--run-dir", default=None, help="the run it came from (default: found above FOLDER)")
+    ex.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
+    im = sub.add_parser("import", help="a Hugging Face GPT-2/GPT-NeoX folder -> our state dict and config")
+    im.add_argument("folder")
+    im.add_argument("--out", required=True, help="a .pt file holding {'model': config, 'state_dict': ...}")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "export":
+            from averaging.consolidate import consolidate
+
+            run_dir = args.run_dir or find_run_dir(args.folder)
+            if run_dir is None or not os.path.isfile(os.path.join(run_dir, MODEL_FILE)):
+                raise ValueError(f"no {MODEL_FILE} found above {args.folder}: pass --run-dir RUN_DIR")
+            config = run_model_config(run_dir)
+            dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+            notes = export(consolidate(args.folder), config, args.out, run_tokenizer(run_dir), dtype)
+            for note in notes:
+                print(f"note: {note}")
+            print(f"wrote {args.out} ({config.family}, {config.n_layer} layers): "
+                  f"transformers.AutoModelForCausalLM.from_pretrained({args.out!r}) loads it")
+        else:
+            from models.registry import config_to_dict
+
+            state_dict, config = read_folder(args.folder)
+            torch.save({"model": config_to_dict(config), "state_dict": state_dict}, args.out)
+            print(f"wrote {args.out}: {config.family}, {len(state_dict)} tensors")
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
