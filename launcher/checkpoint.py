@@ -146,6 +146,49 @@ def init_from(engine, par, source: str, keep_optimizer: bool, log) -> None:
     log(f"initialised weights from {source} (fresh optimizer state)")
 
 
+def growth_source(args) -> str:
+    """The checkpoint folder `growth.from_run` and `growth.at_tokens` pick."""
+    path = os.path.abspath(args.from_run)
+    if not os.path.isdir(path):
+        raise ValueError(f"growth.from_run: {path} does not exist (or is not a folder)")
+    ckpt_dir = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
+    found = complete_checkpoints(ckpt_dir)
+    if not found:
+        if args.at_tokens is not None:
+            raise ValueError(f"growth.at_tokens needs a run with checkpoints; {path} has none")
+        return resolve_init_source(path)
+    if args.at_tokens is None:
+        return os.path.join(ckpt_dir, found[-1][1])
+    fitting = [tag for _, tag in found if read_run_state(ckpt_dir, tag)["tokens"] <= args.at_tokens]
+    if not fitting:
+        first = read_run_state(ckpt_dir, found[0][1])["tokens"]
+        raise ValueError(f"growth.at_tokens={args.at_tokens}: the oldest checkpoint kept in {ckpt_dir} is at "
+                         f"{first} tokens")
+    return os.path.join(ckpt_dir, fitting[-1])
+
+
+def init_grown(engine, par, args, model_config, log) -> None:
+    """Collective. Start this run from a depth-grown copy of a trained smaller run (fresh optimizer)."""
+    from models.growth import grow
+    from models.hf import MODEL_FILE, find_run_dir, run_model_config
+    from models.registry import config_to_dict
+
+    source = growth_source(args)
+    run_dir = find_run_dir(source)
+    if run_dir is None:
+        raise ValueError(f"growth.from_run: no {MODEL_FILE} above {source}: which model is it?")
+    small = run_model_config(run_dir)
+    grown_state, grown = grow(consolidate(source), small, args.factor, args.order)
+    want, have = config_to_dict(grown), config_to_dict(model_config)
+    diff = sorted(k for k in want if want[k] != have.get(k))
+    if diff:
+        raise ValueError(f"growth: {args.factor} × the source's {small.n_layer} layers gives "
+                         + ", ".join(f"{k}={want[k]}" for k in diff) + "; this job's model has "
+                         + ", ".join(f"{k}={have.get(k)}" for k in diff) + " (set model.* to match)")
+    load_weights(engine, par, grown_state)
+    log(f"initialised by growing {source} ({small.n_layer} -> {grown.n_layer} layers, {args.order}); fresh optimizer")
+
+
 @torch.no_grad()
 def load_weights(engine, par, full: dict[str, torch.Tensor]) -> None:
     """Put a full (consolidated, unsplit) fp32 state dict into a ZeRO-3 engine of any layout: each

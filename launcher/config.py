@@ -19,6 +19,8 @@ from averaging.averages import EmaArgs, SwaArgs
 from averaging.lawa import LawaArgs
 from averaging.sidecar import DEVICES as SIDECAR_DEVICES
 from averaging.sidecar import SidecarArgs
+from models.growth import ORDERS as GROWTH_ORDERS
+from models.growth import GrowthArgs
 from launcher.checkpoint import CheckpointArgs
 from launcher.data import DataArgs
 from launcher.distributed import ParallelArgs
@@ -85,6 +87,7 @@ class JobConfig:
     lawa: LawaArgs = field(default_factory=LawaArgs)
     ema: EmaArgs = field(default_factory=EmaArgs)
     swa: SwaArgs = field(default_factory=SwaArgs)
+    growth: GrowthArgs = field(default_factory=GrowthArgs)
     sidecar: SidecarArgs = field(default_factory=SidecarArgs)
 
     @property
@@ -313,6 +316,12 @@ def validate(job: JobConfig) -> None:
     need(c.every > 0, f"checkpoint.every: must be positive, got {c.every}")
     need(c.keep >= 1, f"checkpoint.keep: must be >= 1, got {c.keep}")
     need(c.init_from is not None or not c.init_optimizer, "checkpoint.init_optimizer needs checkpoint.init_from")
+    g = job.growth
+    need(g.factor >= 1, f"growth.factor: must be >= 1, got {g.factor}")
+    need(g.order in GROWTH_ORDERS, f"growth.order: must be one of {', '.join(GROWTH_ORDERS)}, got '{g.order}'")
+    need(g.from_run is None or c.init_from is None, "growth.from_run and checkpoint.init_from both say where "
+                                                     "the weights come from: set one")
+    need(g.from_run is not None or g.at_tokens is None, "growth.at_tokens needs growth.from_run")
 
     e, w = job.ema, job.swa
     need(e.half_life > 0, f"ema.half_life: must be positive, got {e.half_life}")

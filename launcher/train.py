@@ -146,10 +146,13 @@ def train(job: JobConfig) -> dict:
     elif found:
         raise ConfigError(f"{ckpt_dir} holds checkpoints but checkpoint.resume is false: "
                           f"choose another run_dir or delete them")
-    elif job.checkpoint.init_from is not None:
+    elif job.checkpoint.init_from is not None or job.growth.from_run is not None:
         try:
-            source = checkpoint.resolve_init_source(job.checkpoint.init_from)
-            checkpoint.init_from(engine, par, source, job.checkpoint.init_optimizer, lambda m: say(par, m))
+            if job.growth.from_run is not None:
+                checkpoint.init_grown(engine, par, job.growth, model_config, lambda m: say(par, m))
+            else:
+                source = checkpoint.resolve_init_source(job.checkpoint.init_from)
+                checkpoint.init_from(engine, par, source, job.checkpoint.init_optimizer, lambda m: say(par, m))
         except ValueError as e:
             raise ConfigError(str(e)) from None
 

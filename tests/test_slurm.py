@@ -140,3 +140,22 @@ def test_rank_discovery_reads_each_launcher():
     assert rank_env(mpi_env).__dict__ == dict(rank=1, world_size=2, local_rank=1, master_addr="127.0.0.1",
                                               master_port=29500, source="mpi")
     assert rank_env({}).source == "single"
+
+
+def test_gstack_stages_run_as_dependent_slurm_jobs(slurm, pydoc_data, tmp_path):
+    small, grown = tmp_path / "small", tmp_path / "grown"
+    env = dict(launcher_env(), **slurm.env, PYTHON=str(Path(os.sys.executable)), REPO=str(REPO),
+               SMALL_JOB="jobs/smoke.yaml", GROWN_JOB="jobs/smoke.yaml",
+               SMALL_OVERRIDES=f"data.dir={pydoc_data} run_dir={small} train.steps=4 checkpoint.every=4 eval.every=0",
+               GROWN_OVERRIDES=f"data.dir={pydoc_data} run_dir={grown} model.n_layer=4 growth.from_run={small} "
+                               "growth.factor=2 train.steps=4 eval.every=0")
+    proc = subprocess.run(["bash", "slurm/gstack_two_stage.sh", *SHRINK[:-1], f"--output={tmp_path}/slurm-%j.out"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    first, second = [int(w.rstrip(";")) for w in proc.stdout.split() if w.rstrip(";").isdigit()][:2]
+    assert f"afterok:{first}" in slurm.job(second).get("Dependency", "")  # asked while the first still runs
+    for job in (first, second):
+        assert slurm.wait(job, timeout=300)["JobState"] == "COMPLETED", (tmp_path / f"slurm-{job}.out").read_text()
+    assert "initialised by growing" in (grown / "logs" / f"slurm-{second}-0-rank0.log").read_text()
+    assert slurm.job(second)["StartTime"] >= slurm.job(first)["EndTime"]
+    assert sorted(losses(grown)) == [1, 2, 3, 4]

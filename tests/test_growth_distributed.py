@@ -1,0 +1,54 @@
+"""Gstack end to end: a 2-layer ZeRO-3 run grown into deeper runs of other layouts, which train with
+the sidecar on and export to Hugging Face."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from averaging.consolidate import consolidate
+from averaging.sidecar import read_eval_log
+from conftest import read_metrics, torchrun
+from test_hf_distributed import hf_val_loss
+from test_lawa_distributed import smoke
+
+pytestmark = pytest.mark.distributed
+
+
+@pytest.fixture(scope="module")
+def small_run(pydoc_data, tmp_path_factory) -> Path:
+    """The micro model (2 blocks), checkpoints at steps 3 and 6 (512 tokens per step)."""
+    run = tmp_path_factory.mktemp("gstack") / "small"
+    torchrun(2, *smoke(pydoc_data, run, "train.steps=6", "checkpoint.every=3", "eval.every=0"))
+    return run
+
+
+def test_grown_run_starts_from_the_stacked_blocks_in_its_own_layout(small_run, pydoc_data, tmp_path):
+    run = tmp_path / "grown"
+    proc = torchrun(2, *smoke(pydoc_data, run, "model.n_layer=6", f"growth.from_run={small_run}", "growth.factor=3",
+                              "growth.at_tokens=2000", "parallel.tensor=2", "train.steps=1", "schedule.warmup_steps=1",
+                              "optimizer.lr=1e-12", "optimizer.weight_decay=0", "checkpoint.every=1", "eval.every=0"))
+    assert "world 2 = tensor 2 × data 1" in proc.stdout
+    assert "initialised by growing" in proc.stdout and "step_00000003 (2 -> 6 layers, stack)" in proc.stdout
+    small = consolidate(str(small_run / "checkpoints" / "step_00000003"))
+    grown = consolidate(str(run / "checkpoints" / "step_00000001"))
+    assert sum(name.startswith("blocks.5.") for name in grown) > 0 and not any(n.startswith("blocks.6.") for n in grown)
+    for name, tensor in grown.items():
+        parts = name.split(".")
+        source = f"blocks.{int(parts[1]) % 2}." + ".".join(parts[2:]) if parts[0] == "blocks" else name
+        assert (tensor - small[source]).abs().max().item() <= 1e-6, name
+
+
+def test_grown_model_trains_with_the_sidecar_on_and_exports_to_hugging_face(small_run, pydoc_data, tmp_path):
+    run = tmp_path / "grown"
+    proc = torchrun(2, *smoke(pydoc_data, run, "model.n_layer=4", f"growth.from_run={small_run}", "growth.factor=2",
+                              "snapshot.every=2", "snapshot.slots=6", "lawa.k=2", "lawa.spacing=2", "train.steps=8",
+                              "eval.every=0", "sidecar.enabled=true", "sidecar.export_hf=true"))
+    assert "initialised by growing" in proc.stdout and "step_00000006 (2 -> 4 layers" in proc.stdout
+    losses = [r["loss"] for r in read_metrics(run) if "loss" in r]
+    assert len(losses) == 8 and losses[-1] < losses[0]
+    best = [r for r in read_eval_log(str(run)) if r["best"]][-1]
+    assert hf_val_loss(run, run / "lawa_best_hf") == pytest.approx(best["lawa_val_loss"], rel=1e-4)
+    wrong = torchrun(2, *smoke(pydoc_data, tmp_path / "wrong", "model.n_layer=5", f"growth.from_run={small_run}",
+                               "growth.factor=2", "train.steps=2"), check=False)
+    assert wrong.returncode != 0 and "growth: 2 × the source's 2 layers gives n_layer=4" in wrong.stderr
