@@ -236,7 +236,8 @@ def run_tokenizer(run_dir: str) -> Optional[str]:
         return None
     import yaml
 
-    data_dir = (yaml.safe_load(open(config)) or {}).get("data", {}).get("dir")
+    with open(config) as f:
+        data_dir = (yaml.safe_load(f) or {}).get("data", {}).get("dir")
     manifest = os.path.join(data_dir or "", "manifest.json")
     if not data_dir or not os.path.isfile(manifest):
         return None

@@ -68,6 +68,11 @@ def test_overrides_reach_typed_fields():
     ("ema.decay=1.0", "ema.decay: must be in (0, 1), got 1.0"),
     ("swa.lr=-1", "swa.lr: must be positive"),
     ("checkpoint.init_optimizer=true", "checkpoint.init_optimizer needs checkpoint.init_from"),
+    ("growth.order=random", "growth.order: must be one of stack, interpolate, got 'random'"),
+    ("growth.factor=0", "growth.factor: must be >= 1, got 0"),
+    ("growth.from_run=a & checkpoint.init_from=b", "growth.from_run and checkpoint.init_from both say"),
+    ("growth.at_tokens=100", "growth.at_tokens needs growth.from_run"),
+    ("eval.tasks=[/no/such.jsonl]", "eval.tasks[0]: no such file: /no/such.jsonl"),
     ("data.sources=[{path: a, weight: 0}]", "data.sources: at least one weight must be positive"),
     ("model.block_size=64", "data.seq_len=128 exceeds model.block_size=64"),
 ])
