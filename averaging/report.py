@@ -40,12 +40,15 @@ class Run:
     seconds_per_step: Optional[float]  # median over logging windows: compute only
     devices: int
     device_kind: str
+    token_offset: int = 0  # tokens seen before step 0: those of the run it was grown from
+
 
     def methods(self) -> list[str]:
         return [m for m in METHODS if any(f"{m}_val_loss" in r for r in self.evals)]
 
     def series(self, method: str, x: str = "step") -> tuple[list[float], list[float]]:
-        points = [(r[x], r[f"{method}_val_loss"]) for r in self.evals if f"{method}_val_loss" in r]
+        shift = self.token_offset if x == "tokens" else 0
+        points = [(r[x] + shift, r[f"{method}_val_loss"]) for r in self.evals if f"{method}_val_loss" in r]
         return [p[0] for p in points], [p[1] for p in points]
 
 
@@ -87,10 +90,12 @@ def load_run(path: str) -> Run:
     if os.path.isfile(os.path.join(path, SPEC_FILE)):
         with open(os.path.join(path, SPEC_FILE)) as f:
             spec = json.load(f)
+    grown = [r for r in metrics if r.get("event") == "growth"]
     return Run(name=os.path.basename(os.path.normpath(path)), path=path, evals=evals, lrs=lrs,
                peak_lr=max((lr for _, lr in lrs), default=None),
                seconds_per_step=statistics.median(per_step) if per_step else None,
-               devices=spec.get("dp", 1) * spec.get("tp", 1), device_kind=spec.get("training_device", "device"))
+               devices=spec.get("dp", 1) * spec.get("tp", 1), device_kind=spec.get("training_device", "device"),
+               token_offset=(grown[-1].get("source_tokens") or 0) if grown else 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,9 +137,10 @@ def markdown(runs: list[Run]) -> str:
     for run in runs:
         final = run.evals[-1]
         lr = f", peak LR {run.peak_lr:.2e}" if run.peak_lr is not None else ""
+        grown = f" (+ {_tokens(run.token_offset)} in the run it was grown from)" if run.token_offset else ""
         lines += [f"### {run.name}", "",
-                  f"{final['step']} steps, {_tokens(final['tokens'])} tokens{lr}; {len(run.evals)} evaluations on "
-                  f"the same held-out set. Raw model's final loss: **{final['raw_val_loss']:.4f}**.", "",
+                  f"{final['step']} steps, {_tokens(final['tokens'])} tokens{grown}{lr}; {len(run.evals)} evaluations "
+                  f"on the same held-out set. Raw model's final loss: **{final['raw_val_loss']:.4f}**.", "",
                   f"| method | best val loss (step) | final val loss | first step at or below raw's final | "
                   f"steps saved | tokens saved | {run.device_kind}-hours saved | "
                   + " | ".join(f"− raw at {f:.0%}" for f in GAP_FRACTIONS) + " |",
@@ -202,7 +208,8 @@ def figure(runs: list[Run], out_png: str, overlay: bool) -> None:
         title = "all runs" if overlay else runs[col].name
         axes[0][col].set_title(f"{title}: validation loss")
         axes[0][col].set_xlabel("step")
-        axes[1][col].set_xlabel("tokens")
+        grown = any(r.token_offset for r in (runs if overlay else [runs[col]]))
+        axes[1][col].set_xlabel("tokens (a grown run's include its source run's)" if grown else "tokens")
         axes[2][col].set_xlabel("step")
         axes[2][col].set_ylabel("learning rate")
         for row in (0, 1):

@@ -167,8 +167,9 @@ def growth_source(args) -> str:
     return os.path.join(ckpt_dir, fitting[-1])
 
 
-def init_grown(engine, par, args, model_config, log) -> None:
-    """Collective. Start this run from a depth-grown copy of a trained smaller run (fresh optimizer)."""
+def init_grown(engine, par, args, model_config, log) -> dict[str, Any]:
+    """Collective. Start this run from a depth-grown copy of a trained smaller run (fresh optimizer).
+    Returns what it grew from (folder, layers, the tokens the small run had seen)."""
     from models.growth import grow
     from models.hf import MODEL_FILE, find_run_dir, run_model_config
     from models.registry import config_to_dict
@@ -187,6 +188,13 @@ def init_grown(engine, par, args, model_config, log) -> None:
                          + ", ".join(f"{k}={have.get(k)}" for k in diff) + " (set model.* to match)")
     load_weights(engine, par, grown_state)
     log(f"initialised by growing {source} ({small.n_layer} -> {grown.n_layer} layers, {args.order}); fresh optimizer")
+    tokens = None
+    for name in (RUN_STATE, slots.MANIFEST):
+        if os.path.isfile(os.path.join(source, name)):
+            with open(os.path.join(source, name)) as f:
+                tokens = json.load(f).get("tokens")
+            break
+    return {"source": source, "source_layers": small.n_layer, "source_tokens": tokens}
 
 
 @torch.no_grad()

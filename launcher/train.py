@@ -133,6 +133,7 @@ def train(job: JobConfig) -> dict:
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, mpu=par)
 
     step, tokens = 0, 0
+    grown_from = None  # what this run was grown from, when it starts as a grown model
     found = checkpoint.complete_checkpoints(ckpt_dir)
     if found and job.checkpoint.resume:
         tag = found[-1][1]
@@ -149,7 +150,7 @@ def train(job: JobConfig) -> dict:
     elif job.checkpoint.init_from is not None or job.growth.from_run is not None:
         try:
             if job.growth.from_run is not None:
-                checkpoint.init_grown(engine, par, job.growth, model_config, lambda m: say(par, m))
+                grown_from = checkpoint.init_grown(engine, par, job.growth, model_config, lambda m: say(par, m))
             else:
                 source = checkpoint.resolve_init_source(job.checkpoint.init_from)
                 checkpoint.init_from(engine, par, source, job.checkpoint.init_optimizer, lambda m: say(par, m))
@@ -177,6 +178,8 @@ def train(job: JobConfig) -> dict:
     metrics = MetricsLogger(run_dir, par.is_main, job.logging.tensorboard)
     if step > 0:
         metrics.log({"event": "resume", "step": step})
+    if grown_from is not None:  # the report counts the small run's tokens into this run's budget
+        metrics.log({"event": "growth", "step": 0, **grown_from})
     val_set = batches.val_batches(par.dp_rank, par.dp, job.eval.batches, job.train.micro_batch_size)
     snapshots, sidecar = start_lawa(job, engine, par, run_dir, step, model_config, ds_config, precision, val_set,
                                     averages if averages.enabled else None)

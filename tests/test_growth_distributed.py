@@ -2,13 +2,15 @@
 the sidecar on and export to Hugging Face."""
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from averaging.consolidate import consolidate
 from averaging.sidecar import read_eval_log
-from conftest import read_metrics, torchrun
+from conftest import REPO, read_metrics, torchrun
 from test_hf_distributed import hf_val_loss
 from test_lawa_distributed import smoke
 
@@ -47,6 +49,11 @@ def test_grown_model_trains_with_the_sidecar_on_and_exports_to_hugging_face(smal
     assert "initialised by growing" in proc.stdout and "step_00000006 (2 -> 4 layers" in proc.stdout
     losses = [r["loss"] for r in read_metrics(run) if "loss" in r]
     assert len(losses) == 8 and losses[-1] < losses[0]
+    (event,) = [r for r in read_metrics(run) if r.get("event") == "growth"]
+    assert event["source_tokens"] == 6 * 512 and event["source_layers"] == 2
+    report = subprocess.run([sys.executable, "-m", "averaging.report", str(run), "--out", str(tmp_path / "report")],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert report.returncode == 0 and "(+ 3.07k in the run it was grown from)" in report.stdout, report.stderr
     best = [r for r in read_eval_log(str(run)) if r["best"]][-1]
     assert hf_val_loss(run, run / "lawa_best_hf") == pytest.approx(best["lawa_val_loss"], rel=1e-4)
     wrong = torchrun(2, *smoke(pydoc_data, tmp_path / "wrong", "model.n_layer=5", f"growth.from_run={small_run}",
