@@ -261,6 +261,10 @@ def validate(job: JobConfig) -> None:
         need(v > 0, f"model.{k}: must be positive, got {v}")
     need(shape["n_embd"] % shape["n_head"] == 0,
          f"model.n_embd={shape['n_embd']} is not divisible by model.n_head={shape['n_head']}")
+    if SIZES[m.size] == "neox":
+        rotary = int(shape["n_embd"] // shape["n_head"] * FAMILIES["neox"].config.rotary_pct)
+        need(rotary % 2 == 0, f"model.n_embd/model.n_head: a {shape['n_embd'] // shape['n_head']}-dim head rotates "
+                              f"{rotary} dims (25%), which must be even")
     need(0.0 <= m.dropout < 1.0, f"model.dropout: must be in [0, 1), got {m.dropout}")
     if m.block_size is not None:
         need(d.seq_len <= m.block_size, f"data.seq_len={d.seq_len} exceeds model.block_size={m.block_size}")

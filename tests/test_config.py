@@ -69,6 +69,8 @@ def test_overrides_reach_typed_fields():
     ("swa.lr=-1", "swa.lr: must be positive"),
     ("checkpoint.init_optimizer=true", "checkpoint.init_optimizer needs checkpoint.init_from"),
     ("growth.order=random", "growth.order: must be one of stack, interpolate, got 'random'"),
+    ("model.size=neox-tiny & model.n_head=32", "a 4-dim head rotates 1 dims (25%), which must be even"),
+    ("model.size=neox-tiny & model.n_embd=96 & model.n_head=8", "a 12-dim head rotates 3 dims"),
     ("growth.factor=0", "growth.factor: must be >= 1, got 0"),
     ("growth.from_run=a & checkpoint.init_from=b", "growth.from_run and checkpoint.init_from both say"),
     ("growth.at_tokens=100", "growth.at_tokens needs growth.from_run"),
