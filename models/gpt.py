@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from models.tensor_parallel import (
     ColumnParallelLinear,
     Group,
+    check_head_split,
     RowParallelLinear,
     VocabParallelEmbedding,
     copy_to_parallel,
@@ -121,11 +122,7 @@ class PositionEmbedding(nn.Module):
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig, tp_group: Group = None):
         super().__init__()
-        tp = group_size(tp_group)
-        if config.n_embd % config.n_head != 0:
-            raise ValueError(f"n_embd={config.n_embd} is not divisible by n_head={config.n_head}")
-        if config.n_head % tp != 0:
-            raise ValueError(f"n_head={config.n_head} is not divisible by tensor-parallel size {tp}")
+        check_head_split(config.n_embd, config.n_head, tp_group)
         self.config = config
         self.tp_group = tp_group
         self.wte = VocabParallelEmbedding(config.vocab_size, config.n_embd, config.init_std, tp_group)
@@ -136,7 +133,7 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         """idx (B, T) token ids -> (logits (B, T, V/tp) for this rank's vocab slice, mean loss or None)."""
-        B, T = idx.shape
+        T = idx.shape[1]
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")
         x = self.drop(self.wte(idx) + self.wpe(T))  # (B, T, C)
@@ -147,8 +144,7 @@ class GPT(nn.Module):
         logits = F.linear(copy_to_parallel(x, self.tp_group), self.wte.weight)  # (B, T, V/tp)
         if targets is None:
             return logits, None
-        loss = vocab_parallel_cross_entropy(logits.float().view(B * T, -1), targets.reshape(B * T),
-                                            self.wte.vocab_start, self.tp_group)
+        loss = vocab_parallel_cross_entropy(logits, targets, self.wte.vocab_start, self.tp_group)
         return logits, loss
 
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from models.tensor_parallel import (
     ColumnParallelLinear,
     Group,
+    check_head_split,
     RowParallelLinear,
     VocabParallelEmbedding,
     group_size,
@@ -145,11 +146,7 @@ class NeoXBlock(nn.Module):
 class NeoX(nn.Module):
     def __init__(self, config: NeoXConfig, tp_group: Group = None):
         super().__init__()
-        tp = group_size(tp_group)
-        if config.n_embd % config.n_head != 0:
-            raise ValueError(f"n_embd={config.n_embd} is not divisible by n_head={config.n_head}")
-        if config.n_head % tp != 0:
-            raise ValueError(f"n_head={config.n_head} is not divisible by tensor-parallel size {tp}")
+        check_head_split(config.n_embd, config.n_head, tp_group)
         if int(config.n_embd // config.n_head * config.rotary_pct) % 2 != 0:
             raise ValueError(f"rotary_pct={config.rotary_pct} of a {config.n_embd // config.n_head}-dim head is "
                              f"not an even number of dimensions")
@@ -164,7 +161,7 @@ class NeoX(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         """idx (B, T) token ids -> (logits (B, T, V/tp) for this rank's vocab slice, mean loss or None)."""
-        B, T = idx.shape
+        T = idx.shape[1]
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")
         x = self.drop(self.wte(idx))  # (B, T, C)
@@ -173,8 +170,7 @@ class NeoX(nn.Module):
         logits = self.head(self.ln_f(x))  # (B, T, V/tp)
         if targets is None:
             return logits, None
-        loss = vocab_parallel_cross_entropy(logits.float().view(B * T, -1), targets.reshape(B * T),
-                                            self.wte.vocab_start, self.tp_group)
+        loss = vocab_parallel_cross_entropy(logits, targets, self.wte.vocab_start, self.tp_group)
         return logits, loss
 
 

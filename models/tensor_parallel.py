@@ -208,9 +208,19 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return grad_logits, None, None, None
 
 
+def check_head_split(n_embd: int, n_head: int, tp_group: Group) -> None:
+    """Attention heads must divide the width, and the tensor-parallel ranks must get whole heads."""
+    if n_embd % n_head != 0:
+        raise ValueError(f"n_embd={n_embd} is not divisible by n_head={n_head}")
+    if n_head % group_size(tp_group) != 0:
+        raise ValueError(f"n_head={n_head} is not divisible by tensor-parallel size {group_size(tp_group)}")
+
+
 def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, vocab_start: int,
                                  tp_group: Group = None) -> torch.Tensor:
-    """Mean cross-entropy; `logits` (N, V/n) holds this rank's vocabulary slice from `vocab_start`."""
+    """Mean cross-entropy in fp32; `logits` (..., V/n) holds this rank's vocabulary slice from
+    `vocab_start`, `target` (...) global token ids."""
+    logits, target = logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1)
     if group_size(tp_group) == 1:
         return F.cross_entropy(logits, target)
     return _VocabParallelCrossEntropy.apply(logits, target, vocab_start, tp_group)
