@@ -116,16 +116,19 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], config: ModelConfig) -> dict
 # configs
 
 
-def hf_config(config: ModelConfig):
+def hf_config(config: ModelConfig, eos_id: Optional[int] = None):
+    """The transformers config; BOS/EOS are the tokenizer's end-of-text id (GPT-2's convention),
+    or unset when the tokenizer is unknown (the library defaults point outside small vocabularies)."""
     import transformers
 
+    special = {"bos_token_id": eos_id, "eos_token_id": eos_id}
     if config.family == "gpt2":
-        return transformers.GPT2Config(
+        return transformers.GPT2Config(**special,
             vocab_size=config.vocab_size, n_positions=config.block_size, n_embd=config.n_embd,
             n_layer=config.n_layer, n_head=config.n_head, activation_function="gelu_new",
             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=1e-5,
             tie_word_embeddings=True, architectures=["GPT2LMHeadModel"])
-    return transformers.GPTNeoXConfig(
+    return transformers.GPTNeoXConfig(**special,
         vocab_size=config.vocab_size, hidden_size=config.n_embd, num_hidden_layers=config.n_layer,
         num_attention_heads=config.n_head, intermediate_size=4 * config.n_embd, hidden_act="gelu",
         max_position_embeddings=config.block_size, rotary_pct=config.rotary_pct,
@@ -173,7 +176,12 @@ def export(state_dict: dict[str, torch.Tensor], config: ModelConfig, out_dir: st
     os.makedirs(out_dir, exist_ok=True)
     tensors = {k: v.to(dtype) for k, v in to_hf_state_dict(state_dict, config).items()}
     save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-    hf_config(config).save_pretrained(out_dir)
+    eos_id = None
+    if tokenizer is not None:
+        from launcher.data import load_tokenizer
+
+        eos_id = load_tokenizer(tokenizer).eos_id
+    hf_config(config, eos_id).save_pretrained(out_dir)
     notes = []
     if tokenizer is None:
         notes.append("no tokenizer given: the folder holds the model only")
