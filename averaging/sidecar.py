@@ -192,7 +192,8 @@ class Sidecar:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import deepspeed
 
-        from models.registry import build_model, config_from_dict
+        from models.hf import run_model_config
+        from models.registry import build_model
         from models.parallel import build_parallel
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
@@ -212,7 +213,8 @@ class Sidecar:
         ds_config = inference_config(spec["deepspeed"], bf16=spec["precision"] == "bf16" and use_cuda)
         with deepspeed.zero.Init(config_dict_or_path=ds_config, data_parallel_group=self.par.dp_group,
                                  mpu=self.par):
-            self.model = build_model(config_from_dict(spec["model"]), self.par.tp_group)
+            self.model_config = run_model_config(run_dir)
+            self.model = build_model(self.model_config, self.par.tp_group)
         self.engine, *_ = deepspeed.initialize(model=self.model, config=ds_config, mpu=self.par)
         self.params = dict(self.model.named_parameters())
         self.val = torch.load(val_file(run_dir, self.par.dp_rank), weights_only=True)
@@ -224,7 +226,6 @@ class Sidecar:
 
             self.tasks = [load_task(path, spec.get("task_limit", 0)) for path in spec["tasks"]]
             self.encode = load_tokenizer(run_tokenizer(run_dir)).encode
-            self.block_size = spec["model"]["block_size"]
         self.k, self.spacing = spec["lawa"]["k"], spec["lawa"]["spacing"]
         self.bad_steps: set[int] = set()
         done = read_eval_log(run_dir)
@@ -375,13 +376,12 @@ class Sidecar:
         if self.is_main:
             from averaging.consolidate import consolidate
             from models.hf import export, run_tokenizer
-            from models.registry import config_from_dict
 
             best = slots.committed_steps(os.path.join(self.run_dir, BEST_DIR))
             if best:
                 folder = os.path.join(self.run_dir, BEST_DIR, slots.slot_name(best[-1]))
                 out = os.path.join(self.run_dir, HF_BEST_DIR)
-                export(consolidate(folder), config_from_dict(self.spec["model"]), out + ".tmp",
+                export(consolidate(folder), self.model_config, out + ".tmp",
                        run_tokenizer(self.run_dir))
                 shutil.rmtree(out, ignore_errors=True)
                 os.replace(out + ".tmp", out)
@@ -406,7 +406,7 @@ class Sidecar:
         self.engine.eval()
         with torch.no_grad():
             for task in self.tasks:
-                sums = evaluate_task(task, log_probs, self.encode, self.block_size, self.device,
+                sums = evaluate_task(task, log_probs, self.encode, self.model_config.block_size, self.device,
                                      (self.par.dp_rank, self.par.dp))
                 # Tensor-parallel ranks of one data-parallel rank scored the same examples: count once.
                 gathered = self._gather(sums if self.par.tp_rank == 0 else None)

@@ -157,19 +157,10 @@ def full_log_probs(model: torch.nn.Module) -> LogProbs:
 
 def load_model(folder: str, run_dir: Optional[str]):
     """Our model, loaded with a checkpoint/slot/average's consolidated weights or an HF folder's."""
-    from models.hf import MODEL_FILE, find_run_dir, read_folder, run_model_config
+    from models.hf import read_weights
     from models.registry import build_model
 
-    if os.path.isfile(os.path.join(folder, "config.json")):
-        state_dict, config = read_folder(folder)
-    else:
-        from averaging.consolidate import consolidate
-
-        run_dir = run_dir or find_run_dir(folder)
-        if run_dir is None:
-            raise ValueError(f"no {MODEL_FILE} found above {folder}: pass --run-dir RUN_DIR")
-        config = run_model_config(run_dir)
-        state_dict = consolidate(folder)
+    state_dict, config, run_dir = read_weights(folder, run_dir)
     model = build_model(config).eval()
     model.load_state_dict(state_dict)
     return model, config, run_dir

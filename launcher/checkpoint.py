@@ -123,12 +123,10 @@ def init_from(engine, par, source: str, keep_optimizer: bool, log) -> None:
     """Collective. Load another run's weights (and, if asked, its optimizer state) into this fresh
     engine; the run then starts at step 0 of its own schedule (a re-warmup, in the usual recipe)."""
     if keep_optimizer:
-        state_file = os.path.join(source, RUN_STATE)
-        if not os.path.isfile(state_file):
+        if not os.path.isfile(os.path.join(source, RUN_STATE)):
             raise ValueError(f"checkpoint.init_optimizer: {source} is not a complete training checkpoint "
                              f"(no {RUN_STATE}); it has no optimizer state to keep")
-        with open(state_file) as f:
-            state = json.load(f)
+        state = read_run_state(os.path.dirname(source), os.path.basename(source))
         if (state["dp"], state["tp"]) != (par.dp, par.tp):
             raise ValueError(f"checkpoint.init_optimizer: {source} was written with data {state['dp']} × tensor "
                              f"{state['tp']}, this run is data {par.dp} × tensor {par.tp}; optimizer state moves "
@@ -136,12 +134,9 @@ def init_from(engine, par, source: str, keep_optimizer: bool, log) -> None:
         load(engine, os.path.dirname(source), os.path.basename(source))
         log(f"initialised weights and optimizer state from {source}")
         return
-    if os.path.isfile(os.path.join(source, "config.json")):
-        from models.hf import read_folder
+    from models.hf import read_weights
 
-        full, _ = read_folder(source)
-    else:
-        full = consolidate(source)
+    full, _, _ = read_weights(source, need_config=False)  # each tensor's shape is checked on loading
     load_weights(engine, par, full)
     log(f"initialised weights from {source} (fresh optimizer state)")
 

@@ -286,7 +286,7 @@ def start_lawa(job: JobConfig, engine, par: Parallel, run_dir: str, step: int, m
     if par.is_main:
         lawa_sidecar.clear_training_done(run_dir)
         lawa_sidecar.write_spec(run_dir, {
-            "model": config_to_dict(model_config), "deepspeed": ds_config, "dp": par.dp, "tp": par.tp,
+            "deepspeed": ds_config, "dp": par.dp, "tp": par.tp,
             "snapshot_dir": os.path.abspath(root), "snapshot_every": job.snapshot.every,
             "lawa": {"k": job.lawa.k, "spacing": job.lawa.spacing or job.snapshot.every},
             "device": job.sidecar.device, "training_device": par.device.type, "precision": precision,

@@ -230,6 +230,23 @@ def find_run_dir(folder: str) -> Optional[str]:
 MODEL_FILE = "model.json"  # written by the trainer into the run directory: the model's config
 
 
+def read_weights(folder: str, run_dir: Optional[str] = None,
+                 need_config: bool = True) -> tuple[dict[str, torch.Tensor], Optional[ModelConfig], Optional[str]]:
+    """Full weights, in our names, of a Hugging Face folder or of anything that consolidates (a
+    checkpoint, slot, ema/ or swa/ folder, an average), with the model config (from config.json, or
+    the run's model.json found above the folder) and the run directory."""
+    if os.path.isfile(os.path.join(folder, "config.json")):
+        state_dict, config = read_folder(folder)
+        return state_dict, config, run_dir
+    from averaging.consolidate import consolidate
+
+    run_dir = run_dir or find_run_dir(folder)
+    has_config = run_dir is not None and os.path.isfile(os.path.join(run_dir, MODEL_FILE))
+    if need_config and not has_config:
+        raise ValueError(f"no {MODEL_FILE} found above {folder}: pass --run-dir RUN_DIR")
+    return consolidate(folder), run_model_config(run_dir) if has_config else None, run_dir
+
+
 def run_model_config(run_dir: str) -> ModelConfig:
     from models.registry import config_from_dict
 
@@ -268,14 +285,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "export":
-            from averaging.consolidate import consolidate
-
-            run_dir = args.run_dir or find_run_dir(args.folder)
-            if run_dir is None or not os.path.isfile(os.path.join(run_dir, MODEL_FILE)):
-                raise ValueError(f"no {MODEL_FILE} found above {args.folder}: pass --run-dir RUN_DIR")
-            config = run_model_config(run_dir)
+            state_dict, config, run_dir = read_weights(args.folder, args.run_dir)
             dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-            notes = export(consolidate(args.folder), config, args.out, run_tokenizer(run_dir), dtype)
+            notes = export(state_dict, config, args.out, run_tokenizer(run_dir) if run_dir else None, dtype)
             for note in notes:
                 print(f"note: {note}")
             print(f"wrote {args.out} ({config.family}, {config.n_layer} layers): "

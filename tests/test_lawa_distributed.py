@@ -35,10 +35,11 @@ def consolidate(parent: Path, step: int) -> dict[str, torch.Tensor]:
 
 def single_process_val_loss(run_dir: Path, state_dict: dict[str, torch.Tensor]) -> float:
     """The reference: the consolidated model in one process, on the same held-out windows."""
-    from models.registry import build_model, config_from_dict
+    from models.hf import run_model_config
+    from models.registry import build_model
 
     spec = json.loads((run_dir / "sidecar/spec.json").read_text())
-    model = build_model(config_from_dict(spec["model"])).eval()
+    model = build_model(run_model_config(str(run_dir))).eval()
     model.load_state_dict(state_dict)
     per_rank = []
     with torch.no_grad():
