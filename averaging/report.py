@@ -62,9 +62,7 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
 def schedule_of(path: str) -> list[tuple[int, float]]:
     """Every step's learning rate, recomputed from the run's resolved config (the schedule is a
     pure function of the step); empty when the config cannot be read."""
-    from averaging.averages import scheduled_lr
-    from launcher.config import ConfigError, load_job
-    from launcher.schedule import lr_at
+    from launcher.config import ConfigError, learning_rate, load_job
 
     config = os.path.join(path, "config.yaml")
     if not os.path.isfile(config):
@@ -73,8 +71,7 @@ def schedule_of(path: str) -> list[tuple[int, float]]:
         job = load_job(config)
     except ConfigError:
         return []
-    return [(step + 1, scheduled_lr(step, lr_at(step, job.optimizer.lr, job.schedule, job.train.steps), job.swa))
-            for step in range(job.train.steps)]
+    return [(step + 1, learning_rate(job, step)) for step in range(job.train.steps)]
 
 
 def load_run(path: str) -> Run:

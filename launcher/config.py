@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import yaml
 
-from averaging.averages import EmaArgs, SwaArgs
+from averaging.averages import EmaArgs, SwaArgs, scheduled_lr
 from averaging.lawa import LawaArgs
 from averaging.sidecar import DEVICES as SIDECAR_DEVICES
 from averaging.sidecar import SidecarArgs
@@ -26,7 +26,7 @@ from launcher.data import DataArgs
 from launcher.distributed import ParallelArgs
 from launcher.metrics import LoggingArgs
 from launcher.optim import OptimizerArgs
-from launcher.schedule import DECAY_SHAPES, SCHEDULES, ScheduleArgs
+from launcher.schedule import DECAY_SHAPES, SCHEDULES, ScheduleArgs, lr_at
 from launcher.snapshot import IF_BUSY, SnapshotArgs
 from models.registry import FAMILIES, SIZES, ModelConfig, model_config
 
@@ -390,6 +390,12 @@ def resolve_model_config(job: JobConfig, tokenizer_vocab: int) -> ModelConfig:
     return model_config(m.size, n_layer=m.n_layer, n_head=m.n_head, n_embd=m.n_embd, vocab_size=vocab,
                         block_size=m.block_size if m.block_size is not None else job.data.seq_len,
                         bias=m.bias, dropout=m.dropout)
+
+
+def learning_rate(job: JobConfig, step: int) -> float:
+    """The job's learning rate for the update with 0-based index `step`: the schedule, with SWA's
+    constant phase on top."""
+    return scheduled_lr(step, lr_at(step, job.optimizer.lr, job.schedule, job.train.steps), job.swa)
 
 
 def resolve_precision(job: JobConfig, device_type: str) -> str:

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from averaging import sidecar as lawa_sidecar
-from averaging.averages import ShardAverages, scheduled_lr
+from averaging.averages import ShardAverages
 from averaging.evaluate import validation_loss
 from launcher import checkpoint
 from launcher.config import (
@@ -36,6 +36,7 @@ from launcher.config import (
     JobConfig,
     deepspeed_config,
     dump_yaml,
+    learning_rate,
     load_job,
     resolve_model_config,
     resolve_precision,
@@ -46,7 +47,6 @@ from launcher.distributed import Parallel, barrier, exit_process, init_distribut
 from launcher.metrics import MetricsLogger
 from launcher.optim import build_optimizer, full_numel
 from launcher.preemption import Preemption, requeue_slurm_job
-from launcher.schedule import lr_at
 from launcher.snapshot import SnapshotWriter, resolve_root
 from models.hf import MODEL_FILE
 from models.registry import build_model, config_to_dict, count_parameters, flops_per_token
@@ -195,7 +195,7 @@ def train(job: JobConfig) -> dict:
     window_start, window_steps, window_paused, window_snapshot_s = time.perf_counter(), 0, 0.0, 0.0
 
     while step < last_stop and not preempted:
-        lr = scheduled_lr(step, lr_at(step, job.optimizer.lr, job.schedule, job.train.steps), job.swa)
+        lr = learning_rate(job, step)
         for group in optimizer.param_groups:
             group["lr"] = lr
         # Dropout draws from a stream that depends only on (seed, step, rank): resume is exact.
