@@ -2,8 +2,28 @@
 and averaged weights are scored by the same code on the same tokens."""
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass, field
+
 import torch
 import torch.distributed as dist
+
+from core.config import need
+
+
+@dataclass
+class EvalArgs:
+    every: int = 100  # validation loss every this many steps, and at the end; 0: only at the end
+    batches: int = 8  # micro-batches of held-out data per data-parallel rank
+    tasks: list[str] = field(default_factory=list)  # zero-shot task files the sidecar scores at each commit
+    task_limit: int = 0  # first N examples of each task; 0: all
+
+    def validate(self) -> None:
+        need(self.every >= 0, f"eval.every: must be >= 0, got {self.every}")
+        need(self.batches > 0, f"eval.batches: must be positive, got {self.batches}")
+        for i, task in enumerate(self.tasks):
+            need(os.path.isfile(task), f"eval.tasks[{i}]: no such file: {task}")
+        need(self.task_limit >= 0, f"eval.task_limit: must be >= 0, got {self.task_limit}")
 
 
 @torch.no_grad()

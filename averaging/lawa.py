@@ -11,11 +11,17 @@ from typing import Iterable, Sequence
 
 import torch
 
+from core.config import need
+
 
 @dataclass
 class LawaArgs:
     k: int = 5  # number of latest snapshots averaged
     spacing: int = 0  # minimum steps between averaged snapshots; 0: snapshot.every
+
+    def validate(self) -> None:
+        need(self.k >= 1, f"lawa.k: must be >= 1, got {self.k}")
+        need(self.spacing >= 0, f"lawa.spacing: must be >= 0, got {self.spacing}")
 
 
 def select_spaced(steps: Iterable[int], k: int, spacing: int) -> list[int]:

@@ -175,7 +175,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--limit", type=int, default=0, help="first N examples of each task (0: all)")
     args = parser.parse_args(argv)
     try:
-        from launcher.data import load_tokenizer
+        from core.tokenizer import load_tokenizer
         from models.hf import run_tokenizer
 
         tasks = [load_task(p, args.limit) for p in args.tasks]

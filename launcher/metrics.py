@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
-METRICS_FILE = "metrics.jsonl"
+from core.config import need
+from core.log import logger
+from core.run_dir import RunDir
 
 
 @dataclass
@@ -15,9 +16,12 @@ class LoggingArgs:
     every: int = 10  # log training metrics every this many steps
     tensorboard: bool = True  # also write TensorBoard events when tensorboard is installed
 
+    def validate(self) -> None:
+        need(self.every > 0, f"logging.every: must be positive, got {self.every}")
+
 
 class MetricsLogger:
-    """Writes one JSON object per line; only the main rank writes anything."""
+    """Writes one JSON object per line to metrics.jsonl; only the main rank writes anything."""
 
     def __init__(self, run_dir: str, is_main: bool, tensorboard: bool):
         self.is_main = is_main
@@ -25,14 +29,15 @@ class MetricsLogger:
         self._tb = None
         if not is_main:
             return
-        self._file = open(os.path.join(run_dir, METRICS_FILE), "a", buffering=1)
+        run = RunDir(run_dir)
+        self._file = open(run.metrics, "a", buffering=1)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 SummaryWriter = None
             if SummaryWriter is not None:
-                self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+                self._tb = SummaryWriter(run.tensorboard)
 
     def log(self, record: dict[str, Any], console: Optional[str] = None) -> None:
         if not self.is_main:
@@ -40,7 +45,7 @@ class MetricsLogger:
         record = {"time": round(time.time(), 3), **record}
         self._file.write(json.dumps(record) + "\n")
         if console:
-            print(console, flush=True)
+            logger.info(console)
         if self._tb is not None and "step" in record:
             for key, value in record.items():
                 if key not in ("step", "time") and isinstance(value, (int, float)):
@@ -51,10 +56,3 @@ class MetricsLogger:
             self._file.close()
         if self._tb is not None:
             self._tb.close()
-
-
-def read_metrics(run_dir: str) -> list[dict[str, Any]]:
-    """All records of a run; a resumed run may repeat steps, the later record wins for readers."""
-    path = os.path.join(run_dir, METRICS_FILE)
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]

@@ -5,6 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
+from core.config import need
+
 
 @dataclass
 class OptimizerArgs:
@@ -13,6 +15,12 @@ class OptimizerArgs:
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
+
+    def validate(self) -> None:
+        need(self.lr > 0, f"optimizer.lr: must be positive, got {self.lr}")
+        need(self.weight_decay >= 0, f"optimizer.weight_decay: must be >= 0, got {self.weight_decay}")
+        need(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "optimizer.beta1/beta2: must be in [0, 1)")
+        need(self.eps > 0, f"optimizer.eps: must be positive, got {self.eps}")
 
 
 def full_shape(p: torch.nn.Parameter) -> torch.Size:

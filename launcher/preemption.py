@@ -11,10 +11,12 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
+
+from core.log import logger
 
 SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
@@ -41,14 +43,14 @@ class Preemption:
         return bool(flag.item())
 
 
-def requeue_slurm_job(log: Callable[[str], None]) -> bool:
+def requeue_slurm_job() -> bool:
     """Put this Slurm job back in the queue (it then resumes from its run directory)."""
     job_id = os.environ.get("SLURM_JOB_ID")
     if not job_id:
         return False
     result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
     if result.returncode != 0:
-        log(f"scontrol requeue {job_id} failed: {result.stderr.strip()}; resubmit the same job to resume")
+        logger.info(f"scontrol requeue {job_id} failed: {result.stderr.strip()}; resubmit the same job to resume")
         return False
-    log(f"requeued Slurm job {job_id}; it resumes from the last checkpoint")
+    logger.info(f"requeued Slurm job {job_id}; it resumes from the last checkpoint")
     return True

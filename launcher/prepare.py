@@ -11,7 +11,9 @@ import argparse
 import json
 import sys
 
-from launcher.config import ConfigError, load_job
+from core.config import ConfigError
+from core.log import setup_logging
+from launcher.config import load_job
 from launcher.data import load_manifest, prepare
 
 
@@ -21,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="prepare again even if data.dir has a manifest")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     args = parser.parse_args(argv)
+    setup_logging()
     try:
         job = load_job(args.job, args.overrides)
         if load_manifest(job.data.dir) is not None and not args.force:

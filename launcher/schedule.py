@@ -3,18 +3,39 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Literal, Optional
+
+from core.config import need
+
+DecayShape = Literal["cosine", "linear", "1-sqrt"]
 
 
 @dataclass
 class ScheduleArgs:
-    name: str = "cosine"  # cosine, linear or constant decay after warmup; or wsd (warmup-stable-decay)
+    name: Literal["cosine", "linear", "constant", "wsd"] = "cosine"  # decay after warmup; wsd: warmup-stable-decay
     warmup_steps: int = 2000  # linear warmup to the peak; in a continual-pretraining run, the re-warmup
     min_lr_ratio: float = 0.1  # min_lr = lr * min_lr_ratio (the LAWA/nanoGPT recipes use lr/10)
     decay_steps: Optional[int] = None  # cosine/linear: step at which the decay reaches min_lr; None: train.steps
     cooldown_steps: int = 0  # wsd: length of the cooldown from the peak to min_lr
-    cooldown_shape: str = "linear"  # wsd: linear, cosine or 1-sqrt
+    cooldown_shape: DecayShape = "linear"  # wsd: linear, cosine or 1-sqrt
     cooldown_start: Optional[int] = None  # wsd: first cooldown step; None: train.steps - cooldown_steps
+
+    def validate(self, total_steps: int) -> None:
+        """The schedule section, for a run of `total_steps` steps (train.steps)."""
+        need(self.warmup_steps >= 0, f"schedule.warmup_steps: must be >= 0, got {self.warmup_steps}")
+        need(0.0 <= self.min_lr_ratio <= 1.0, f"schedule.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+        if self.name in ("cosine", "linear"):
+            decay_steps = self.decay_steps if self.decay_steps is not None else total_steps
+            need(self.warmup_steps <= decay_steps,
+                 f"schedule.warmup_steps={self.warmup_steps} exceeds the decay length "
+                 f"({'schedule.decay_steps' if self.decay_steps is not None else 'train.steps'}={decay_steps})")
+        if self.name == "wsd":
+            need(self.cooldown_steps > 0, f"schedule.cooldown_steps: schedule.name=wsd needs a cooldown length > 0, "
+                                          f"got {self.cooldown_steps}")
+            begin = cooldown_start(self, total_steps)
+            need(begin >= self.warmup_steps,
+                 f"schedule: the cooldown would start at step {begin}, inside the {self.warmup_steps}-step warmup "
+                 f"(schedule.cooldown_start, or train.steps - schedule.cooldown_steps)")
 
 
 def _cosine(progress: float) -> float:
@@ -38,7 +59,6 @@ DECAY_SHAPES: dict[str, Callable[[float], float]] = {
     "linear": _linear,
     "1-sqrt": _one_minus_sqrt,
 }
-SCHEDULES = ("cosine", "linear", "constant", "wsd")
 
 
 def cooldown_start(args: ScheduleArgs, total_steps: int) -> int:

@@ -15,17 +15,19 @@ import shutil
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Literal, Optional
 
 import torch
 import torch.distributed as dist
 
 from averaging import slots
-from averaging.averages import ShardAverages
-from launcher.distributed import Parallel
+from averaging.ema_swa import ShardAverages
+from core.config import need
+from core.distributed import Parallel, gather_objects
+from core.log import logger
+from core.run_dir import RunDir
+from core.zero_checkpoint import shapes_to_json, zero_padding
 from models.tensor_parallel import tensor_parallel_layout
-
-IF_BUSY = ("skip", "wait")
 
 
 @dataclass
@@ -33,9 +35,15 @@ class SnapshotArgs:
     every: int = 0  # snapshot the weights every this many steps (and at the end); 0: off
     slots: int = 8  # ring-buffer size: committed snapshots kept
     dir: Optional[str] = None  # None: node-local /dev/shm/lawa/<run> when it has room, else <run_dir>/snapshots
-    if_busy: str = "skip"  # when the previous write is still running at the next snapshot: skip or wait
+    if_busy: Literal["skip", "wait"] = "skip"  # when the previous write still runs at the next snapshot
     max_write_mb_per_s: float = 0.0  # throttle the background write (shared disks); 0: unlimited
     cleanup: bool = True  # delete slots under /dev/shm when training ends normally (they hold RAM)
+
+    def validate(self) -> None:
+        need(self.every >= 0, f"snapshot.every: must be >= 0, got {self.every}")
+        need(self.slots >= 2, f"snapshot.slots: must be >= 2 (one is being written while others are read), "
+                              f"got {self.slots}")
+        need(self.max_write_mb_per_s >= 0, f"snapshot.max_write_mb_per_s: must be >= 0, got {self.max_write_mb_per_s}")
 
 
 def default_snapshot_dir(run_dir: str, name: str, bytes_per_node: int) -> str:
@@ -45,7 +53,7 @@ def default_snapshot_dir(run_dir: str, name: str, bytes_per_node: int) -> str:
         if shutil.disk_usage(shm).free > 1.5 * bytes_per_node:
             tag = hashlib.sha1(os.path.abspath(run_dir).encode()).hexdigest()[:8]
             return os.path.join(shm, "lawa", f"{name}-{tag}")
-    return os.path.join(run_dir, "snapshots")
+    return RunDir(run_dir).snapshots
 
 
 def resolve_root(args: SnapshotArgs, par: Parallel, run_dir: str, name: str, n_params: int) -> str:
@@ -91,12 +99,11 @@ class SnapshotWriter:
     into each slot (the averages in sub-folders `ema/`, `swa/` of the same layout)."""
 
     def __init__(self, args: SnapshotArgs, engine, par: Parallel, root: str, resume_step: int,
-                 log: Callable[[str], None], averages: Optional[ShardAverages] = None):
+                 averages: Optional[ShardAverages] = None):
         self.args = args
         self.averages = averages
         self.par = par
         self.root = root
-        self.log = log
         self.flat = engine.optimizer.fp32_partitioned_groups_flat
         self.model_states = model_states_metadata(engine, par)
         self.param_shapes = self.model_states["param_shapes"]
@@ -123,12 +130,8 @@ class SnapshotWriter:
     def _host_buffers(self) -> list[torch.Tensor]:
         return [torch.empty(f.numel(), dtype=torch.float32, pin_memory=self.on_gpu) for f in self.flat]
 
-    @property
-    def enabled(self) -> bool:
-        return self.args.every > 0
-
     def slot_dir(self, step: int) -> str:
-        return os.path.join(self.root, slots.slot_name(step))
+        return slots.slot_path(self.root, step)
 
     # -- called by the training loop -------------------------------------------------------------
 
@@ -139,8 +142,9 @@ class SnapshotWriter:
             self.copy_event = None
 
     def after_step(self, step: int, tokens: int, lr: float, final: bool = False) -> dict[str, Any]:
-        """Collective. Commits what is complete and takes a snapshot when one is due; returns stats."""
-        due = self.enabled and (step % self.args.every == 0 or final)
+        """Collective. Commits what is complete and takes a snapshot when one is due; returns what it
+        did that metrics.jsonl records (snapshot_skipped, snapshot_wait_s, snapshot_stall_s)."""
+        due = step % self.args.every == 0 or final
         if self.pending is None and not due:
             return {}
         busy = self._settle()
@@ -149,14 +153,14 @@ class SnapshotWriter:
         stats: dict[str, Any] = {}
         if busy:
             if self.args.if_busy == "skip" and not final:
-                self.log(f"snapshot at step {step} skipped: the write of step {self.pending['step']} is still "
+                logger.info(f"snapshot at step {step} skipped: the write of step {self.pending['step']} is still "
                          f"running (snapshot.if_busy=skip; use a longer snapshot.every or if_busy=wait)")
                 return {"snapshot_skipped": step}
             start = time.perf_counter()
             self._join()
             self._settle()
             stats["snapshot_wait_s"] = time.perf_counter() - start
-            self.log(f"snapshot at step {step} waited {stats['snapshot_wait_s']:.2f}s for the previous write")
+            logger.info(f"snapshot at step {step} waited {stats['snapshot_wait_s']:.2f}s for the previous write")
         stats["snapshot_stall_s"] = self._start(step, tokens, lr)
         if final:
             self.finish()
@@ -189,8 +193,8 @@ class SnapshotWriter:
         if self.pending is not None and any_failed and not any_busy:
             step = self.pending["step"]
             if self.failed is not None:
-                print(f"[rank {self.par.rank}] snapshot of step {step} failed: {self.failed!r}", flush=True)
-            self.log(f"snapshot of step {step} abandoned: a rank could not write it")
+                logger.warning(f"snapshot of step {step} failed on rank {self.par.rank}: {self.failed!r}")
+            logger.info(f"snapshot of step {step} abandoned: a rank could not write it")
             if self.par.local_rank == 0:
                 slots.remove_slot(self.slot_dir(step))
             self.pending, self.failed = None, None
@@ -199,23 +203,14 @@ class SnapshotWriter:
         return any_busy
 
     def _commit(self) -> None:
-        gathered: list[Optional[dict]] = [None] * self.par.world_size
-        dist.all_gather_object(gathered, self.written, group=self.par.ctrl_group)
-        files = {name: meta for rank_files in gathered for name, meta in rank_files.items()}
+        files = {name: meta for rank_files in gather_objects(self.written, self.par.ctrl_group)
+                 for name, meta in rank_files.items()}
         p = self.pending
-        manifest = {
-            "kind": "raw",
-            "step": p["step"],
-            "tokens": p["tokens"],
-            "lr": p["lr"],
-            "dp": self.par.dp,
-            "tp": self.par.tp,
-            "param_shapes": slots.shapes_to_json(self.param_shapes),
-            "tensor_parallel_layout": self.model_states["tensor_parallel_layout"],
-            "files": files,
-            "ds_version": self.model_states["ds_version"],
-            "averages": p["averages"],
-        }
+        manifest = slots.SlotManifest(
+            kind="raw", step=p["step"], tokens=p["tokens"], lr=p["lr"], dp=self.par.dp, tp=self.par.tp,
+            param_shapes=shapes_to_json(self.param_shapes), files=files,
+            tensor_parallel_layout=self.model_states["tensor_parallel_layout"],
+            ds_version=self.model_states["ds_version"], averages=p["averages"])
         if self.par.local_rank == 0:  # one committer per node: slots live on node-local storage
             # The fsyncs run off the training thread; the next write waits for them (see _write).
             self.commit_thread = threading.Thread(target=slots.commit, args=(self.slot_dir(p["step"]), manifest),
@@ -259,7 +254,7 @@ class SnapshotWriter:
                 self._recycle(step)
             written = {}
             for kind in kinds:
-                slots.zero_padding(self.host[kind], self.param_shapes, self.par.dp_rank, self.par.dp)
+                zero_padding(self.host[kind], self.param_shapes, self.par.dp_rank, self.par.dp)
                 files = slots.write_shard(
                     slots.kind_dir(self.slot_dir(step), kind), self.par.dp_rank, self.par.tp_rank, self.host[kind],
                     {**self.model_states, "global_steps": step},
@@ -284,4 +279,4 @@ class SnapshotWriter:
         """After a normal end: free node-local memory (committed slots elsewhere stay)."""
         if self.args.cleanup and is_node_local(self.root) and self.par.local_rank == 0:
             shutil.rmtree(self.root, ignore_errors=True)
-            self.log(f"removed node-local snapshots {self.root}")
+            logger.info(f"removed node-local snapshots {self.root}")

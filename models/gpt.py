@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from models.tensor_parallel import (
     ColumnParallelLinear,
     Group,
-    check_head_split,
+    check_split,
     RowParallelLinear,
     VocabParallelEmbedding,
     copy_to_parallel,
@@ -40,6 +40,9 @@ class GPTConfig:
     bias: bool = True
     dropout: float = 0.0
     init_std: float = 0.02
+
+    def check(self, tp: int = 1, prefix: str = "", tp_name: str = "the tensor-parallel size") -> None:
+        check_split(self.n_embd, self.n_head, self.vocab_size, tp, prefix, tp_name)
 
 
 # Named shapes: nanoGPT's GPT-2 sizes, which the LAWA paper trains, and small test sizes.
@@ -122,7 +125,7 @@ class PositionEmbedding(nn.Module):
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig, tp_group: Group = None):
         super().__init__()
-        check_head_split(config.n_embd, config.n_head, tp_group)
+        config.check(group_size(tp_group))
         self.config = config
         self.tp_group = tp_group
         self.wte = VocabParallelEmbedding(config.vocab_size, config.n_embd, config.init_std, tp_group)

@@ -13,22 +13,15 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from dataclasses import dataclass
-from typing import Optional
+import typing
+from typing import Literal
 
 import torch
 
 from models.registry import ModelConfig
 
-ORDERS = ("stack", "interpolate")
-
-
-@dataclass
-class GrowthArgs:
-    from_run: Optional[str] = None  # a trained run directory (or one checkpoint/slot folder of it) to grow from
-    factor: int = 4  # grown depth = factor × the source's (Gstack's g; the paper recommends about 4)
-    at_tokens: Optional[int] = None  # the source run's newest checkpoint at or before this many tokens; None: its newest
-    order: str = "stack"  # stack (block i <- i mod L) or interpolate (block i <- i // factor)
+Order = Literal["stack", "interpolate"]
+ORDERS = typing.get_args(Order)
 BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
 

@@ -20,9 +20,16 @@ from typing import Any, Optional
 
 import torch
 
+from core.files import staged
+from core.run_dir import MODEL, RunDir, find_run_dir
+from core.tokenizer import load_tokenizer
+from core.weights import Weights
+from core.zero_checkpoint import consolidate
 from models.gpt import GPTConfig
 from models.neox import NeoXConfig
-from models.registry import ModelConfig
+from models.registry import ModelConfig, config_to_dict, read_model_config
+
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
 
 # ours -> HF, per family; "{i}" is the block index.
 GPT2_NAMES = {
@@ -170,31 +177,28 @@ def config_from_hf(data: dict[str, Any]) -> ModelConfig:
 
 def export(state_dict: dict[str, torch.Tensor], config: ModelConfig, out_dir: str,
            tokenizer: Optional[str] = None, dtype: torch.dtype = torch.float32) -> list[str]:
-    """Write an HF model folder; returns notes (e.g. why no tokenizer was written)."""
+    """Write an HF model folder (staged, then renamed: never half written); returns notes (e.g.
+    why no usable tokenizer was written). `tokenizer`: a tokenizer file or a folder holding one."""
     from safetensors.torch import save_file
 
-    os.makedirs(out_dir, exist_ok=True)
-    tensors = {k: v.to(dtype) for k, v in to_hf_state_dict(state_dict, config).items()}
-    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-    eos_id = None
-    if tokenizer is not None:
-        from launcher.data import load_tokenizer
-
-        eos_id = load_tokenizer(tokenizer).eos_id
-    hf_config(config, eos_id).save_pretrained(out_dir)
+    tok = load_tokenizer(tokenizer) if tokenizer is not None else None
+    source = None if tokenizer is None else tokenizer if os.path.isdir(tokenizer) else os.path.dirname(tokenizer)
     notes = []
-    if tokenizer is None:
-        notes.append("no tokenizer given: the folder holds the model only")
-    elif os.path.basename(tokenizer) == "tokenizer.json" or os.path.isdir(tokenizer):
-        source = tokenizer if os.path.isdir(tokenizer) else os.path.dirname(tokenizer)
-        for name in os.listdir(source):
-            if name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                        "merges.txt"):
-                shutil.copy(os.path.join(source, name), os.path.join(out_dir, name))
-    else:
-        notes.append(f"tokenizer {tokenizer} is a sentencepiece model, which transformers cannot load as a GPT-2/"
-                     f"NeoX tokenizer: it was copied as {os.path.basename(tokenizer)} for reference only")
-        shutil.copy(tokenizer, os.path.join(out_dir, os.path.basename(tokenizer)))
+    with staged(out_dir) as tmp:
+        os.makedirs(tmp)
+        tensors = {k: v.to(dtype) for k, v in to_hf_state_dict(state_dict, config).items()}
+        save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        hf_config(config, tok.eos_id if tok is not None else None).save_pretrained(tmp)
+        if tok is None:
+            notes.append("no tokenizer given: the folder holds the model only")
+        elif tok.kind == "huggingface":
+            for name in os.listdir(source):
+                if name in HF_TOKENIZER_FILES:
+                    shutil.copy(os.path.join(source, name), os.path.join(tmp, name))
+        else:
+            notes.append(f"the tokenizer is a sentencepiece model, which transformers cannot load as a GPT-2/NeoX "
+                         f"tokenizer: it was copied as {tok.file_name} for reference only")
+            tok.save(tmp)
     return notes
 
 
@@ -202,32 +206,14 @@ def read_folder(path: str) -> tuple[dict[str, torch.Tensor], ModelConfig]:
     """Weights and config of an HF model folder (safetensors or .bin, sharded or not), in our names."""
     with open(os.path.join(path, "config.json")) as f:
         config = config_from_hf(json.load(f))
-    from averaging.average import UsageError, Weights, hf_weight_files
-
-    try:
-        _, where = hf_weight_files(path)
-    except UsageError as e:
-        raise ValueError(str(e)) from None
-    weights = Weights(where)
-    hf = {key: weights.rows(key, 0, None) for key in where if key in set(name_map(config).values())}
+    weights = Weights.of_hf_folder(path)
+    wanted = set(name_map(config).values())
+    hf = {key: weights.rows(key) for key in weights.where if key in wanted}
     return from_hf_state_dict(hf, config), config
 
 
-# ---------------------------------------------------------------------------------------------
-# command line
-
-
-def find_run_dir(folder: str) -> Optional[str]:
-    """The run directory above a checkpoint/slot folder: the first parent holding model.json."""
-    path = os.path.abspath(folder)
-    while path != os.path.dirname(path):
-        if os.path.isfile(os.path.join(path, MODEL_FILE)):
-            return path
-        path = os.path.dirname(path)
-    return None
-
-
-MODEL_FILE = "model.json"  # written by the trainer into the run directory: the model's config
+def is_hf_folder(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "config.json"))
 
 
 def read_weights(folder: str, run_dir: Optional[str] = None,
@@ -235,40 +221,26 @@ def read_weights(folder: str, run_dir: Optional[str] = None,
     """Full weights, in our names, of a Hugging Face folder or of anything that consolidates (a
     checkpoint, slot, ema/ or swa/ folder, an average), with the model config (from config.json, or
     the run's model.json found above the folder) and the run directory."""
-    if os.path.isfile(os.path.join(folder, "config.json")):
+    if is_hf_folder(folder):
         state_dict, config = read_folder(folder)
         return state_dict, config, run_dir
-    from averaging.consolidate import consolidate
-
-    run_dir = run_dir or find_run_dir(folder)
-    has_config = run_dir is not None and os.path.isfile(os.path.join(run_dir, MODEL_FILE))
+    if run_dir is None:
+        found = find_run_dir(folder)
+        run_dir = found.path if found is not None else None
+    has_config = run_dir is not None and os.path.isfile(RunDir(run_dir).model)
     if need_config and not has_config:
-        raise ValueError(f"no {MODEL_FILE} found above {folder}: pass --run-dir RUN_DIR")
-    return consolidate(folder), run_model_config(run_dir) if has_config else None, run_dir
-
-
-def run_model_config(run_dir: str) -> ModelConfig:
-    from models.registry import config_from_dict
-
-    with open(os.path.join(run_dir, MODEL_FILE)) as f:
-        return config_from_dict(json.load(f))
+        raise ValueError(f"no {MODEL} found above {folder}: pass --run-dir RUN_DIR")
+    return consolidate(folder), read_model_config(RunDir(run_dir).model) if has_config else None, run_dir
 
 
 def run_tokenizer(run_dir: str) -> Optional[str]:
-    """The tokenizer file the run trained with, from its resolved config's data folder."""
-    config = os.path.join(run_dir, "config.yaml")
-    if not os.path.isfile(config):
-        return None
-    import yaml
+    """The tokenizer the run trained with (the trainer keeps a copy in the run directory)."""
+    path = RunDir(run_dir).tokenizer
+    return path if os.path.isdir(path) else None
 
-    with open(config) as f:
-        data_dir = (yaml.safe_load(f) or {}).get("data", {}).get("dir")
-    manifest = os.path.join(data_dir or "", "manifest.json")
-    if not data_dir or not os.path.isfile(manifest):
-        return None
-    with open(manifest) as f:
-        entry = json.load(f).get("tokenizer", {})
-    return os.path.join(data_dir, entry["file"]) if "file" in entry else None
+
+# ---------------------------------------------------------------------------------------------
+# command line
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -293,12 +265,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"wrote {args.out} ({config.family}, {config.n_layer} layers): "
                   f"transformers.AutoModelForCausalLM.from_pretrained({args.out!r}) loads it")
         else:
-            from models.registry import config_to_dict
-
             state_dict, config = read_folder(args.folder)
             torch.save({"model": config_to_dict(config), "state_dict": state_dict}, args.out)
             print(f"wrote {args.out}: {config.family}, {len(state_dict)} tensors")
-    except (ValueError, KeyError, FileNotFoundError) as e:
+    except (ValueError, KeyError, FileNotFoundError) as e:  # WeightsError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from models.tensor_parallel import (
     ColumnParallelLinear,
     Group,
-    check_head_split,
+    check_split,
     RowParallelLinear,
     VocabParallelEmbedding,
     group_size,
@@ -45,6 +45,14 @@ class NeoXConfig:
     layer_norm_eps: float = 1e-5
     dropout: float = 0.0
     init_std: float = 0.02
+
+    def check(self, tp: int = 1, prefix: str = "", tp_name: str = "the tensor-parallel size") -> None:
+        check_split(self.n_embd, self.n_head, self.vocab_size, tp, prefix, tp_name)
+        head_dim = self.n_embd // self.n_head
+        rotary = int(head_dim * self.rotary_pct)
+        if rotary % 2 != 0:
+            raise ValueError(f"{prefix}n_embd/{prefix}n_head: a {head_dim}-dim head rotates {rotary} dims "
+                             f"({self.rotary_pct:.0%}), which must be even")
 
 
 # The Pythia suite's shapes (Biderman et al. 2023, table 1), and small test sizes.
@@ -146,10 +154,7 @@ class NeoXBlock(nn.Module):
 class NeoX(nn.Module):
     def __init__(self, config: NeoXConfig, tp_group: Group = None):
         super().__init__()
-        check_head_split(config.n_embd, config.n_head, tp_group)
-        if int(config.n_embd // config.n_head * config.rotary_pct) % 2 != 0:
-            raise ValueError(f"rotary_pct={config.rotary_pct} of a {config.n_embd // config.n_head}-dim head is "
-                             f"not an even number of dimensions")
+        config.check(group_size(tp_group))
         self.config = config
         self.tp_group = tp_group
         self.wte = VocabParallelEmbedding(config.vocab_size, config.n_embd, config.init_std, tp_group)

@@ -22,6 +22,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from core.zero_checkpoint import split_tensor
+
 Group = Optional[dist.ProcessGroup]
 
 
@@ -68,19 +70,6 @@ def copy_to_parallel(x: torch.Tensor, group: Group) -> torch.Tensor:
 
 def reduce_from_parallel(x: torch.Tensor, group: Group) -> torch.Tensor:
     return x if group_size(group) == 1 else _ReduceFromParallel.apply(x, group)
-
-
-def split_tensor(full: torch.Tensor, dim: int, stride: int, size: int) -> list[torch.Tensor]:
-    """The `size` tensor-parallel slices of `full` along `dim`. With stride s the dim holds s fused
-    blocks (e.g. q, k, v): each block is split separately so every rank gets whole heads of each."""
-    blocks = full.chunk(stride, dim=dim)
-    return [torch.cat([b.chunk(size, dim=dim)[r] for b in blocks], dim=dim).contiguous() for r in range(size)]
-
-
-def merge_tensors(parts: list[torch.Tensor], dim: int, stride: int) -> torch.Tensor:
-    """Inverse of split_tensor: the full tensor from every rank's slice, in rank order."""
-    blocks = [p.chunk(stride, dim=dim) for p in parts]
-    return torch.cat([torch.cat([b[i] for b in blocks], dim=dim) for i in range(stride)], dim=dim)
 
 
 def _local_slice(full: torch.Tensor, dim: int, stride: int, group: Group) -> torch.Tensor:
@@ -208,12 +197,17 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return grad_logits, None, None, None
 
 
-def check_head_split(n_embd: int, n_head: int, tp_group: Group) -> None:
-    """Attention heads must divide the width, and the tensor-parallel ranks must get whole heads."""
+def check_split(n_embd: int, n_head: int, vocab_size: int, tp: int, prefix: str = "",
+                tp_name: str = "the tensor-parallel size") -> None:
+    """Heads must divide the width, and tensor-parallel ranks must get whole heads and equal slices
+    of the vocabulary. Both families' configs check themselves with it: the job config (naming
+    `model.*` keys and `parallel.tensor`) and every model constructor."""
     if n_embd % n_head != 0:
-        raise ValueError(f"n_embd={n_embd} is not divisible by n_head={n_head}")
-    if n_head % group_size(tp_group) != 0:
-        raise ValueError(f"n_head={n_head} is not divisible by tensor-parallel size {group_size(tp_group)}")
+        raise ValueError(f"{prefix}n_embd={n_embd} is not divisible by {prefix}n_head={n_head}")
+    if n_head % tp != 0:
+        raise ValueError(f"{prefix}n_head={n_head} is not divisible by {tp_name}={tp}")
+    if vocab_size % tp != 0:
+        raise ValueError(f"{prefix}vocab_size={vocab_size} is not divisible by {tp_name}={tp}")
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, vocab_start: int,

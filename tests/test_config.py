@@ -4,15 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from launcher.config import (
-    ConfigError,
-    JobConfig,
-    deepspeed_config,
-    dump_yaml,
-    load_job,
-    resolve_model_config,
-    validate_layout,
-)
+from core.config import ConfigError, dump_yaml
+from core.engine import deepspeed_config
+from launcher.config import JobConfig, load_job
 
 REPO = Path(__file__).resolve().parent.parent
 JOBS = sorted((REPO / "jobs").glob("*.yaml"))
@@ -55,11 +49,11 @@ def test_overrides_reach_typed_fields():
     ("schedule.warmup_steps=5000", "schedule.warmup_steps=5000 exceeds the decay length (train.steps=600)"),
     ("train.micro_batch_size=5", "train.global_batch_size=32 is not divisible by train.micro_batch_size=5"),
     ("train.precision=fp16", "train.precision: must be one of auto, fp32, bf16"),
-    ("parallel.zero_stage=4", "parallel.zero_stage: must be 0, 1, 2 or 3"),
+    ("parallel.zero_stage=4", "parallel.zero_stage: must be one of 0, 1, 2, 3, got 4"),
     ("parallel.tensor=3", "model.n_head=4 is not divisible by parallel.tensor=3"),
     ("train.stop_at=601", "train.stop_at=601 must be in [1, train.steps=600]"),
     ("schedule.name=wsd", "schedule.cooldown_steps: schedule.name=wsd needs a cooldown length > 0"),
-    ("schedule.name=cosne", "schedule.name: unknown schedule 'cosne' (known: cosine, linear, constant, wsd)"),
+    ("schedule.name=cosne", "schedule.name: must be one of cosine, linear, constant, wsd, got 'cosne'"),
     ("schedule.name=wsd & schedule.cooldown_steps=590", "the cooldown would start at step 10, inside the 30-step warmup"),
     ("schedule.name=wsd & schedule.cooldown_steps=50 & schedule.cooldown_shape=sqrt",
      "schedule.cooldown_shape: must be one of cosine, linear, 1-sqrt, got 'sqrt'"),
@@ -97,17 +91,18 @@ def test_bad_yaml_and_missing_file(tmp_path):
 def test_layout_world_is_tensor_times_data():
     job = load_job(None, ["parallel.tensor=2"])
     with pytest.raises(ConfigError, match="world size 3 is not divisible by parallel.tensor=2"):
-        validate_layout(job, 3)
+        job.parallel.data_parallel(3)
     job = load_job(REPO / "jobs/gpt2_125m.yaml")
-    assert validate_layout(job, 8) == 512 // (16 * 8)
+    assert job.train.accumulation_steps(job.parallel.data_parallel(8)) == 512 // (16 * 8)
     with pytest.raises(ConfigError, match="not divisible by train.micro_batch_size × data-parallel size = 16 × 3"):
-        validate_layout(job, 3)
+        job.train.accumulation_steps(job.parallel.data_parallel(3))
 
 
 def test_deepspeed_config_is_generated_from_the_job():
     job = load_job(REPO / "jobs/gpt2_125m.yaml", ["train.grad_clip=0.5"])
-    accum = validate_layout(job, 8)
-    ds = deepspeed_config(job, dp_size=8, grad_accum=accum, precision="bf16")
+    accum = job.train.accumulation_steps(8)
+    ds = deepspeed_config(job.train.micro_batch_size, accum, 8, job.train.grad_clip, job.parallel.zero_stage,
+                          bf16=job.train.resolved_precision("cuda") == "bf16")
     assert ds["train_batch_size"] == 512 and ds["train_micro_batch_size_per_gpu"] == 16
     assert ds["gradient_accumulation_steps"] == 4 and ds["gradient_clipping"] == 0.5
     assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"]["enabled"] is True
@@ -116,11 +111,11 @@ def test_deepspeed_config_is_generated_from_the_job():
 
 def test_model_vocab_defaults_to_the_tokenizer_rounded_up():
     job = load_job()
-    assert resolve_model_config(job, 4000).vocab_size == 4032
-    assert resolve_model_config(job, 4000).block_size == job.data.seq_len
+    assert job.model.resolve(4000, job.data.seq_len).vocab_size == 4032
+    assert job.model.resolve(4000, job.data.seq_len).block_size == job.data.seq_len
     job = load_job(None, ["model.vocab_size=1000"])
     with pytest.raises(ConfigError, match="model.vocab_size=1000 is smaller than the tokenizer's vocabulary"):
-        resolve_model_config(job, 4000)
+        job.model.resolve(4000, job.data.seq_len)
 
 
 def test_resolved_config_round_trips(tmp_path):

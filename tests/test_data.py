@@ -1,4 +1,4 @@
-"""Tests of launcher/data.py: preparing token shards from text sources, and deterministic batches."""
+"""Tests of launcher/data/: preparing token shards from text sources, and deterministic batches."""
 import json
 import os
 import threading
@@ -16,10 +16,10 @@ from launcher.data import (
     TokenBatches,
     ensure_prepared,
     load_manifest,
-    load_tokenizer,
     prepare,
     token_dtype,
 )
+from core.tokenizer import load_tokenizer
 
 SEQ = 16
 
@@ -392,7 +392,8 @@ def test_progress_lines(pydoc, tmp_path, capsys):
 
 
 def test_builtin_corpora_need_no_path_and_unknown_ones_are_named(tmp_path):
-    from launcher.data import BUILTIN_CORPORA, BUILTIN_STDLIB, fingerprint
+    from launcher.data.prepare import fingerprint
+    from launcher.data.sources import BUILTIN_CORPORA, BUILTIN_STDLIB
 
     documents = BUILTIN_CORPORA[BUILTIN_STDLIB]()
     assert len(documents) > 300 and sum(map(len, documents)) > 5_000_000

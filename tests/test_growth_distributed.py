@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from averaging.consolidate import consolidate
-from averaging.sidecar import read_eval_log
+from core.zero_checkpoint import consolidate
+from averaging.sidecar.protocol import read_eval_log
 from conftest import REPO, read_metrics, torchrun
 from test_hf_distributed import hf_val_loss
 from test_lawa_distributed import smoke
@@ -51,7 +51,7 @@ def test_grown_model_trains_with_the_sidecar_on_and_exports_to_hugging_face(smal
     assert len(losses) == 8 and losses[-1] < losses[0]
     (event,) = [r for r in read_metrics(run) if r.get("event") == "growth"]
     assert event["source_tokens"] == 6 * 512 and event["source_layers"] == 2
-    report = subprocess.run([sys.executable, "-m", "averaging.report", str(run), "--out", str(tmp_path / "report")],
+    report = subprocess.run([sys.executable, "-m", "launcher.report", str(run), "--out", str(tmp_path / "report")],
                             cwd=REPO, capture_output=True, text=True, timeout=300)
     assert report.returncode == 0 and "(+ 3.07k in the run it was grown from)" in report.stdout, report.stderr
     best = [r for r in read_eval_log(str(run)) if r["best"]][-1]

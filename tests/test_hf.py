@@ -69,7 +69,7 @@ def test_lm_eval_scores_an_exported_model_like_our_scorer(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     from averaging.zero_shot import evaluate_task, full_log_probs, load_task, summarize
-    from launcher.data import load_tokenizer
+    from core.tokenizer import load_tokenizer
 
     texts = [t for t in topics.values() if len(t.split()) >= 16]
     tok = Tokenizer(models.BPE(unk_token=None))

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from averaging import slots
-from averaging.consolidate import consolidate
-from averaging.sidecar import read_eval_log
+from core.zero_checkpoint import consolidate
+from averaging.sidecar.protocol import read_eval_log
 from conftest import BIN, REPO, read_metrics, torchrun
 from models.hf import read_folder
 from test_lawa_distributed import smoke

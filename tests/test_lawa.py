@@ -1,6 +1,7 @@
 """LAWA math and the slot format, single process: the pure functions the sidecar is built from."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections import OrderedDict
@@ -9,6 +10,8 @@ import pytest
 import torch
 
 from averaging import slots
+from core import zero_checkpoint
+from core.files import step_name
 from averaging.lawa import average_shards, average_state_dicts, average_tensors, select_spaced
 
 
@@ -45,7 +48,7 @@ def partition(full: dict[str, torch.Tensor], dp: int, rank: int) -> list[torch.T
         chunks = []
         for name in group:
             flat = full[name].flatten()
-            part = slots.partition_numel(flat.numel(), dp)
+            part = zero_checkpoint.partition_numel(flat.numel(), dp)
             padded = torch.cat([flat, torch.full((part * dp - flat.numel(),), 1e30)])  # garbage padding
             chunks.append(padded[rank * part:(rank + 1) * part])
         groups.append(torch.cat(chunks))
@@ -53,7 +56,7 @@ def partition(full: dict[str, torch.Tensor], dp: int, rank: int) -> list[torch.T
 
 
 def consolidate(shards: list[list[torch.Tensor]], dp: int) -> dict[str, torch.Tensor]:
-    parts = [slots.split_partitions(s, PARAM_SHAPES, dp) for s in shards]
+    parts = [zero_checkpoint.split_partitions(s, PARAM_SHAPES, dp) for s in shards]
     return {name: torch.cat([p[name] for p in parts])[: math.prod(shape)].view(shape)
             for group in PARAM_SHAPES for name, shape in group.items()}
 
@@ -78,12 +81,12 @@ def test_zero_padding_clears_exactly_the_tail_past_each_parameter():
     model = random_model()
     for rank in range(dp):
         groups = partition(model, dp, rank)
-        slots.zero_padding(groups, PARAM_SHAPES, rank, dp)
+        zero_checkpoint.zero_padding(groups, PARAM_SHAPES, rank, dp)
         assert all(torch.isfinite(g).all() and g.abs().max() < 1e29 for g in groups)
         # the real values survive
-        for name, part in slots.split_partitions(groups, PARAM_SHAPES, dp).items():
+        for name, part in zero_checkpoint.split_partitions(groups, PARAM_SHAPES, dp).items():
             flat = model[name].flatten()
-            size = slots.partition_numel(flat.numel(), dp)
+            size = zero_checkpoint.partition_numel(flat.numel(), dp)
             real = flat[rank * size:(rank + 1) * size]
             assert torch.equal(part[: real.numel()], real)
             assert torch.count_nonzero(part[real.numel():]) == 0
@@ -96,16 +99,16 @@ def model_states(dp: int, step: int = 0) -> dict:
 
 
 def write_slot(root: str, step: int, model: dict, dp: int = 2, commit: bool = True) -> str:
-    path = os.path.join(root, slots.slot_name(step))
+    path = os.path.join(root, step_name(step))
     files = {}
     for rank in range(dp):
         groups = partition(model, dp, rank)
-        slots.zero_padding(groups, PARAM_SHAPES, rank, dp)
+        zero_checkpoint.zero_padding(groups, PARAM_SHAPES, rank, dp)
         files.update(slots.write_shard(path, rank, 0, groups, model_states(dp, step)))
     if commit:
-        slots.commit(path, {"kind": "raw", "step": step, "tokens": step * 10, "lr": 0.1, "dp": dp, "tp": 1,
-                            "param_shapes": slots.shapes_to_json(PARAM_SHAPES), "files": files,
-                            "ds_version": "0.19.8"})
+        slots.commit(path, slots.SlotManifest(kind="raw", step=step, tokens=step * 10, lr=0.1, dp=dp, tp=1,
+                                              param_shapes=zero_checkpoint.shapes_to_json(PARAM_SHAPES), files=files,
+                                              ds_version="0.19.8"))
     return path
 
 
@@ -115,9 +118,9 @@ def test_slot_round_trip_and_commit_marker(tmp_path):
     write_slot(str(tmp_path), 6, model, commit=False)  # a slot still being written, or torn
     assert slots.committed_steps(str(tmp_path)) == [4]
     groups, manifest = slots.read_shard(str(tmp_path / "step_00000004"), 1, 0)
-    assert manifest["step"] == 4 and manifest["dp"] == 2
+    assert manifest.step == 4 and manifest.dp == 2
     expected = partition(model, 2, 1)
-    slots.zero_padding(expected, PARAM_SHAPES, 1, 2)
+    zero_checkpoint.zero_padding(expected, PARAM_SHAPES, 1, 2)
     assert all(torch.equal(a, b) for a, b in zip(groups, expected))
     with pytest.raises(slots.SlotVanished):
         slots.read_shard(str(tmp_path / "step_00000006"), 0, 0)
@@ -127,7 +130,7 @@ def test_slot_round_trip_and_commit_marker(tmp_path):
 
 def test_a_flipped_byte_is_caught_by_the_checksum(tmp_path):
     path = write_slot(str(tmp_path), 2, random_model())
-    victim = os.path.join(path, slots.optim_states_file(0, 0))
+    victim = os.path.join(path, zero_checkpoint.optim_states_file(0, 0))
     data = bytearray(open(victim, "rb").read())
     data[len(data) // 2] ^= 0xFF
     open(victim, "wb").write(bytes(data))
@@ -147,10 +150,10 @@ def test_a_slot_recycled_while_reading_is_reported_as_vanished(tmp_path):
 def test_slots_of_different_layouts_or_shapes_are_refused(tmp_path):
     a = slots.read_manifest(write_slot(str(tmp_path / "a"), 2, random_model(), dp=2))
     b = slots.read_manifest(write_slot(str(tmp_path / "b"), 4, random_model(), dp=1))
-    with pytest.raises(slots.LayoutMismatch, match=r"data 2 × tensor 1\) with step 4 \(data 1 × tensor 1"):
+    with pytest.raises(zero_checkpoint.LayoutMismatch, match=r"data 2 × tensor 1\) with step 4 \(data 1 × tensor 1"):
         slots.check_compatible([a, b])
-    c = dict(a, step=6, param_shapes=[[["w1", [5, 8]], ["w2", [4, 4]]], a["param_shapes"][1]])
-    with pytest.raises(slots.LayoutMismatch, match=r"w1: \[5, 7\] vs \[5, 8\]"):
+    c = dataclasses.replace(a, step=6, param_shapes=[[["w1", [5, 8]], ["w2", [4, 4]]], a.param_shapes[1]])
+    with pytest.raises(zero_checkpoint.LayoutMismatch, match=r"w1: \[5, 7\] vs \[5, 8\]"):
         slots.check_compatible([a, c])
 
 
@@ -160,10 +163,10 @@ def test_layout_walk_handles_deepspeed_sub_groups_and_refuses_wrong_sizes():
     dp, model = 3, random_model()
     per_group = partition(model, dp, 1)
     merged_shapes = [OrderedDict((n, s) for g in PARAM_SHAPES for n, s in g.items())]
-    a = slots.split_partitions(per_group, PARAM_SHAPES, dp)
-    b = slots.split_partitions(per_group, merged_shapes, dp)
+    a = zero_checkpoint.split_partitions(per_group, PARAM_SHAPES, dp)
+    b = zero_checkpoint.split_partitions(per_group, merged_shapes, dp)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    with pytest.raises(slots.LayoutMismatch):
-        slots.split_partitions([per_group[0][:-1], per_group[1]], PARAM_SHAPES, dp)
-    with pytest.raises(slots.LayoutMismatch):
-        slots.zero_padding(per_group, PARAM_SHAPES, 0, dp=2)  # written at dp=3
+    with pytest.raises(zero_checkpoint.LayoutMismatch):
+        zero_checkpoint.split_partitions([per_group[0][:-1], per_group[1]], PARAM_SHAPES, dp)
+    with pytest.raises(zero_checkpoint.LayoutMismatch):
+        zero_checkpoint.zero_padding(per_group, PARAM_SHAPES, 0, dp=2)  # written at dp=3

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from averaging import slots
+from core.files import step_name
 from averaging.lawa import average_state_dicts
-from averaging.sidecar import read_eval_log
+from averaging.sidecar.protocol import read_eval_log
 from conftest import BIN, REPO, launcher_env, read_metrics, run_launcher, torchrun
 
 pytestmark = pytest.mark.distributed
@@ -30,16 +31,15 @@ def smoke(data_dir: str, run_dir: Path, *extra: str) -> list[str]:
 def consolidate(parent: Path, step: int) -> dict[str, torch.Tensor]:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(parent), tag=slots.slot_name(step))
+    return get_fp32_state_dict_from_zero_checkpoint(str(parent), tag=step_name(step))
 
 
 def single_process_val_loss(run_dir: Path, state_dict: dict[str, torch.Tensor]) -> float:
     """The reference: the consolidated model in one process, on the same held-out windows."""
-    from models.hf import run_model_config
-    from models.registry import build_model
+    from models.registry import build_model, read_model_config
 
     spec = json.loads((run_dir / "sidecar/spec.json").read_text())
-    model = build_model(run_model_config(str(run_dir))).eval()
+    model = build_model(read_model_config(str(run_dir / "model.json"))).eval()
     model.load_state_dict(state_dict)
     per_rank = []
     with torch.no_grad():
@@ -75,7 +75,7 @@ def test_sidecar_evaluates_the_final_average_of_spaced_committed_slots(lawa_run)
     assert committed == [2, 4, 6, 8, 10, 12]
     for step in committed:
         for dp_rank in (0, 1):
-            slots.read_shard(str(lawa_run / "snaps" / slots.slot_name(step)), dp_rank, 0)
+            slots.read_shard(str(lawa_run / "snaps" / step_name(step)), dp_rank, 0)
     left = subprocess.run(["pgrep", "-f", f"averaging.sidecar --run-dir {lawa_run}"], capture_output=True, text=True)
     assert left.stdout.strip() == ""
 
@@ -84,14 +84,14 @@ def test_consolidated_sidecar_average_equals_average_of_consolidated_slots(lawa_
     """DeepSpeed's own zero_to_fp32 is the oracle: the sidecar never consolidated anything."""
     best_root = lawa_run / "lawa_best"
     (best_step,) = slots.committed_steps(str(best_root))
-    manifest = slots.read_manifest(str(best_root / slots.slot_name(best_step)))
-    assert manifest["kind"] == "lawa" and len(manifest["steps_averaged"]) >= 1
+    manifest = slots.read_manifest(str(best_root / step_name(best_step)))
+    assert manifest.kind == "lawa" and len(manifest.steps_averaged) >= 1
     averaged = consolidate(best_root, best_step)
-    reference = average_state_dicts([consolidate(lawa_run / "snaps", s) for s in manifest["steps_averaged"]])
+    reference = average_state_dicts([consolidate(lawa_run / "snaps", s) for s in manifest.steps_averaged])
     assert set(averaged) == set(reference)
     assert max((averaged[k] - reference[k]).abs().max().item() for k in reference) <= 1e-6
     record = {r["step"]: r for r in read_eval_log(str(lawa_run))}[best_step]
-    assert record["best"] and record["lawa_val_loss"] == pytest.approx(manifest["val_loss"])
+    assert record["best"] and record["lawa_val_loss"] == pytest.approx(manifest.val_loss)
 
 
 def test_sidecar_lawa_loss_equals_single_process_loss_of_the_consolidated_average(lawa_run):
@@ -162,12 +162,12 @@ def test_sigkill_during_a_snapshot_write_leaves_only_valid_committed_slots(pydoc
     finally:
         kill_tree(proc.pid)
     listed = slots.list_slots(str(snaps))
-    assert (torn_step, str(snaps / slots.slot_name(torn_step)), False) in listed
+    assert (torn_step, str(snaps / step_name(torn_step)), False) in listed
     committed = [step for step, _, c in listed if c]
     assert committed and torn_step not in committed
     for step in committed:  # every committed slot is whole
         for dp_rank in (0, 1):
-            slots.read_shard(str(snaps / slots.slot_name(step)), dp_rank, 0)
+            slots.read_shard(str(snaps / step_name(step)), dp_rank, 0)
 
     # The sidecar, started by hand on the dead run, averages only committed slots.
     run_launcher([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "averaging.sidecar",

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from averaging.sidecar import read_eval_log
+from averaging.sidecar.protocol import read_eval_log
 from conftest import REPO, launcher_env, read_metrics, torchrun
 from slurm_cluster import SlurmCluster, missing
 
@@ -127,7 +127,7 @@ def test_mpirun_ranks_train(pydoc_data, tmp_path):
 
 
 def test_rank_discovery_reads_each_launcher():
-    from launcher.distributed import rank_env
+    from core.distributed import rank_env
 
     assert rank_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "7"}) \
         .__dict__ == dict(rank=3, world_size=4, local_rank=1, master_addr="h", master_port=7, source="torchrun")

@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from averaging import slots
-from averaging.consolidate import consolidate
+from core import zero_checkpoint
+from core.files import step_name
+from core.zero_checkpoint import consolidate
 from averaging.lawa import average_state_dicts
-from averaging.sidecar import read_eval_log
+from averaging.sidecar.protocol import read_eval_log
 from conftest import BIN, read_metrics, run_launcher, torchrun
 
 pytestmark = pytest.mark.distributed
@@ -30,7 +32,7 @@ def per_step(run_dir: Path, key: str) -> dict[int, float]:
 
 
 def slot(run_dir: Path, step: int, root: str = "snaps") -> str:
-    return str(run_dir / root / slots.slot_name(step))
+    return str(run_dir / root / step_name(step))
 
 
 @pytest.mark.parametrize("nproc, size", [(2, "micro"), (4, "micro"), (2, "neox-micro")])
@@ -56,9 +58,9 @@ def test_tp2_zero3_training_matches_tp1_step_by_step(pydoc_data, tmp_path):
     assert per_step(tp2, "val_loss")[6] == pytest.approx(per_step(tp1, "val_loss")[6], rel=1e-4)
     # Snapshots and checkpoints record the split dimensions; consolidation merges mp_rank files.
     manifest = slots.read_manifest(slot(tp2, 6))
-    assert manifest["tp"] == 2 and manifest["tensor_parallel_layout"]["blocks.0.attn.qkv.weight"] == [0, 3]
-    assert manifest["tensor_parallel_layout"]["blocks.0.mlp.down.weight"] == [1, 1]
-    assert "blocks.0.ln_1.weight" not in manifest["tensor_parallel_layout"]
+    assert manifest.tp == 2 and manifest.tensor_parallel_layout["blocks.0.attn.qkv.weight"] == [0, 3]
+    assert manifest.tensor_parallel_layout["blocks.0.mlp.down.weight"] == [1, 1]
+    assert "blocks.0.ln_1.weight" not in manifest.tensor_parallel_layout
     merged, reference = consolidate(slot(tp2, 6)), consolidate(slot(tp1, 6))
     assert merged.keys() == reference.keys()
     assert all(merged[k].shape == reference[k].shape for k in reference)
@@ -75,16 +77,16 @@ def test_tp2_dp2_sidecar_average_equals_average_after_consolidation(pydoc_data, 
     assert final["step"] == 6 and final["steps_averaged"] == [6, 4, 2]
     assert final["raw_val_loss"] == pytest.approx(per_step(run, "val_loss")[6], rel=1e-6)
     (best,) = slots.committed_steps(str(run / "lawa_best"))
-    steps = slots.read_manifest(slot(run, best, "lawa_best"))["steps_averaged"]
+    steps = slots.read_manifest(slot(run, best, "lawa_best")).steps_averaged
     averaged = consolidate(slot(run, best, "lawa_best"))
     reference = average_state_dicts([consolidate(slot(run, s)) for s in steps])
     assert max((averaged[k] - reference[k]).abs().max().item() for k in reference) <= 1e-6
     # Replicated parameters are bitwise equal in the two tensor-parallel ranks' shards.
     manifest = slots.read_manifest(slot(run, 6))
-    layout = manifest["tensor_parallel_layout"]
-    shapes = slots.shapes_from_json(manifest["param_shapes"])
+    layout = manifest.tensor_parallel_layout
+    shapes = zero_checkpoint.shapes_from_json(manifest.param_shapes)
     for dp_rank in (0, 1):
-        parts = [slots.split_partitions(slots.read_shard(slot(run, 6), dp_rank, t)[0], shapes, 2) for t in (0, 1)]
+        parts = [zero_checkpoint.split_partitions(slots.read_shard(slot(run, 6), dp_rank, t)[0], shapes, 2) for t in (0, 1)]
         replicated = [n for n in parts[0] if n not in layout]
         assert replicated and all(torch.equal(parts[0][n], parts[1][n]) for n in replicated)
     # The TP=2 × DP=2 slot is the TP=1 × DP=2 model of the same run.
@@ -93,7 +95,7 @@ def test_tp2_dp2_sidecar_average_equals_average_after_consolidation(pydoc_data, 
     assert max((merged[k] - dense[k]).abs().max().item() for k in dense) <= 1e-4
     # Offline averaging of TP slots writes the same layout, and consolidates to the same average.
     out_dir = tmp_path / "offline"
-    run_launcher([sys.executable, "-m", "averaging.average", "--out", str(out_dir),
+    run_launcher([sys.executable, "-m", "averaging.offline", "--out", str(out_dir),
                   *[slot(run, s) for s in steps]])
     offline = consolidate(str(out_dir))
     assert max((offline[k] - reference[k]).abs().max().item() for k in reference) <= 1e-6

@@ -13,10 +13,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 import torch.distributed as dist
 
-from launcher.distributed import exit_process
+from core.distributed import exit_process
 from models.registry import build_model, model_config
-from models.parallel import build_parallel
-from models.tensor_parallel import merge_tensors, split_tensor, tensor_parallel_layout
+from core.distributed import build_parallel
+from core.zero_checkpoint import merge_tensors, split_tensor
+from models.tensor_parallel import tensor_parallel_layout
 
 
 def check(ok: bool, what: str) -> None:

@@ -1,7 +1,7 @@
-"""Offline LAWA: the uniform average of k checkpoints, written in the layout of its inputs.
+"""Offline LAWA: the uniform average of k saved checkpoints, written in the layout of its inputs.
 
-    python -m averaging.average --out OUT INPUT [INPUT ...]
-    python -m averaging.average --out OUT --from-dir DIR [--k 5] [--spacing N]
+    python -m averaging.offline --out OUT INPUT [INPUT ...]
+    python -m averaging.offline --out OUT --from-dir DIR [--k 5] [--spacing N]
 
 The inputs are all of one kind, and OUT is of the same kind:
 
@@ -29,11 +29,9 @@ you trust. OUT is written into a hidden sibling and renamed at the end: a crash 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
-import pickle
 import re
 import shutil
 import sys
@@ -44,6 +42,16 @@ import torch
 from tqdm import tqdm
 
 from averaging import lawa, slots
+from core.files import OutputExists, any_step_of, staged, write_file_atomic
+from core.log import logger, setup_logging
+from core.run_dir import LATEST, MANIFEST, RUN_STATE
+from core.weights import (DTYPE_NAMES, HF_INDEXES, HF_SINGLE, Weights, WeightsError, hf_weight_files, load_pickle,
+                          state_dict_in)
+from core.zero_checkpoint import LayoutMismatch, zero_padding
+
+# Tensors are averaged in row blocks of at most this many elements: with k inputs, about k + 2
+# such blocks are in memory at a time, whatever the size of the model.
+BLOCK_ELEMENTS = 1 << 24
 
 
 class UsageError(Exception):
@@ -54,27 +62,12 @@ def mismatch(a: str, b: str, what: str) -> UsageError:
     return UsageError(f"cannot average {a} with {b}: {what}")
 
 
-def say(line: str) -> None:
-    print(line, flush=True)
-
-
 # ---------------------------------------------------------------------------------------------
 # recognising inputs
 
-STEP_NAME = re.compile(r"^(?:step_(\d+)|global_step(\d+)|checkpoint-(\d+))$")
-HF_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-HF_SINGLE = ("model.safetensors", "pytorch_model.bin")
 TORCH_EXTS = (".pt", ".bin", ".pth")
 # Training state an HF Trainer leaves next to the weights: stale for an average, and large.
 HF_TRAINING_STATE = re.compile(r"^(optimizer\.pt|scheduler\.pt|scaler\.pt|rng_state.*\.pth)$")
-# The launcher's completion marker (launcher/checkpoint.py): not copied, since it would offer the
-# weights-only OUT to resume, which needs optimizer states.
-LAUNCHER_DONE = "run_state.json"
-
-
-def step_of_name(path: str) -> Optional[int]:
-    match = STEP_NAME.match(os.path.basename(os.path.normpath(path)))
-    return int(next(g for g in match.groups() if g is not None)) if match else None
 
 
 def kind_of(path: str) -> str:
@@ -88,7 +81,7 @@ def kind_of(path: str) -> str:
         raise UsageError(f"{path}: not a .safetensors/.pt/.bin/.pth file")
     names = set(os.listdir(path))
     # A slot also holds *_model_states.pt: its manifest is what tells it apart.
-    if slots.MANIFEST in names or slots.COMMITTED in names:
+    if MANIFEST in names or slots.is_committed(path):
         return "slot"
     if any(n.endswith("model_states.pt") for n in names):
         return "deepspeed"
@@ -103,28 +96,28 @@ def pick_from_dir(root: str, k: int, spacing: int) -> list[str]:
         raise UsageError(f"{root}: no such directory")
     found: dict[int, str] = {}
     for name in sorted(os.listdir(root)):
-        path, step = os.path.join(root, name), step_of_name(name)
+        path, step = os.path.join(root, name), any_step_of(name)
         if step is None or not os.path.isdir(path):
             continue
         if step in found:
             raise UsageError(f"{root}: both {os.path.basename(found[step])} and {name} are step {step}")
         found[step] = path
     # Torn folders look like checkpoints: only committed slots / complete launcher checkpoints count.
-    if any(slots.is_committed(p) or os.path.exists(os.path.join(p, slots.MANIFEST)) for p in found.values()):
+    if any(slots.is_committed(p) or os.path.exists(os.path.join(p, MANIFEST)) for p in found.values()):
         usable, what = slots.is_committed, "committed slots"
-    elif any(os.path.isfile(os.path.join(p, LAUNCHER_DONE)) for p in found.values()):
-        usable, what = (lambda p: os.path.isfile(os.path.join(p, LAUNCHER_DONE))), "complete checkpoints"
+    elif any(os.path.isfile(os.path.join(p, RUN_STATE)) for p in found.values()):
+        usable, what = (lambda p: os.path.isfile(os.path.join(p, RUN_STATE))), "complete checkpoints"
     else:
         usable, what = (lambda p: True), ""
     skipped = sorted(s for s, p in found.items() if not usable(p))
     if skipped:
-        say(f"skipping steps {skipped}: not {what}")
+        logger.info(f"skipping steps {skipped}: not {what}")
     found = {s: p for s, p in found.items() if usable(p)}
     chosen = lawa.select_spaced(found, k, spacing)
     if not chosen:
         raise UsageError(f"{root}: no step_N, global_stepN or checkpoint-N checkpoints in it")
     note = f" (only {len(chosen)} of {k} available at spacing {spacing})" if len(chosen) < k else ""
-    say(f"chose steps {chosen} from {root}{note}")
+    logger.info(f"chose steps {chosen} from {root}{note}")
     return [found[s] for s in sorted(chosen)]
 
 
@@ -136,60 +129,6 @@ def oldest_first(paths: list[str], steps: list[Optional[int]]) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------
 # writing OUT all at once
-
-
-@contextlib.contextmanager
-def staged(out: str, force: bool) -> Iterator[str]:
-    """A temporary sibling to write into, renamed to OUT only when everything is in it."""
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    # Hidden, and not step-named: nothing that lists checkpoints mistakes it for one.
-    tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(out))}.partial-{os.getpid()}")
-    remove_path(tmp)
-    try:
-        yield tmp
-        fsync_tree(tmp)  # on disk before it has its name, so a power cut cannot tear OUT either
-        if os.path.lexists(out):
-            if not force:  # appeared while we worked
-                raise UsageError(f"{out} already exists (--force replaces it)")
-            old = f"{tmp}.old"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            remove_path(old)
-        else:
-            os.replace(tmp, out)
-    finally:
-        remove_path(tmp)
-
-
-def fsync_tree(path: str) -> None:
-    files = [os.path.join(d, f) for d, _, names in os.walk(path) for f in names] if os.path.isdir(path) else [path]
-    for file in files:
-        with open(file, "rb") as f:
-            os.fsync(f.fileno())
-
-
-def remove_path(path: str) -> None:
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path)
-    elif os.path.lexists(path):
-        os.remove(path)
-
-
-def load_pickle(path: str, weights_only: bool) -> Any:
-    """mmap: tensors are paged in when touched, so k loaded checkpoints cost address space, not RAM."""
-    try:
-        try:
-            return torch.load(path, map_location="cpu", mmap=True, weights_only=weights_only)
-        except RuntimeError as e:
-            if "mmap" not in str(e) and "zip" not in str(e):
-                raise
-            return torch.load(path, map_location="cpu", weights_only=weights_only)  # legacy format
-    except pickle.UnpicklingError as e:
-        raise UsageError(f"{path} holds Python objects besides tensors; refusing to unpickle it "
-                         f"({str(e).splitlines()[0]})") from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise UsageError(f"cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
 def average_like(tensors: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
@@ -208,13 +147,13 @@ def average_slots(inputs: list[str], tmp: str) -> str:
     for path, manifest in zip(inputs[1:], manifests[1:]):
         try:
             slots.check_compatible([manifests[0], manifest])
-        except slots.LayoutMismatch as e:
+        except LayoutMismatch as e:
             raise UsageError(f"{e} ({inputs[0]} vs {path})") from None
-    order = sorted(range(len(inputs)), key=lambda i: manifests[i]["step"])
+    order = sorted(range(len(inputs)), key=lambda i: manifests[i].step)
     inputs, manifests = [inputs[i] for i in order], [manifests[i] for i in order]
     newest, first = manifests[-1], manifests[0]
-    shapes = slots.shapes_from_json(first["param_shapes"])
-    dp, tp = first["dp"], first["tp"]
+    shapes = first.shapes()
+    dp, tp = first.dp, first.tp
     files: dict[str, dict] = {}
     # One rank at a time: k copies of one rank's partition are all that is ever in memory.
     for tp_rank in range(tp):
@@ -223,18 +162,18 @@ def average_slots(inputs: list[str], tmp: str) -> str:
             averaged = lawa.average_shards(shards)
             # The padding is garbage in raw DeepSpeed partitions; averaging keeps each element
             # apart, so zeroing the result is the same as zeroing every input first.
-            slots.zero_padding(averaged, shapes, dp_rank, dp)
+            zero_padding(averaged, shapes, dp_rank, dp)
             model_states = slots.read_model_states(inputs[-1], dp_rank, tp_rank, newest)
             files.update(slots.write_shard(tmp, dp_rank, tp_rank, averaged, model_states))
-            say(f"[{tp_rank * dp + dp_rank + 1}/{dp * tp}] rank dp {dp_rank} tp {tp_rank}: "
+            logger.info(f"[{tp_rank * dp + dp_rank + 1}/{dp * tp}] rank dp {dp_rank} tp {tp_rank}: "
                 f"{len(averaged)} flat groups, {sum(t.numel() for t in averaged):,} elements")
             del shards, averaged
-    steps = [m["step"] for m in reversed(manifests)]  # newest first, like the sidecar's
-    slots.commit(tmp, {**{k: newest[k] for k in ("step", "tokens", "lr")},
-                       "dp": dp, "tp": tp, "param_shapes": first["param_shapes"],
-                       "ds_version": newest.get("ds_version"), "kind": "offline",
-                       "steps_averaged": steps, "files": files})
-    return f"committed slot of step {newest['step']}, average of steps {steps}"
+    steps = [m.step for m in reversed(manifests)]  # newest first, like the sidecar's
+    slots.commit(tmp, slots.SlotManifest(
+        kind="offline", step=newest.step, tokens=newest.tokens, lr=newest.lr, dp=dp, tp=tp,
+        param_shapes=first.param_shapes, files=files, tensor_parallel_layout=newest.tensor_parallel_layout,
+        ds_version=newest.ds_version, steps_averaged=steps))
+    return f"committed slot of step {newest.step}, average of steps {steps}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,8 +225,8 @@ def check_param_shapes(states: list[dict], inputs: list[str], name: str) -> None
 def zero_stage3_padding(groups: list[torch.Tensor], param_shapes: list[dict], dp_rank: int, dp: int,
                         where: str) -> list[torch.Tensor]:
     try:
-        slots.zero_padding(groups, param_shapes, dp_rank, dp)
-    except slots.LayoutMismatch as e:
+        zero_padding(groups, param_shapes, dp_rank, dp)
+    except LayoutMismatch as e:
         raise UsageError(f"{where}: {e}") from None
     return groups
 
@@ -318,7 +257,7 @@ def average_ds_optim(inputs: list[str], name: str, param_shapes: Optional[list[d
 
 
 def average_deepspeed(inputs: list[str], tmp: str) -> str:
-    inputs = oldest_first(inputs, [step_of_name(p) for p in inputs])
+    inputs = oldest_first(inputs, [any_step_of(p) for p in inputs])
     model_names, optim_names = ds_files(inputs[-1])
     for path in inputs[:-1]:
         if ds_files(path) != (model_names, optim_names):
@@ -343,7 +282,7 @@ def average_deepspeed(inputs: list[str], tmp: str) -> str:
             rank_shapes[(int(match.group(1)), int(match.group(2)))] = out.get("param_shapes")
         torch.save(out, os.path.join(tmp, name))
         done += 1
-        say(f"[{done}/{total}] {name}: {len(out['module'])} module tensors")
+        logger.info(f"[{done}/{total}] {name}: {len(out['module'])} module tensors")
         del states, out
     for name in optim_names:
         match = OPTIM_FILE.match(name)
@@ -354,11 +293,11 @@ def average_deepspeed(inputs: list[str], tmp: str) -> str:
         torch.save(out, os.path.join(tmp, name))
         done += 1
         key = "fp32_flat_groups" if stages[-1] == 3 else "single_partition_of_fp32_groups"
-        say(f"[{done}/{total}] {name}: {sum(t.numel() for t in out['optimizer_state_dict'][key]):,} fp32 elements")
+        logger.info(f"[{done}/{total}] {name}: {sum(t.numel() for t in out['optimizer_state_dict'][key]):,} fp32 elements")
         del out
     for name in sorted(os.listdir(inputs[-1])):
         src = os.path.join(inputs[-1], name)
-        if name not in model_names + optim_names and name != LAUNCHER_DONE and os.path.isfile(src):
+        if name not in model_names + optim_names and name != RUN_STATE and os.path.isfile(src):
             shutil.copy2(src, os.path.join(tmp, name))
     return (f"ZeRO-{stages[-1]} tag folder, average of {[os.path.basename(p) for p in inputs]}; "
             f"weights only (optimizer moments dropped: load with load_optimizer_states=False)")
@@ -366,96 +305,6 @@ def average_deepspeed(inputs: list[str], tmp: str) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # 3. state dicts and Hugging Face folders, streamed tensor by tensor
-
-# Tensors are averaged in row blocks of at most this many elements: with k inputs, about k + 2
-# such blocks are in memory at a time, whatever the size of the model.
-BLOCK_ELEMENTS = 1 << 24
-STATE_DICT_KEYS = ("model", "state_dict", "module")
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
-DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
-
-
-def is_state_dict(obj: Any) -> bool:
-    return isinstance(obj, dict) and any(torch.is_tensor(v) for v in obj.values()) and \
-        not any(isinstance(v, dict) for v in obj.values())
-
-
-def state_dict_in(obj: Any, path: str) -> tuple[Optional[str], dict]:
-    """(key it sits under, or None when obj is the state dict itself; the state dict)."""
-    if isinstance(obj, dict):
-        for key in STATE_DICT_KEYS:
-            if is_state_dict(obj.get(key)):
-                return key, obj[key]
-    if is_state_dict(obj):
-        return None, obj
-    raise UsageError(f"{path}: no state dict in it (neither tensors by name nor under {'/'.join(STATE_DICT_KEYS)})")
-
-
-class Weights:
-    """One input's tensors by name, read lazily from its files (safetensors or torch pickles)."""
-
-    def __init__(self, where: dict[str, str]):
-        self.where = where  # tensor name -> file
-        self.open: dict[str, Any] = {}
-
-    @classmethod
-    def of_files(cls, files: list[str]) -> "Weights":
-        weights = cls({})
-        for file in files:
-            weights.where.update((key, file) for key in weights.names_in(file))
-        return weights
-
-    def handle(self, file: str) -> Any:
-        """A safetensors file opened lazily (header read, data mapped), or a torch state dict
-        loaded with mmap: either way, tensors are read only when asked for."""
-        if file not in self.open:
-            if file.endswith(".safetensors"):
-                from safetensors import safe_open
-                try:
-                    self.open[file] = safe_open(file, framework="pt")
-                except Exception as e:
-                    raise UsageError(f"cannot read {file}: {e}") from None
-            else:
-                self.open[file] = state_dict_in(load_pickle(file, weights_only=True), file)[1]
-        return self.open[file]
-
-    def close(self) -> None:
-        self.open.clear()  # shard by shard: drop the maps of files we are done with
-
-    def names_in(self, file: str) -> list[str]:
-        """The tensors in file, in file order where known."""
-        handle = self.handle(file)
-        if isinstance(handle, dict):
-            return [k for k, v in handle.items() if torch.is_tensor(v)]
-        return list(getattr(handle, "offset_keys", handle.keys)())
-
-    def meta(self, key: str) -> tuple[tuple[int, ...], torch.dtype]:
-        handle = self.handle(self.where[key])
-        if isinstance(handle, dict):
-            if not torch.is_tensor(handle.get(key)):
-                raise UsageError(f"{self.where[key]} has no tensor {key}, although its index names it")
-            return tuple(handle[key].shape), handle[key].dtype
-        try:
-            piece = handle.get_slice(key)
-        except Exception:
-            raise UsageError(f"{self.where[key]} has no tensor {key}, although its index names it") from None
-        name = piece.get_dtype()
-        if name not in SAFETENSORS_DTYPES:
-            raise UsageError(f"{self.where[key]}: tensor {key} has dtype {name}, which this tool does not handle")
-        return tuple(piece.get_shape()), SAFETENSORS_DTYPES[name]
-
-    def rows(self, key: str, start: int, stop: int) -> torch.Tensor:
-        """Rows start:stop of tensor key (all of it when it is a scalar), read from disk now."""
-        handle = self.handle(self.where[key])
-        tensor = handle[key] if isinstance(handle, dict) else handle.get_slice(key)
-        if isinstance(handle, dict):
-            return tensor if tensor.dim() == 0 else tensor[start:stop]
-        return handle.get_tensor(key) if not tensor.get_shape() else tensor[start:stop]
-
 
 def check_same_tensors(weights: list[Weights], inputs: list[str], keys: list[str]) -> None:
     """Before writing anything: every input has exactly these tensors, in the same shapes."""
@@ -557,7 +406,7 @@ def wrap(container: tuple[Optional[str], Any], sd: dict) -> Any:
 
 
 def average_files(inputs: list[str], out_tmp: str) -> str:
-    inputs = oldest_first(inputs, [step_of_name(os.path.splitext(p)[0]) for p in inputs])
+    inputs = oldest_first(inputs, [any_step_of(os.path.splitext(p)[0]) for p in inputs])
     weights = [Weights.of_files([p]) for p in inputs]
     check_same_tensors(weights, inputs, list(weights[-1].where))
     container, dropped = None, []
@@ -567,28 +416,12 @@ def average_files(inputs: list[str], out_tmp: str) -> str:
         container = (key, outer)
         dropped = [k for k in outer if "optim" in k.lower()] if key is not None else []
     n = average_weight_file(weights, inputs[-1], out_tmp, container)
-    say(f"[1/1] {os.path.basename(inputs[-1])}: {n} tensors")
+    logger.info(f"[1/1] {os.path.basename(inputs[-1])}: {n} tensors")
     return f"{n} tensors averaged" + (f"; dropped {dropped} of the newest (weights only)" if dropped else "")
 
 
-def hf_weight_files(path: str) -> tuple[Optional[str], dict[str, str]]:
-    """(index file name or None, tensor name -> weight file path) of a Hugging Face model folder."""
-    for index in HF_INDEXES:
-        if os.path.isfile(os.path.join(path, index)):
-            try:
-                with open(os.path.join(path, index)) as f:
-                    weight_map = json.load(f)["weight_map"]
-            except (OSError, ValueError, KeyError) as e:
-                raise UsageError(f"{path}/{index}: not a weight index ({e})") from None
-            return index, {k: os.path.join(path, v) for k, v in weight_map.items()}
-    for single in HF_SINGLE:
-        if os.path.isfile(os.path.join(path, single)):
-            return None, Weights.of_files([os.path.join(path, single)]).where
-    raise UsageError(f"{path}: no model.safetensors, pytorch_model.bin or weight index in it")
-
-
 def average_hf(inputs: list[str], tmp: str) -> str:
-    inputs = oldest_first(inputs, [step_of_name(p) for p in inputs])
+    inputs = oldest_first(inputs, [any_step_of(p) for p in inputs])
     maps = [hf_weight_files(p) for p in inputs]
     weights = [Weights(where) for _, where in maps]
     keys = list(weights[-1].where)
@@ -600,7 +433,7 @@ def average_hf(inputs: list[str], tmp: str) -> str:
     for i, file in enumerate(files, 1):
         n = average_weight_file(weights, file, os.path.join(tmp, os.path.basename(file)))
         total += n
-        say(f"[{i}/{len(files)}] {os.path.basename(file)}: {n} tensors")
+        logger.info(f"[{i}/{len(files)}] {os.path.basename(file)}: {n} tensors")
     # Everything else that describes the model comes from the newest: config, tokenizer, index.
     written = {os.path.basename(f) for f in files}
     copied, skipped = [], []
@@ -630,7 +463,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    parser = Parser(prog="python -m averaging.average", description=__doc__,
+    parser = Parser(prog="python -m averaging.offline", description=__doc__,
                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("inputs", nargs="*", metavar="INPUT", help="checkpoints to average (all of one kind)")
     parser.add_argument("--out", required=True, help="where to write the average (must not exist)")
@@ -671,23 +504,27 @@ def run(args: argparse.Namespace) -> str:
     if (kind == "safetensors" and not out.endswith(".safetensors")) or \
             (kind == "torch" and not out.endswith(TORCH_EXTS)):
         raise UsageError(f"--out {out}: the inputs are {kind} files, so OUT must be one too (same extension)")
-    say(f"averaging {len(inputs)} {kind} checkpoint(s) into {out}")
+    logger.info(f"averaging {len(inputs)} {kind} checkpoint(s) into {out}")
     average = {"slot": average_slots, "deepspeed": average_deepspeed, "hf": average_hf,
                "safetensors": average_files, "torch": average_files}[kind]
-    with staged(out, args.force) as tmp:
-        what = average(inputs, tmp)
+    try:
+        with staged(out, replace=args.force) as tmp:
+            what = average(inputs, tmp)
+    except OutputExists:  # appeared while we worked
+        raise UsageError(f"{out} already exists (--force replaces it)") from None
     if kind == "deepspeed":
-        latest = os.path.join(os.path.dirname(os.path.abspath(out)), "latest")
+        latest = os.path.join(os.path.dirname(os.path.abspath(out)), LATEST)
         if not os.path.exists(latest):  # what zero_to_fp32 reads when given no tag
-            slots.write_file_atomic(latest, os.path.basename(os.path.abspath(out)).encode())
+            write_file_atomic(latest, os.path.basename(os.path.abspath(out)))
     return f"wrote {out}: {what}"
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    setup_logging()
     args = parse_args(argv)
     try:
-        say(run(args))
-    except (UsageError, slots.SlotError) as e:
+        logger.info(run(args))
+    except (UsageError, WeightsError, LayoutMismatch, slots.SlotError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     except OSError as e:  # disk full, permissions: not a bug here, and OUT was left untouched

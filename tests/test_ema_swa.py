@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from averaging.averages import (EmaArgs, ShardAverages, SwaArgs, ema_decay, ema_reference, ema_update_,
+from averaging.ema_swa import (EmaArgs, ShardAverages, SwaArgs, ema_decay, ema_reference, ema_update_,
                                 scheduled_lr, swa_update_)
 from averaging.lawa import average_tensors
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from averaging.averages import ema_decay, ema_reference
-from averaging.consolidate import consolidate
+from averaging.ema_swa import ema_decay, ema_reference
+from core.zero_checkpoint import consolidate
 from averaging.lawa import average_state_dicts
-from averaging.sidecar import read_eval_log
+from averaging.sidecar.protocol import read_eval_log
 from conftest import BIN, REPO, read_metrics, run_launcher, torchrun
 from test_lawa_distributed import single_process_val_loss, smoke
 
@@ -71,7 +71,7 @@ def test_sidecar_scores_ema_and_swa_like_a_single_process_would(averaged_run):
 
 def test_report_draws_a_finished_run(averaged_run, tmp_path):
     out = tmp_path / "report"
-    proc = subprocess.run([str(BIN / "python"), "-m", "averaging.report", str(averaged_run), "--out", str(out)],
+    proc = subprocess.run([str(BIN / "python"), "-m", "launcher.report", str(averaged_run), "--out", str(out)],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert (out / "report.png").stat().st_size > 20_000
@@ -82,7 +82,7 @@ def test_report_draws_a_finished_run(averaged_run, tmp_path):
         assert f"{final[f'{key}_val_loss']:.4f}" in table  # each method's final loss is in its row
     empty = tmp_path / "empty"
     empty.mkdir()
-    proc = subprocess.run([str(BIN / "python"), "-m", "averaging.report", str(empty)], cwd=REPO,
+    proc = subprocess.run([str(BIN / "python"), "-m", "launcher.report", str(empty)], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "has no" in proc.stderr and "Traceback" not in proc.stderr
 

@@ -1,7 +1,7 @@
 """A report a person can look at: validation loss of raw, LAWA, EMA and SWA weights against steps
 and tokens, the learning rate beneath, and what averaging saves.
 
-    python -m averaging.report runs/lawa_lr_cpu runs/lawa_lr_cpu_10x --out docs/results/lawa_lr_cpu
+    python -m launcher.report runs/lawa_lr_cpu runs/lawa_lr_cpu_10x --out docs/results/lawa_lr_cpu
 
 Reads each run directory's `eval.jsonl` (the sidecar's scores, all on one held-out set),
 `metrics.jsonl` (learning rate, throughput) and `sidecar/spec.json` (layout); writes
@@ -13,15 +13,18 @@ sidecar's evaluations.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from averaging.averages import KINDS
-from averaging.sidecar import SPEC_FILE, read_eval_log
+from averaging.ema_swa import KINDS
+from averaging.sidecar.protocol import SidecarSpec, read_eval_log
+from core.config import ConfigError
+from core.files import read_jsonl
+from core.run_dir import RunDir
+from launcher.config import load_job
 
 METHODS = ("raw", "lawa", *KINDS)
 LABELS = {"raw": "raw", "lawa": "LAWA", "ema": "EMA", "swa": "SWA"}
@@ -52,46 +55,34 @@ class Run:
         return [p[0] for p in points], [p[1] for p in points]
 
 
-def read_jsonl(path: str) -> list[dict[str, Any]]:
-    if not os.path.isfile(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def schedule_of(path: str) -> list[tuple[int, float]]:
     """Every step's learning rate, recomputed from the run's resolved config (the schedule is a
     pure function of the step); empty when the config cannot be read."""
-    from launcher.config import ConfigError, learning_rate, load_job
-
-    config = os.path.join(path, "config.yaml")
+    config = RunDir(path).config
     if not os.path.isfile(config):
         return []
     try:
         job = load_job(config)
     except ConfigError:
         return []
-    return [(step + 1, learning_rate(job, step)) for step in range(job.train.steps)]
+    return [(step + 1, job.learning_rate(step)) for step in range(job.train.steps)]
 
 
 def load_run(path: str) -> Run:
     evals = read_eval_log(path)
     if not evals:
-        raise ValueError(f"{path} has no {os.path.join(path, 'eval.jsonl')} records: was it run with the sidecar "
+        raise ValueError(f"{path} has no {RunDir(path).eval_log} records: was it run with the sidecar "
                          f"(sidecar.enabled=true), or scored with `torchrun ... -m averaging.sidecar --run-dir {path}`?")
-    metrics = read_jsonl(os.path.join(path, "metrics.jsonl"))
+    metrics = read_jsonl(RunDir(path).metrics)
     steps = [r for r in metrics if "lr" in r]
     lrs = schedule_of(path) or sorted({r["step"]: r["lr"] for r in steps}.items())
     per_step = [(r["tokens"] / r["step"]) / r["tokens_per_s"] for r in steps if r.get("tokens_per_s") and r["step"]]
-    spec = {}
-    if os.path.isfile(os.path.join(path, SPEC_FILE)):
-        with open(os.path.join(path, SPEC_FILE)) as f:
-            spec = json.load(f)
+    spec = SidecarSpec.read(path) if SidecarSpec.exists(path) else None
     grown = [r for r in metrics if r.get("event") == "growth"]
     return Run(name=os.path.basename(os.path.normpath(path)), path=path, evals=evals, lrs=lrs,
                peak_lr=max((lr for _, lr in lrs), default=None),
                seconds_per_step=statistics.median(per_step) if per_step else None,
-               devices=spec.get("dp", 1) * spec.get("tp", 1), device_kind=spec.get("training_device", "device"),
+               devices=spec.dp * spec.tp if spec else 1, device_kind=spec.training_device if spec else "device",
                token_offset=(grown[-1].get("source_tokens") or 0) if grown else 0)
 
 

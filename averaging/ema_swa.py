@@ -12,6 +12,8 @@ from typing import Any, Optional
 
 import torch
 
+from core.config import need
+
 KINDS = ("ema", "swa")
 
 
@@ -24,12 +26,22 @@ class EmaArgs:
     every: int = 1  # update every this many steps (the half-life stays in steps)
     offload: bool = False  # keep the EMA in host memory: frees device memory, costs a copy per update
 
+    def validate(self) -> None:
+        need(self.half_life > 0, f"ema.half_life: must be positive, got {self.half_life}")
+        need(self.decay is None or 0.0 < self.decay < 1.0, f"ema.decay: must be in (0, 1), got {self.decay}")
+        need(self.every >= 1, f"ema.every: must be >= 1, got {self.every}")
+        need(self.start_step >= 0, f"ema.start_step: must be >= 0, got {self.start_step}")
+
 
 @dataclass
 class SwaArgs:
     enabled: bool = False
     start_step: int = 0  # uniform average of the weights at every snapshot step from this one on
     lr: Optional[float] = None  # SWA's learning-rate phase: this constant LR from start_step; None: the schedule's
+
+    def validate(self) -> None:
+        need(self.start_step >= 0, f"swa.start_step: must be >= 0, got {self.start_step}")
+        need(self.lr is None or self.lr > 0, f"swa.lr: must be positive, got {self.lr}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,12 +22,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
-from averaging import average, slots
+from averaging import offline, slots
+from core import zero_checkpoint
+from core.files import any_step_of, step_name
 from conftest import REPO, launcher_env
 
 
 def cli(capsys, *argv) -> tuple[int, str, str]:
-    code = average.main([str(a) for a in argv])
+    code = offline.main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -57,15 +59,15 @@ SHAPES = [OrderedDict([("a.weight", torch.Size([5, 3])), ("a.bias", torch.Size([
 
 def padding_mask(shapes, dp_rank: int, dp: int) -> list[torch.Tensor]:
     """True where rank dp_rank's flat groups hold padding."""
-    ones = [torch.ones(sum(slots.partition_numel(math.prod(shape), dp) for shape in group.values())) for group in shapes]
-    slots.zero_padding(ones, shapes, dp_rank, dp)
+    ones = [torch.ones(sum(zero_checkpoint.partition_numel(math.prod(shape), dp) for shape in group.values())) for group in shapes]
+    zero_checkpoint.zero_padding(ones, shapes, dp_rank, dp)
     return [t == 0 for t in ones]
 
 
 def make_slot(root, step: int, dp: int = 2, shapes=SHAPES, commit: bool = True) -> str:
     """A slot as DeepSpeed would leave it raw: random weights, padding full of huge garbage."""
     gen = torch.Generator().manual_seed(step)
-    path = os.path.join(root, slots.slot_name(step))
+    path = os.path.join(root, step_name(step))
     files = {}
     for rank in range(dp):
         groups = []
@@ -78,15 +80,15 @@ def make_slot(root, step: int, dp: int = 2, shapes=SHAPES, commit: bool = True) 
                         "ds_version": "0.19.8", "global_steps": step}
         files.update(slots.write_shard(path, rank, 0, groups, model_states))
     if commit:
-        slots.commit(path, {"kind": "raw", "step": step, "tokens": step * 1000, "lr": 1e-3 / step, "dp": dp,
-                            "tp": 1, "param_shapes": slots.shapes_to_json(shapes), "files": files,
-                            "ds_version": "0.19.8"})
+        slots.commit(path, slots.SlotManifest(kind="raw", step=step, tokens=step * 1000, lr=1e-3 / step, dp=dp,
+                                              tp=1, param_shapes=zero_checkpoint.shapes_to_json(shapes), files=files,
+                                              ds_version="0.19.8"))
     return path
 
 
 def test_slots_average_consolidates_to_the_mean(tmp_path, capsys):
     inputs = [make_slot(tmp_path / "snapshots", step) for step in (200, 300, 100)]  # any order
-    out = tmp_path / "offline" / slots.slot_name(300)
+    out = tmp_path / "offline" / step_name(300)
     code, stdout, err = cli(capsys, "--out", out, *inputs)
     assert code == 0, err
     assert f"wrote {out}" in stdout.splitlines()[-1]
@@ -95,8 +97,8 @@ def test_slots_average_consolidates_to_the_mean(tmp_path, capsys):
     assert max_diff(consolidate(out), want) <= 1e-6
 
     manifest = slots.read_manifest(str(out))  # committed, and every file matches its checksum
-    assert (manifest["kind"], manifest["step"], manifest["tokens"]) == ("offline", 300, 300_000)
-    assert manifest["steps_averaged"] == [300, 200, 100] and manifest["dp"] == 2
+    assert (manifest.kind, manifest.step, manifest.tokens) == ("offline", 300, 300_000)
+    assert manifest.steps_averaged == [300, 200, 100] and manifest.dp == 2
     padded = 0
     for rank in range(2):
         groups, _ = slots.read_shard(str(out), rank, 0, manifest)
@@ -114,8 +116,8 @@ def test_slots_refuses_other_shapes_and_corruption(tmp_path, capsys):
     code, _, err = cli(capsys, "--out", tmp_path / "out1", good[0], other)
     assert code == 2 and "a.bias" in err and len(err.strip().splitlines()) == 1
 
-    corrupt = shutil.copytree(good[1], tmp_path / "c" / slots.slot_name(200))
-    victim = corrupt / slots.optim_states_file(1, 0)
+    corrupt = shutil.copytree(good[1], tmp_path / "c" / step_name(200))
+    victim = corrupt / zero_checkpoint.optim_states_file(1, 0)
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0xFF
     victim.write_bytes(bytes(data))
@@ -131,7 +133,7 @@ def test_from_dir_picks_spaced_committed_steps(tmp_path, capsys):
     code, stdout, err = cli(capsys, "--out", out, "--from-dir", tmp_path / "snapshots", "--k", 3, "--spacing", 200)
     assert code == 0, err
     assert "chose steps [800, 600, 400]" in stdout
-    assert slots.read_manifest(str(out))["steps_averaged"] == [800, 600, 400]
+    assert slots.read_manifest(str(out)).steps_averaged == [800, 600, 400]
 
     code, stdout, _ = cli(capsys, "--out", tmp_path / "avg2", "--from-dir", tmp_path / "snapshots", "--k", 2)
     assert code == 0 and "chose steps [800, 600]" in stdout  # 700 is not committed
@@ -140,7 +142,7 @@ def test_from_dir_picks_spaced_committed_steps(tmp_path, capsys):
 @pytest.mark.parametrize("name,step", [("step_00001000", 1000), ("global_step42", 42), ("checkpoint-500", 500),
                                        ("lawa_best", None), ("step_12a", None)])
 def test_step_names(name, step):
-    assert average.step_of_name(f"/runs/x/{name}/") == step
+    assert any_step_of(f"/runs/x/{name}/") == step
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,7 +260,7 @@ def test_safetensors_file_keeps_dtypes_and_metadata(tmp_path, capsys, monkeypatc
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    monkeypatch.setattr(average, "BLOCK_ELEMENTS", 4)  # several row blocks per tensor
+    monkeypatch.setattr(offline, "BLOCK_ELEMENTS", 4)  # several row blocks per tensor
     inputs = []
     for step in (1, 2, 3):
         torch.manual_seed(step)
@@ -310,7 +312,7 @@ def test_torch_file_round_trip_and_refusals(tmp_path, capsys):
 
 
 def run_cli(*argv) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "averaging.average", *map(str, argv)], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "averaging.offline", *map(str, argv)], cwd=REPO,
                           env=launcher_env(), capture_output=True, text=True, timeout=120)
 
 

@@ -1,0 +1,198 @@
+"""Process groups in one place: rank discovery from whichever launcher started us, the TP x DP
+layout (validated once, by its owner, before anything starts), group setup, and a clean exit.
+
+Tensor-parallel ranks are consecutive (rank = dp_rank * tp + tp_rank), so with one task per GPU a
+tensor-parallel group stays inside a node, on NVLink. Trainers and the LAWA sidecar build their
+layouts with the same function, so a sidecar rank holds exactly its trainer rank's shard.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Literal, NoReturn, Optional
+
+import torch
+import torch.distributed as dist
+
+from core.config import ConfigError, need
+
+
+@dataclass
+class ParallelArgs:
+    tensor: int = 1  # Megatron-style tensor-parallel size; data-parallel size = world / tensor
+    zero_stage: Literal[0, 1, 2, 3] = 3  # DeepSpeed ZeRO stage
+
+    def validate(self) -> None:
+        need(self.tensor >= 1, f"parallel.tensor: must be >= 1, got {self.tensor}")
+
+    def data_parallel(self, world_size: int) -> int:
+        """The data-parallel size of a world of this many ranks."""
+        if world_size % self.tensor != 0:
+            raise ConfigError(f"world size {world_size} is not divisible by parallel.tensor={self.tensor}")
+        return world_size // self.tensor
+
+
+@dataclass
+class RankEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    source: str  # which launcher's variables were read
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
+    return out.stdout.split()[0]
+
+
+def _mpi_master_addr(env: dict) -> str:
+    """Rank 0's host, told to every rank through MPI (mpi4py); loopback when all share one host."""
+    if env.get("OMPI_COMM_WORLD_LOCAL_SIZE") == env.get("OMPI_COMM_WORLD_SIZE"):
+        return "127.0.0.1"
+    from mpi4py import MPI
+
+    return MPI.COMM_WORLD.bcast(socket.gethostname() if MPI.COMM_WORLD.Get_rank() == 0 else None, root=0)
+
+
+def rank_env(environ: Optional[dict] = None) -> RankEnv:
+    """Rank, world and rendezvous from torchrun / the DeepSpeed launcher, mpirun, Slurm's srun, or a
+    lone process, in that order (mpirun inside a Slurm allocation also sets SLURM_* variables)."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:  # torchrun, deepspeed launcher
+        return RankEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
+                       env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)), "torchrun")
+    if "OMPI_COMM_WORLD_RANK" in env:  # mpirun (Open MPI)
+        return RankEnv(int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"]),
+                       int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)),
+                       env.get("MASTER_ADDR") or _mpi_master_addr(env), int(env.get("MASTER_PORT", 29500)), "mpi")
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:  # srun, one task per GPU
+        addr = env.get("MASTER_ADDR") or _first_slurm_host(env["SLURM_JOB_NODELIST"])
+        port = int(env.get("MASTER_PORT", 20000 + int(env.get("SLURM_JOB_ID", 0)) % 20000))
+        return RankEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
+                       addr, port, "slurm")
+    return RankEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 29500)), "single")
+
+
+@dataclass
+class Parallel:
+    """This process's place in the TP x DP layout; also the `mpu` object DeepSpeed asks for."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    tp: int
+    dp: int
+    tp_rank: int
+    dp_rank: int
+    tp_group: Optional[dist.ProcessGroup]  # None when tp == 1: the model then skips all TP comms
+    dp_group: dist.ProcessGroup
+    mp_group: dist.ProcessGroup  # the TP group, always a real group, for DeepSpeed
+    ctrl_group: dist.ProcessGroup  # all ranks, gloo: small CPU-side votes that never touch the GPU
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    # The methods DeepSpeed calls on an `mpu`.
+    def get_model_parallel_rank(self) -> int:
+        return self.tp_rank
+
+    def get_model_parallel_world_size(self) -> int:
+        return self.tp
+
+    def get_model_parallel_group(self) -> dist.ProcessGroup:
+        return self.mp_group
+
+    def get_data_parallel_rank(self) -> int:
+        return self.dp_rank
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.dp
+
+    def get_data_parallel_group(self) -> dist.ProcessGroup:
+        return self.dp_group
+
+
+def build_parallel(tp: int, local_rank: int, device: torch.device) -> Parallel:
+    """Collective, after the process group is up: the TP and DP groups of the current world,
+    whose size the caller has checked divides by `tp`."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    dp = world // tp
+    tp_rank, dp_rank = rank % tp, rank // tp
+    # Every rank must create every group, in the same order.
+    mp_group = dp_group = None
+    for d in range(dp):
+        group = dist.new_group([d * tp + t for t in range(tp)])
+        if d == dp_rank:
+            mp_group = group
+    for t in range(tp):
+        group = dist.new_group([d * tp + t for d in range(dp)])
+        if t == tp_rank:
+            dp_group = group
+    ctrl_group = dist.new_group(backend="gloo")
+    return Parallel(rank=rank, world_size=world, local_rank=local_rank, tp=tp, dp=dp, tp_rank=tp_rank,
+                    dp_rank=dp_rank, tp_group=mp_group if tp > 1 else None, dp_group=dp_group,
+                    mp_group=mp_group, ctrl_group=ctrl_group, device=device)
+
+
+def pick_device(local_rank: int, want: str = "auto") -> torch.device:
+    """The GPU of this local rank when there is one (or `want` says cuda), else the CPU."""
+    use_cuda = want == "cuda" or (want == "auto" and torch.cuda.is_available())
+    if not use_cuda:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError("a GPU was asked for, but none is visible to this process")
+    if local_rank >= torch.cuda.device_count():
+        raise ConfigError(f"local rank {local_rank} has no GPU: this node shows {torch.cuda.device_count()} "
+                          f"(start one process per GPU, e.g. torchrun --nproc_per_node {torch.cuda.device_count()})")
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def init_distributed(tp: int, env: Optional[RankEnv] = None, device: str = "auto") -> Parallel:
+    """Join the process group (NCCL on GPUs, gloo on CPUs) and build the TP x DP layout."""
+    from core.engine import use_deepspeed
+
+    env = env or rank_env()
+    os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),
+                      MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port))
+    chosen = pick_device(env.local_rank, device)
+    use_deepspeed(chosen.type).init_distributed(dist_backend="nccl" if chosen.type == "cuda" else "gloo", auto_mpi_discovery=False,
+                               verbose=False)
+    return build_parallel(tp, env.local_rank, chosen)
+
+
+def barrier(group: Optional[dist.ProcessGroup] = None) -> None:
+    if dist.is_initialized():
+        dist.barrier(group=group)
+
+
+def gather_objects(value, group: dist.ProcessGroup) -> list:
+    """Every rank's `value`, in rank order, on every rank (a small CPU-side exchange)."""
+    out: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, value, group=group)
+    return out
+
+
+def exit_process(code: int) -> NoReturn:
+    """Destroy the process groups and leave without the interpreter's teardown.
+
+    A Gloo worker thread frees a finished collective's tensors just after the caller has its
+    result; when that happens while the interpreter is finalizing, the thread cannot take the GIL
+    and the process aborts ("terminate called without an active exception", about one sidecar exit
+    in four on 2 CPU cores). Every file this project writes is closed and fsynced before its entry
+    point returns, so skipping the teardown loses nothing.
+    """
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

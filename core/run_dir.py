@@ -1,0 +1,135 @@
+"""Every file and folder of a run directory, named in one place.
+
+    <run_dir>/config.yaml              the resolved job config (every key, defaults filled in)
+             deepspeed_config.json     the DeepSpeed config generated from it
+             model.json                the model config: what export tools rebuild the model from
+             tokenizer/                the tokenizer the run trains with (a copy: the run stands alone)
+             metrics.jsonl             the trainer's records (step, loss, lr, tokens/s, val loss, events)
+             eval.jsonl                the sidecar's records (raw vs averaged losses per snapshot)
+             tensorboard/              TensorBoard events (the sidecar's under tensorboard/sidecar)
+             checkpoints/step_N/       full DeepSpeed checkpoints (+ run_state.json once complete)
+             lawa_best/step_N/         the best LAWA average, a committed slot
+             lawa_best_hf/             the same as a Hugging Face folder (sidecar.export_hf)
+             sidecar/                  spec.json, held-out batches, training_done.json, per-rank logs
+             logs/                     Slurm's per-rank logs and the batch script's output
+             snapshots/                the snapshot ring when no node-local /dev/shm has room
+
+Inside step folders: `run_state.json` (a checkpoint is complete), `manifest.json` + `COMMITTED`
+(a slot is committed), `averages_dp{d}_tp{t}.pt` (a rank's EMA/SWA state in a checkpoint), and
+`latest` beside the checkpoints (what DeepSpeed's zero_to_fp32 reads by default).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+CONFIG = "config.yaml"
+DEEPSPEED_CONFIG = "deepspeed_config.json"
+MODEL = "model.json"
+TOKENIZER = "tokenizer"
+METRICS = "metrics.jsonl"
+EVAL = "eval.jsonl"
+TENSORBOARD = "tensorboard"
+CHECKPOINTS = "checkpoints"
+LAWA_BEST = "lawa_best"
+LAWA_BEST_HF = "lawa_best_hf"
+SIDECAR = "sidecar"
+LOGS = "logs"
+SNAPSHOTS = "snapshots"
+
+# inside step folders
+RUN_STATE = "run_state.json"
+LATEST = "latest"
+MANIFEST = "manifest.json"
+COMMITTED = "COMMITTED"
+
+
+def averages_file(dp_rank: int, tp_rank: int) -> str:
+    """A rank's EMA/SWA state, beside DeepSpeed's files in a checkpoint."""
+    return f"averages_dp{dp_rank}_tp{tp_rank}.pt"
+
+
+@dataclass(frozen=True)
+class RunDir:
+    path: str
+
+    def join(self, *names: str) -> str:
+        return os.path.join(self.path, *names)
+
+    @property
+    def config(self) -> str:
+        return self.join(CONFIG)
+
+    @property
+    def deepspeed_config(self) -> str:
+        return self.join(DEEPSPEED_CONFIG)
+
+    @property
+    def model(self) -> str:
+        return self.join(MODEL)
+
+    @property
+    def tokenizer(self) -> str:
+        return self.join(TOKENIZER)
+
+    @property
+    def metrics(self) -> str:
+        return self.join(METRICS)
+
+    @property
+    def eval_log(self) -> str:
+        return self.join(EVAL)
+
+    @property
+    def tensorboard(self) -> str:
+        return self.join(TENSORBOARD)
+
+    @property
+    def checkpoints(self) -> str:
+        return self.join(CHECKPOINTS)
+
+    @property
+    def lawa_best(self) -> str:
+        return self.join(LAWA_BEST)
+
+    @property
+    def lawa_best_hf(self) -> str:
+        return self.join(LAWA_BEST_HF)
+
+    @property
+    def logs(self) -> str:
+        return self.join(LOGS)
+
+    @property
+    def snapshots(self) -> str:
+        return self.join(SNAPSHOTS)
+
+    # the sidecar's folder
+    @property
+    def sidecar(self) -> str:
+        return self.join(SIDECAR)
+
+    @property
+    def sidecar_spec(self) -> str:
+        return self.join(SIDECAR, "spec.json")
+
+    @property
+    def training_done(self) -> str:
+        return self.join(SIDECAR, "training_done.json")
+
+    def val_batches(self, dp_rank: int) -> str:
+        return self.join(SIDECAR, f"val_dp{dp_rank}.pt")
+
+    def sidecar_log(self, rank: int) -> str:
+        return self.join(SIDECAR, f"rank{rank}.log")
+
+
+def find_run_dir(folder: str) -> Optional[RunDir]:
+    """The run directory above a checkpoint/slot folder: the first parent holding model.json."""
+    path = os.path.abspath(folder)
+    while path != os.path.dirname(path):
+        if os.path.isfile(os.path.join(path, MODEL)):
+            return RunDir(path)
+        path = os.path.dirname(path)
+    return None

@@ -1,0 +1,140 @@
+"""Model weights read lazily, tensor by tensor (or row block by row block), from safetensors
+files, torch state-dict pickles and Hugging Face model folders (single or sharded with an index),
+so that tools holding several big models hold a block of each at a time, not the whole."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from typing import Any, Optional
+
+import torch
+
+HF_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+HF_SINGLE = ("model.safetensors", "pytorch_model.bin")
+STATE_DICT_KEYS = ("model", "state_dict", "module")
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+
+
+class WeightsError(ValueError):
+    """A weights file or folder that cannot be read as asked; the message names the file."""
+
+
+def load_pickle(path: str, weights_only: bool) -> Any:
+    """mmap: tensors are paged in when touched, so k loaded checkpoints cost address space, not RAM."""
+    try:
+        try:
+            return torch.load(path, map_location="cpu", mmap=True, weights_only=weights_only)
+        except RuntimeError as e:
+            if "mmap" not in str(e) and "zip" not in str(e):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=weights_only)  # legacy format
+    except pickle.UnpicklingError as e:
+        raise WeightsError(f"{path} holds Python objects besides tensors; refusing to unpickle it "
+                           f"({str(e).splitlines()[0]})") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise WeightsError(f"cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, dict) and any(torch.is_tensor(v) for v in obj.values()) and \
+        not any(isinstance(v, dict) for v in obj.values())
+
+
+def state_dict_in(obj: Any, path: str) -> tuple[Optional[str], dict]:
+    """(key it sits under, or None when obj is the state dict itself; the state dict)."""
+    if isinstance(obj, dict):
+        for key in STATE_DICT_KEYS:
+            if is_state_dict(obj.get(key)):
+                return key, obj[key]
+    if is_state_dict(obj):
+        return None, obj
+    raise WeightsError(f"{path}: no state dict in it (neither tensors by name nor under {'/'.join(STATE_DICT_KEYS)})")
+
+
+class Weights:
+    """One model's tensors by name, read lazily from its files (safetensors or torch pickles)."""
+
+    def __init__(self, where: dict[str, str]):
+        self.where = where  # tensor name -> file
+        self.open: dict[str, Any] = {}
+
+    @classmethod
+    def of_files(cls, files: list[str]) -> "Weights":
+        weights = cls({})
+        for file in files:
+            weights.where.update((key, file) for key in weights.names_in(file))
+        return weights
+
+    @classmethod
+    def of_hf_folder(cls, path: str) -> "Weights":
+        return cls(hf_weight_files(path)[1])
+
+    def handle(self, file: str) -> Any:
+        """A safetensors file opened lazily (header read, data mapped), or a torch state dict
+        loaded with mmap: either way, tensors are read only when asked for."""
+        if file not in self.open:
+            if file.endswith(".safetensors"):
+                from safetensors import safe_open
+                try:
+                    self.open[file] = safe_open(file, framework="pt")
+                except Exception as e:
+                    raise WeightsError(f"cannot read {file}: {e}") from None
+            else:
+                self.open[file] = state_dict_in(load_pickle(file, weights_only=True), file)[1]
+        return self.open[file]
+
+    def close(self) -> None:
+        self.open.clear()  # shard by shard: drop the maps of files we are done with
+
+    def names_in(self, file: str) -> list[str]:
+        """The tensors in file, in file order where known."""
+        handle = self.handle(file)
+        if isinstance(handle, dict):
+            return [k for k, v in handle.items() if torch.is_tensor(v)]
+        return list(getattr(handle, "offset_keys", handle.keys)())
+
+    def meta(self, key: str) -> tuple[tuple[int, ...], torch.dtype]:
+        handle = self.handle(self.where[key])
+        if isinstance(handle, dict):
+            if not torch.is_tensor(handle.get(key)):
+                raise WeightsError(f"{self.where[key]} has no tensor {key}, although its index names it")
+            return tuple(handle[key].shape), handle[key].dtype
+        try:
+            piece = handle.get_slice(key)
+        except Exception:
+            raise WeightsError(f"{self.where[key]} has no tensor {key}, although its index names it") from None
+        name = piece.get_dtype()
+        if name not in SAFETENSORS_DTYPES:
+            raise WeightsError(f"{self.where[key]}: tensor {key} has dtype {name}, which this tool does not handle")
+        return tuple(piece.get_shape()), SAFETENSORS_DTYPES[name]
+
+    def rows(self, key: str, start: int = 0, stop: Optional[int] = None) -> torch.Tensor:
+        """Rows start:stop of tensor key (all of it when it is a scalar), read from disk now."""
+        handle = self.handle(self.where[key])
+        if isinstance(handle, dict):
+            tensor = handle[key]
+            return tensor if tensor.dim() == 0 else tensor[start:stop]
+        piece = handle.get_slice(key)
+        return handle.get_tensor(key) if not piece.get_shape() else piece[start:stop]
+
+
+def hf_weight_files(path: str) -> tuple[Optional[str], dict[str, str]]:
+    """(index file name or None, tensor name -> weight file path) of a Hugging Face model folder."""
+    for index in HF_INDEXES:
+        if os.path.isfile(os.path.join(path, index)):
+            try:
+                with open(os.path.join(path, index)) as f:
+                    weight_map = json.load(f)["weight_map"]
+            except (OSError, ValueError, KeyError) as e:
+                raise WeightsError(f"{path}/{index}: not a weight index ({e})") from None
+            return index, {k: os.path.join(path, v) for k, v in weight_map.items()}
+    for single in HF_SINGLE:
+        if os.path.isfile(os.path.join(path, single)):
+            return None, Weights.of_files([os.path.join(path, single)]).where
+    raise WeightsError(f"{path}: no model.safetensors, pytorch_model.bin or weight index in it")

@@ -1,0 +1,181 @@
+"""DeepSpeed's ZeRO-3 checkpoint files, tensor parallel or not: their names, the flat-partition
+layout inside them, and consolidation into one full state dict.
+
+Per (dp, tp) rank a folder holds `zero_pp_rank_{dp}_mp_rank_{tp:02d}_model_states.pt` (parameter
+shapes, buffers, shared aliases) and `..._optim_states.pt` (`fp32_flat_groups`: this rank's
+ceil(numel/dp) elements of every parameter, in `param_shapes` order). DeepSpeed's `zero_to_fp32`
+consolidates one tensor-parallel rank at a time; the mp_rank state dicts are then merged along the
+dimension each parameter was split on, which the launcher records (`tensor_parallel_layout`:
+{name: [dim, stride]}) in slot manifests, checkpoint run_state.json files and model-states files.
+"""
+from __future__ import annotations
+
+import contextlib
+import glob
+import io
+import json
+import math
+import os
+import re
+import tempfile
+from typing import Any, Optional
+
+import torch
+
+from core.run_dir import MANIFEST, RUN_STATE
+
+_MP_RANK = re.compile(r"_mp_rank_(\d+)_(model|optim)_states\.pt$")
+
+
+class LayoutMismatch(ValueError):
+    """Partitions, shapes or layouts that do not fit together."""
+
+
+def model_states_file(dp_rank: int, tp_rank: int) -> str:
+    return f"zero_pp_rank_{dp_rank}_mp_rank_{tp_rank:02d}_model_states.pt"
+
+
+def optim_states_file(dp_rank: int, tp_rank: int) -> str:
+    return f"zero_pp_rank_{dp_rank}_mp_rank_{tp_rank:02d}_optim_states.pt"
+
+
+# ---------------------------------------------------------------------------------------------
+# the flat-partition layout
+
+
+def partition_numel(numel: int, dp: int) -> int:
+    """ZeRO-3 gives every rank ceil(numel / dp) elements of each parameter; the last ones pad."""
+    return math.ceil(numel / dp)
+
+
+def _partitions(flat_groups: list[torch.Tensor], param_shapes: list[dict[str, Any]],
+                dp: int) -> list[tuple[str, torch.Tensor, int]]:
+    """(name, view of its partition, its full numel) for every parameter, in flat order.
+
+    Parameters are laid out in `param_shapes` order across the flat groups, each partition whole
+    inside one group; walking them with one cursor works whether DeepSpeed reports one shape dict
+    per flat group or fewer (it splits large groups into sub-groups of `sub_group_size`)."""
+    out, g, offset = [], 0, 0
+    for shapes in param_shapes:
+        for name, shape in shapes.items():
+            numel = math.prod(shape)
+            part = partition_numel(numel, dp)
+            while g < len(flat_groups) and offset + part > flat_groups[g].numel():
+                if offset != flat_groups[g].numel():
+                    raise LayoutMismatch(f"{name}'s partition of {part} elements straddles flat group {g} "
+                                         f"({flat_groups[g].numel()} elements, {offset} used)")
+                g, offset = g + 1, 0
+            if g == len(flat_groups):
+                raise LayoutMismatch(f"flat groups of {[f.numel() for f in flat_groups]} elements end before "
+                                     f"{name}: the parameter shapes need more at data-parallel size {dp}")
+            out.append((name, flat_groups[g][offset: offset + part], numel))
+            offset += part
+    used = sum(f.numel() for f in flat_groups[:g]) + offset
+    if used != sum(f.numel() for f in flat_groups):
+        raise LayoutMismatch(f"flat groups hold {sum(f.numel() for f in flat_groups)} elements but the "
+                             f"parameter shapes at data-parallel size {dp} account for {used}")
+    return out
+
+
+def zero_padding(flat_groups: list[torch.Tensor], param_shapes: list[dict[str, Any]], dp_rank: int, dp: int) -> None:
+    """Zero, in place, the elements of rank `dp_rank`'s partitions that lie past each parameter's end.
+
+    DeepSpeed leaves them uninitialised (values up to 1e33 have been seen), which poisons any norm,
+    finiteness check or average taken over the flat tensor."""
+    for _, view, numel in _partitions(flat_groups, param_shapes, dp):
+        part = view.numel()
+        valid = min(max(numel - dp_rank * part, 0), part)
+        view[valid:].zero_()
+
+
+def split_partitions(flat_groups: list[torch.Tensor], param_shapes: list[dict[str, Any]],
+                     dp: int) -> dict[str, torch.Tensor]:
+    """Views of each parameter's partition (ceil(numel/dp) elements, padding included) by name."""
+    return {name: view for name, view, _ in _partitions(flat_groups, param_shapes, dp)}
+
+
+def shapes_to_json(param_shapes: list[dict[str, Any]]) -> list[list[list]]:
+    return [[[name, list(shape)] for name, shape in shapes.items()] for shapes in param_shapes]
+
+
+def shapes_from_json(data: list[list[list]]) -> list[dict[str, torch.Size]]:
+    return [{name: torch.Size(shape) for name, shape in group} for group in data]
+
+
+# ---------------------------------------------------------------------------------------------
+# tensor-parallel slices
+
+
+def split_tensor(full: torch.Tensor, dim: int, stride: int, size: int) -> list[torch.Tensor]:
+    """The `size` tensor-parallel slices of `full` along `dim`. With stride s the dim holds s fused
+    blocks (e.g. q, k, v): each block is split separately so every rank gets whole heads of each."""
+    blocks = full.chunk(stride, dim=dim)
+    return [torch.cat([b.chunk(size, dim=dim)[r] for b in blocks], dim=dim).contiguous() for r in range(size)]
+
+
+def merge_tensors(parts: list[torch.Tensor], dim: int, stride: int) -> torch.Tensor:
+    """Inverse of split_tensor: the full tensor from every rank's slice, in rank order."""
+    blocks = [p.chunk(stride, dim=dim) for p in parts]
+    return torch.cat([torch.cat([b[i] for b in blocks], dim=dim) for i in range(stride)], dim=dim)
+
+
+# ---------------------------------------------------------------------------------------------
+# consolidation
+
+
+def files_by_mp_rank(folder: str) -> dict[int, list[str]]:
+    by_rank: dict[int, list[str]] = {}
+    for path in glob.glob(os.path.join(folder, "*_states.pt")):
+        match = _MP_RANK.search(os.path.basename(path))
+        if match:
+            by_rank.setdefault(int(match.group(1)), []).append(path)
+    if not by_rank:
+        raise FileNotFoundError(f"{folder} holds no DeepSpeed *_model_states.pt / *_optim_states.pt files")
+    return by_rank
+
+
+def tensor_parallel_layout_of(folder: str) -> Optional[dict[str, list[int]]]:
+    """The recorded split dimensions: from a slot manifest, a checkpoint's run_state.json, or the
+    model-states file of mp rank 0."""
+    for name in (MANIFEST, RUN_STATE):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            with open(path) as f:
+                layout = json.load(f).get("tensor_parallel_layout")
+            if layout is not None:
+                return layout
+    states = sorted(glob.glob(os.path.join(folder, "*mp_rank_00_model_states.pt")))
+    if states:
+        return torch.load(states[0], map_location="cpu", weights_only=False).get("tensor_parallel_layout")
+    return None
+
+
+def _zero_to_fp32(folder: str) -> dict[str, torch.Tensor]:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with contextlib.redirect_stdout(io.StringIO()):  # it narrates every step
+        return get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(folder), tag=os.path.basename(folder))
+
+
+def consolidate(folder: str) -> dict[str, torch.Tensor]:
+    """The full fp32 state dict of a slot or ZeRO-3 checkpoint tag folder."""
+    folder = os.path.abspath(folder)
+    by_rank = files_by_mp_rank(folder)
+    if sorted(by_rank) == [0]:
+        return _zero_to_fp32(folder)
+    layout = tensor_parallel_layout_of(folder)
+    if layout is None:
+        raise ValueError(f"{folder} has {len(by_rank)} tensor-parallel ranks but records no tensor_parallel_layout: "
+                         "cannot tell which dimension each parameter was split on")
+    per_rank = []
+    for tp_rank in sorted(by_rank):
+        # zero_to_fp32 reads every *_states.pt in a folder: show it one mp rank's files at a time.
+        with tempfile.TemporaryDirectory() as tmp:
+            view = os.path.join(tmp, os.path.basename(folder))
+            os.makedirs(view)
+            for path in by_rank[tp_rank]:
+                name = _MP_RANK.sub(lambda m: f"_mp_rank_00_{m.group(2)}_states.pt", os.path.basename(path))
+                os.symlink(path, os.path.join(view, name))
+            per_rank.append(_zero_to_fp32(view))
+    return {name: merge_tensors([sd[name] for sd in per_rank], *layout[name]) if name in layout else per_rank[0][name]
+            for name in per_rank[0]}

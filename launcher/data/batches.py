@@ -1,0 +1,161 @@
+"""Deterministic batches from a prepared data dir: memory-mapped token shards, batches drawn as a
+pure function of (seed, step, data-parallel rank, micro-batch), so a resumed or re-sharded run sees
+exactly the batches it would have seen; and one fixed held-out set."""
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import torch
+
+# The held-out windows are visited in a shuffled order that depends on the data only, never on
+# the run's seed, so runs with different seeds are evaluated on the same text.
+VAL_ORDER_SEED = 0x5EED
+
+
+class _Split:
+    """The memory-mapped shards of one split of one source."""
+
+    def __init__(self, data_dir: str, shards: list[dict], dtype: np.dtype, window: int):
+        self.window = window
+        self.maps = []
+        for shard in shards:
+            path = os.path.join(data_dir, shard["file"])
+            expected = shard["tokens"] * dtype.itemsize
+            size = os.path.getsize(path) if os.path.exists(path) else None
+            if size != expected:
+                raise ValueError(f"data.dir: shard {path} has {size} bytes, the manifest says "
+                                 f"{expected}; the data dir is damaged, delete it and prepare again")
+            self.maps.append(np.memmap(path, dtype=dtype, mode="r", shape=(shard["tokens"],)))
+        lengths = np.array([m.shape[0] for m in self.maps], dtype=np.int64)
+        self.longest = int(lengths.max()) if len(lengths) else 0
+        # Train windows may start anywhere a window fits; val windows tile the shards.
+        self.starts = np.cumsum(np.maximum(lengths - window + 1, 0))
+        self.tiles = np.cumsum(lengths // window)
+
+    @property
+    def num_starts(self) -> int:
+        return int(self.starts[-1]) if len(self.starts) else 0
+
+    @property
+    def num_tiles(self) -> int:
+        return int(self.tiles[-1]) if len(self.tiles) else 0
+
+    def _slice(self, cumulative: np.ndarray, k: int, stride: int) -> np.ndarray:
+        shard = int(np.searchsorted(cumulative, k, side="right"))
+        offset = (k - (int(cumulative[shard - 1]) if shard else 0)) * stride
+        return self.maps[shard][offset:offset + self.window]
+
+    def window_at(self, k: int) -> np.ndarray:
+        return self._slice(self.starts, k, 1)
+
+    def tile(self, k: int) -> np.ndarray:
+        return self._slice(self.tiles, k, self.window)
+
+
+def _normalised_weights(weights: list[float], sources: int) -> np.ndarray:
+    if len(weights) != sources:
+        raise ValueError(f"data.sources: {len(weights)} weights given for a data.dir prepared from "
+                         f"{sources} sources")
+    w = np.asarray(weights, dtype=np.float64)
+    for i, x in enumerate(w):
+        if not np.isfinite(x) or x < 0:
+            raise ValueError(f"data.sources[{i}].weight={weights[i]}: must be a finite number >= 0")
+    if w.sum() <= 0:
+        raise ValueError("data.sources[*].weight: at least one weight must be positive")
+    return w / w.sum()
+
+
+def _as_tensors(rows: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    tokens = np.stack(rows).astype(np.int64)
+    return torch.from_numpy(np.ascontiguousarray(tokens[:, :-1])), torch.from_numpy(np.ascontiguousarray(tokens[:, 1:]))
+
+
+class TokenBatches:
+    """Deterministic (x, y) batches of `seq_len` tokens from a prepared data dir."""
+
+    def __init__(self, manifest: dict, data_dir: str, weights: list[float], seq_len: int, seed: int):
+        if seq_len < 1:
+            raise ValueError(f"data.seq_len={seq_len}: must be positive")
+        if seed < 0:
+            raise ValueError(f"seed={seed}: must be >= 0")
+        self.manifest, self.seq_len, self.seed = manifest, seq_len, int(seed)
+        self.sources = manifest["sources"]
+        self.probs = _normalised_weights(weights, len(self.sources))
+        dtype = np.dtype(manifest["dtype"])
+        window = seq_len + 1
+        self._train = [_Split(data_dir, s["train_shards"], dtype, window) for s in self.sources]
+        self._val = [_Split(data_dir, s["val_shards"], dtype, window) for s in self.sources]
+        for i, s in enumerate(self.sources):
+            if self.probs[i] == 0:
+                continue  # never sampled, so its size does not matter
+            for name, split in (("train", self._train[i]), ("val", self._val[i])):
+                if split.num_starts == 0:
+                    raise ValueError(f"data.seq_len={seq_len} is too large for data.sources[{i}] "
+                                     f"({s['path']!r}): its longest {name} shard has {split.longest} "
+                                     f"tokens, a window needs {window}")
+        self._num_starts = np.array([t.num_starts for t in self._train], dtype=np.int64)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.manifest["vocab_size"])
+
+    @property
+    def eos_id(self) -> int:
+        return int(self.manifest["eos_id"])
+
+    def train_batch(self, step: int, dp_rank: int, micro: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Random windows, a function of (seed, step, dp_rank, micro) only."""
+        if min(step, dp_rank, micro) < 0 or batch_size < 1:
+            raise ValueError(f"train_batch(step={step}, dp_rank={dp_rank}, micro={micro}, "
+                             f"batch_size={batch_size}): indices must be >= 0 and batch_size >= 1")
+        rng = np.random.default_rng([self.seed, step, dp_rank, micro])
+        sources = rng.choice(len(self.probs), size=batch_size, p=self.probs)
+        starts = rng.integers(0, self._num_starts[sources])
+        return _as_tensors([self._train[s].window_at(int(k)) for s, k in zip(sources, starts)])
+
+    def _val_order(self, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """The first `count` windows of the held-out sequence, as (source, tile index) arrays.
+
+        Each source's tiles are visited in a fixed shuffled order (wrapping around when used up);
+        the sources are merged so that source s supplies its k-th window at "time" (k + 1/2) / p_s,
+        which interleaves them in proportion to weight. The sequence depends only on the data and
+        the weights, so any prefix of it is the same whenever and on whichever rank it is built.
+        """
+        active = np.flatnonzero(self.probs > 0)
+        times, owners, nth = [], [], []
+        for s in active:
+            # Enough entries per source that the merged prefix of length `count` never runs short.
+            k = np.arange(math.ceil(count * self.probs[s] + len(active) / 2 + 1))
+            times.append((k + 0.5) / self.probs[s])
+            owners.append(np.full(len(k), s))
+            nth.append(k)
+        times, owners, nth = (np.concatenate(a) for a in (times, owners, nth))
+        order = np.lexsort((owners, times))[:count]  # by time, ties by source index
+        owners, nth = owners[order], nth[order]
+        tiles = np.empty(count, dtype=np.int64)
+        for s in active:
+            mine = owners == s
+            n = self._val[s].num_tiles
+            shuffled = np.random.default_rng([VAL_ORDER_SEED, int(s)]).permutation(n)
+            tiles[mine] = shuffled[nth[mine] % n]
+        return owners, tiles
+
+    def val_batches(self, dp_rank: int, dp_size: int, num_batches: int, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The held-out set: `dp_size * num_batches * batch_size` windows, the same on every call;
+        rank r takes every dp_size-th of them starting at r, so ranks get disjoint windows (while
+        there are enough) and exactly `num_batches` batches each."""
+        if dp_size < 1 or not 0 <= dp_rank < dp_size or num_batches < 0 or batch_size < 1:
+            raise ValueError(f"val_batches(dp_rank={dp_rank}, dp_size={dp_size}, num_batches="
+                             f"{num_batches}, batch_size={batch_size}): invalid arguments")
+        rows = num_batches * batch_size
+        owners, tiles = self._val_order(rows * dp_size)
+        mine = slice(dp_rank, rows * dp_size, dp_size)
+        windows = [self._val[s].tile(int(k)) for s, k in zip(owners[mine], tiles[mine])]
+        return [_as_tensors(windows[b * batch_size:(b + 1) * batch_size]) for b in range(num_batches)]
+
+    def val_windows(self) -> int:
+        """How many distinct held-out windows the sampled sources have."""
+        return sum(v.num_tiles for v, p in zip(self._val, self.probs) if p > 0)
+

@@ -1,0 +1,167 @@
+"""Text sources: what `data.sources` may name (files, folders, globs, saved `datasets` datasets,
+the corpora that ship with Python) and how each is read into a `datasets.Dataset` of text."""
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+from core.config import need
+
+# Nothing in preparation may reach the network (compute nodes have none); `datasets` and
+# `transformers` read these when they are first imported, which happens lazily below.
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+BUILTIN_PYDOC = "builtin:pydoc"  # CPython's bundled documentation topics: ~120k tokens
+BUILTIN_STDLIB = "builtin:stdlib"  # the standard library's own .py sources (tests excluded): ~12 MB
+TEXT_SUFFIXES = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+@dataclass
+class DataSource:
+    path: str  # a file, a directory of files, a glob, a saved `datasets` dataset, builtin:pydoc or builtin:stdlib
+    weight: float = 1.0
+
+
+@dataclass
+class DataArgs:
+    sources: list[DataSource] = field(default_factory=lambda: [DataSource(BUILTIN_PYDOC)])
+    dir: str = "data/pydoc"  # where the token shards and manifest.json live
+    tokenizer: Optional[str] = None  # sentencepiece .model, HF tokenizer.json or dir; None: train one
+    vocab_size: int = 4096  # size of the sentencepiece model trained when tokenizer is None
+    val_fraction: float = 0.05
+    seq_len: int = 256
+    text_field: str = "text"
+    shard_tokens: int = 1 << 27
+
+    def validate(self) -> None:
+        need(len(self.sources) > 0, "data.sources: at least one source is needed")
+        for i, src in enumerate(self.sources):
+            need(src.weight >= 0, f"data.sources[{i}].weight: must be >= 0, got {src.weight}")
+        need(any(src.weight > 0 for src in self.sources), "data.sources: at least one weight must be positive")
+        need(0.0 < self.val_fraction < 1.0, f"data.val_fraction: must be in (0, 1), got {self.val_fraction}")
+        need(self.seq_len > 0, f"data.seq_len: must be positive, got {self.seq_len}")
+        need(self.shard_tokens >= self.seq_len + 1,
+             f"data.shard_tokens={self.shard_tokens}: must be at least data.seq_len+1 ({self.seq_len + 1}), "
+             f"since a window never spans two shards")
+        need(self.tokenizer is not None or self.vocab_size >= 1, f"data.vocab_size: must be positive, got {self.vocab_size}")
+
+
+def datasets_module():
+    import datasets
+
+    return datasets
+
+
+def _source_key(i: int) -> str:
+    return f"data.sources[{i}].path"
+
+
+def resolve_source(i: int, path: str) -> tuple[str, list[str]]:
+    """Says how to read a source: ("builtin", []), ("saved", [dir]) or (builder, files)."""
+    key = _source_key(i)
+    if path in BUILTIN_CORPORA:
+        return "builtin", []
+    if path.startswith("builtin:"):
+        raise ValueError(f"{key}: unknown builtin corpus {path!r} (known: {', '.join(BUILTIN_CORPORA)})")
+    expanded = os.path.expanduser(path)
+    if os.path.isdir(expanded):
+        if any(os.path.isfile(os.path.join(expanded, m)) for m in ("state.json", "dataset_dict.json")):
+            return "saved", [expanded]
+        files = [f for f in glob.glob(os.path.join(expanded, "**", "*"), recursive=True)
+                 if os.path.isfile(f) and _suffix(f) in TEXT_SUFFIXES]
+        if not files:
+            raise ValueError(f"{key}: directory {path!r} holds no {'/'.join(TEXT_SUFFIXES)} files "
+                             "and is not a saved `datasets` dataset")
+    elif os.path.isfile(expanded):
+        files = [expanded]
+    elif glob.has_magic(expanded):
+        files = [f for f in glob.glob(expanded, recursive=True) if os.path.isfile(f)]
+        if not files:
+            raise FileNotFoundError(f"{key}: the pattern {path!r} matches no files")
+    else:
+        raise FileNotFoundError(f"{key}: no such file or directory: {path!r}")
+    files.sort()
+    unknown = sorted({_suffix(f) or "(none)" for f in files if _suffix(f) not in TEXT_SUFFIXES})
+    if unknown:
+        raise ValueError(f"{key}: unsupported file type {', '.join(unknown)} in {path!r} "
+                         f"(supported: {', '.join(TEXT_SUFFIXES)})")
+    builders = sorted({TEXT_SUFFIXES[_suffix(f)] for f in files})
+    if len(builders) > 1:
+        raise ValueError(f"{key}: {path!r} mixes file types ({', '.join(builders)}); "
+                         "give each type its own source")
+    return builders[0], files
+
+
+def _suffix(path: str) -> str:
+    return os.path.splitext(path)[1].lower()
+
+
+def _pydoc_documents() -> list[str]:
+    from pydoc_data.topics import topics
+
+    return [topics[k] for k in sorted(topics)]
+
+
+def _stdlib_documents() -> list[str]:
+    """One document per module source of the running Python's standard library."""
+    import sysconfig
+
+    root = sysconfig.get_paths()["stdlib"]
+    skip = {"site-packages", "dist-packages", "test", "tests", "idle_test"}
+    files = sorted(f for f in glob.glob(os.path.join(root, "**", "*.py"), recursive=True)
+                   if not skip & set(os.path.relpath(f, root).split(os.sep)))
+    documents = []
+    for f in files:
+        with open(f, encoding="utf-8", errors="replace") as handle:
+            documents.append(handle.read())
+    return documents
+
+
+# Corpora that ship with Python itself: they need no download and no path.
+BUILTIN_CORPORA = {BUILTIN_PYDOC: _pydoc_documents, BUILTIN_STDLIB: _stdlib_documents}
+
+
+def load_source(args: DataArgs, i: int, cache_dir: str):
+    """The source as a `datasets.Dataset` with one string column, "text"."""
+    datasets = datasets_module()
+    path = args.sources[i].path
+    kind, files = resolve_source(i, path)
+    if kind == "builtin":
+        return datasets.Dataset.from_dict({"text": BUILTIN_CORPORA[path]()})
+    try:
+        if kind == "saved":
+            ds = datasets.load_from_disk(files[0])
+        else:
+            extra = {"sample_by": "paragraph"} if kind == "text" else {}
+            ds = datasets.load_dataset(kind, data_files=files, split="train", cache_dir=cache_dir,
+                                       **extra)
+    except (OSError, ValueError, datasets.exceptions.DatasetGenerationError) as e:
+        raise ValueError(f"{_source_key(i)}: could not read {path!r}: {e}") from e
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds and len(ds) != 1:
+            raise ValueError(f"{_source_key(i)}: the saved DatasetDict {path!r} has splits "
+                             f"{sorted(ds)} but no 'train' split to read")
+        ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+    column = "text" if kind == "text" else args.text_field
+    if column not in ds.column_names:
+        raise ValueError(f"data.text_field: column {column!r} not found in data.sources[{i}] "
+                         f"({path!r}); columns found: {ds.column_names}")
+    feature = ds.features[column]
+    if getattr(feature, "dtype", None) not in ("string", "large_string"):
+        raise ValueError(f"data.text_field: column {column!r} of data.sources[{i}] ({path!r}) "
+                         f"holds {feature}, not text")
+    ds = ds.select_columns([column])
+    return ds.rename_column(column, "text") if column != "text" else ds
+
+
+def texts(ds, column: str = "text", batch_size: int = 1000) -> Iterator[list]:
+    for batch in ds.with_format("arrow").iter(batch_size=batch_size):
+        yield batch.column(column).to_pylist()
+
+
+def is_document(text) -> bool:
+    return bool(text) and not text.isspace()
+

@@ -1,0 +1,336 @@
+"""The training loop, and what it is built from.
+
+`build` (collective) reads the job into a running setup: process groups, prepared data, the model
+under `deepspeed.zero.Init` inside a DeepSpeed engine. `train` is the loop: restore (resume, or
+initial weights from elsewhere), then steps with periodic validation, checkpoints and LAWA
+snapshots, until the end, a stop step, or a preemption signal.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, Optional
+
+import torch
+import torch.distributed as dist
+
+from averaging.ema_swa import ShardAverages
+from averaging.evaluate import validation_loss
+from averaging.sidecar import protocol
+from averaging.sidecar.supervisor import SidecarSupervisor
+from core.config import ConfigError, dump_yaml, need
+from core.distributed import Parallel, barrier, init_distributed, rank_env
+from core.engine import build_engine, deepspeed_config
+from core.files import write_file_atomic, write_json_atomic
+from core.log import logger, setup_logging
+from core.run_dir import RunDir
+from core.tokenizer import load_tokenizer
+from launcher import checkpoint
+from launcher.data import TokenBatches, ensure_prepared
+from launcher.metrics import MetricsLogger
+from launcher.optim import build_optimizer, full_numel
+from launcher.preemption import Preemption, requeue_slurm_job
+from launcher.snapshot import SnapshotWriter, resolve_root
+from models.registry import ModelConfig, build_model, count_parameters, flops_per_token, write_model_config
+from models.tensor_parallel import tensor_parallel_layout
+
+if TYPE_CHECKING:
+    from launcher.config import JobConfig
+
+
+@dataclass
+class TrainArgs:
+    steps: int = 1000  # optimizer steps
+    global_batch_size: int = 16  # sequences per optimizer step, over all data-parallel ranks
+    micro_batch_size: int = 8  # sequences per rank per forward/backward; accumulation fills the rest
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    seed: int = 1337
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    stop_at: Optional[int] = None  # checkpoint and stop after this step (the schedule still spans `steps`)
+
+    def validate(self) -> None:
+        need(self.steps > 0, f"train.steps: must be positive, got {self.steps}")
+        need(self.micro_batch_size > 0, f"train.micro_batch_size: must be positive, got {self.micro_batch_size}")
+        need(self.global_batch_size > 0, f"train.global_batch_size: must be positive, got {self.global_batch_size}")
+        need(self.global_batch_size % self.micro_batch_size == 0,
+             f"train.global_batch_size={self.global_batch_size} is not divisible by "
+             f"train.micro_batch_size={self.micro_batch_size}")
+        need(self.grad_clip >= 0, f"train.grad_clip: must be >= 0, got {self.grad_clip}")
+        need(self.seed >= 0, f"train.seed: must be >= 0, got {self.seed}")
+        if self.stop_at is not None:
+            need(0 < self.stop_at <= self.steps, f"train.stop_at={self.stop_at} must be in [1, train.steps={self.steps}]")
+
+    def accumulation_steps(self, dp: int) -> int:
+        """Gradient-accumulation steps that fill the global batch at data-parallel size `dp`."""
+        per_step = self.micro_batch_size * dp
+        if self.global_batch_size % per_step != 0:
+            raise ConfigError(f"train.global_batch_size={self.global_batch_size} is not divisible by "
+                              f"train.micro_batch_size × data-parallel size = {self.micro_batch_size} × {dp}")
+        return self.global_batch_size // per_step
+
+    def resolved_precision(self, device_type: str) -> str:
+        if self.precision == "auto":
+            return "bf16" if device_type == "cuda" else "fp32"
+        return self.precision
+
+
+@dataclass
+class Training:
+    """A job, built: what the loop (and the benchmarks, which time its parts) work with."""
+
+    job: "JobConfig"
+    par: Parallel
+    run: RunDir
+    engine: Any  # deepspeed.DeepSpeedEngine
+    batches: TokenBatches
+    model_config: ModelConfig
+    ds_config: dict[str, Any]
+    precision: str
+    grad_accum: int
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return self.job.checkpoint.dir or self.run.checkpoints
+
+
+def build(job: "JobConfig") -> Training:
+    """Collective: join the process group, prepare the data, build the model and engine. The
+    layout is checked against the world before any process group is joined."""
+    env = rank_env()
+    grad_accum = job.train.accumulation_steps(job.parallel.data_parallel(env.world_size))
+    par = init_distributed(job.parallel.tensor, env)
+    setup_logging(par.rank)
+    precision = job.train.resolved_precision(par.device.type)
+    if precision == "bf16" and par.device.type == "cpu":
+        logger.info("note: bf16 on CPU trains, but slowly; fp32 is the CPU default")
+    run = RunDir(job.resolved_run_dir)
+    if par.is_main:
+        os.makedirs(run.path, exist_ok=True)
+        write_file_atomic(run.config, dump_yaml(job))
+    barrier()
+
+    try:
+        manifest = ensure_prepared(job.data, par.is_main, barrier)
+    except (ValueError, FileNotFoundError) as e:  # the data module's errors name the data.* key
+        raise ConfigError(str(e)) from None
+    batches = TokenBatches(manifest, job.data.dir, [s.weight for s in job.data.sources], job.data.seq_len,
+                           job.train.seed)
+    model_config = job.model.resolve(batches.vocab_size, job.data.seq_len, job.parallel.tensor)
+    ds_config = deepspeed_config(job.train.micro_batch_size, grad_accum, par.dp, job.train.grad_clip,
+                                 job.parallel.zero_stage, bf16=precision == "bf16")
+    if par.is_main:
+        write_json_atomic(run.deepspeed_config, ds_config)
+        write_model_config(run.model, model_config)
+        # The run keeps its own copy of the tokenizer: export and zero-shot tools need nothing else.
+        load_tokenizer(os.path.join(job.data.dir, manifest["tokenizer"]["file"])).save(run.tokenizer)
+
+    # The same seed on every rank: the model is identical whatever the layout, and zero.Init
+    # partitions it without needing a broadcast to agree.
+    torch.manual_seed(job.train.seed)
+    engine = build_engine(lambda: build_model(model_config, par.tp_group), ds_config, par,
+                          lambda model: build_optimizer(model, job.optimizer, par.device))
+    local = sum(full_numel(p) for p in engine.module.parameters())
+    per_rank = f" ({local / 1e6:.2f}M per tensor-parallel rank)" if par.tp > 1 else ""
+    logger.info(f"model: {job.model.size} {model_config.n_layer}L/{model_config.n_embd}d/{model_config.n_head}h, "
+                f"vocab {model_config.vocab_size}, {count_parameters(model_config) / 1e6:.2f}M parameters{per_rank}")
+    logger.info(f"layout: world {par.world_size} = tensor {par.tp} × data {par.dp}; {precision}; "
+                f"ZeRO stage {job.parallel.zero_stage}; {job.train.global_batch_size} sequences × "
+                f"{job.data.seq_len} tokens per step ({grad_accum} accumulation steps of "
+                f"{job.train.micro_batch_size} per rank)")
+    return Training(job, par, run, engine, batches, model_config, ds_config, precision, grad_accum)
+
+
+def train_step(t: Training, step: int, snapshots: Optional[SnapshotWriter] = None) -> tuple[torch.Tensor, float]:
+    """One optimizer step (0-based index `step`): (this rank's mean loss over its micro-batches, lr)."""
+    job, par, engine = t.job, t.par, t.engine
+    lr = job.learning_rate(step)
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+    # Dropout draws from a stream that depends only on (seed, step, rank): resume is exact.
+    torch.manual_seed(job.train.seed * 1_000_003 + step * 1009 + par.rank)
+    loss_sum = torch.zeros((), device=par.device)
+    for micro in range(t.grad_accum):
+        x, y = t.batches.train_batch(step, par.dp_rank, micro, job.train.micro_batch_size)
+        _, loss = engine(x.to(par.device), y.to(par.device))
+        engine.backward(loss)
+        if snapshots is not None and micro == t.grad_accum - 1:
+            snapshots.fence()  # the update must not overwrite a partition still being copied
+        engine.step()
+        loss_sum += loss.detach().float()
+    return loss_sum / t.grad_accum, lr
+
+
+def all_reduce_mean(value: torch.Tensor, par: Parallel) -> float:
+    total = value.detach().to(torch.float64).reshape(1)
+    dist.all_reduce(total, group=par.dp_group)
+    return total.item() / par.dp
+
+
+class Window:
+    """What happened between two log steps: steps, time in training vs in pauses, snapshot costs."""
+
+    def __init__(self):
+        self.start, self.steps, self.paused = time.perf_counter(), 0, 0.0
+        self.snapshot_s, self.snapshot_wait_s, self.snapshots_skipped = 0.0, 0.0, 0
+
+    def add_snapshot(self, seconds: float, stats: dict[str, Any]) -> None:
+        self.snapshot_s += seconds  # the loop's whole time in snapshots: copy, votes, commit, waits
+        self.snapshot_wait_s += stats.get("snapshot_wait_s", 0.0)
+        self.snapshots_skipped += "snapshot_skipped" in stats
+
+    @property
+    def compute_s(self) -> float:
+        return time.perf_counter() - self.start - self.paused
+
+
+def train(job: "JobConfig") -> dict:
+    """Runs the job in this process (one rank of the world); returns the last logged metrics."""
+    t = build(job)
+    par, engine, run = t.par, t.engine, t.run
+    averages = ShardAverages(job.ema, job.swa, engine.optimizer.fp32_partitioned_groups_flat, job.snapshot.every)
+    start = checkpoint.restore(engine, par, t.checkpoint_dir, job.checkpoint, job.growth, t.model_config, averages)
+    step, tokens = start.step, start.tokens
+    if step >= job.train.steps:
+        logger.info(f"{run.path} has already trained its {job.train.steps} steps (train.steps); to go on, raise "
+                    f"train.steps, or start a new run with run_dir=<another directory>")
+        show_eval_table(run.path, par.is_main)
+        return {}
+
+    tp_layout = tensor_parallel_layout(engine.module)
+    metrics = MetricsLogger(run.path, par.is_main, job.logging.tensorboard)
+    if step > 0:
+        metrics.log({"event": "resume", "step": step})
+    if start.grown_from is not None:  # the report counts the small run's tokens into this run's budget
+        metrics.log({"event": "growth", "step": 0, **start.grown_from})
+    val_set = t.batches.val_batches(par.dp_rank, par.dp, job.eval.batches, job.train.micro_batch_size)
+    snapshots, sidecar = start_lawa(t, step, val_set, averages if averages.enabled else None)
+    evals = protocol.follow_eval_log(run.path)  # the trainer prints the sidecar's lines as they come
+    tokens_per_step = job.train.global_batch_size * job.data.seq_len
+    flops_per_step = flops_per_token(t.model_config, job.data.seq_len) * tokens_per_step
+    last_stop = job.train.stop_at or job.train.steps
+    preemption = Preemption(job.checkpoint.on_signal, par.ctrl_group)
+    preempted = False
+    result: dict = {}
+    window = Window()
+
+    while step < last_stop and not preempted:
+        loss, lr = train_step(t, step, snapshots)
+        step += 1
+        tokens += tokens_per_step
+        window.steps += 1
+        if averages.enabled:
+            averages.update(step)
+        preempted = preemption.should_stop()
+        at_end = step == last_stop or preempted
+        if snapshots is not None:
+            snap_start = time.perf_counter()
+            stats = snapshots.after_step(step, tokens, lr, final=at_end)
+            window.add_snapshot(time.perf_counter() - snap_start, stats)
+
+        if step % job.logging.every == 0 or at_end:
+            loss_value = all_reduce_mean(loss, par)
+            elapsed = window.compute_s
+            grad_norm = engine.get_global_grad_norm()
+            grad_norm = None if grad_norm is None else float(grad_norm)
+            tok_s = window.steps * tokens_per_step / elapsed
+            result = {"step": step, "loss": loss_value, "lr": lr, "tokens": tokens, "tokens_per_s": tok_s,
+                      "tflops_per_rank": window.steps * flops_per_step / elapsed / par.world_size / 1e12,
+                      "grad_norm": grad_norm}
+            if par.device.type == "cuda":
+                result["max_mem_gb"] = torch.cuda.max_memory_allocated(par.device) / 2**30
+            if snapshots is not None:
+                result.update(snapshot_s=window.snapshot_s, snapshot_wait_s=window.snapshot_wait_s,
+                              snapshots_skipped=window.snapshots_skipped)
+            norm_text = "n/a" if grad_norm is None else f"{grad_norm:.3f}"
+            metrics.log(result, f"step {step}/{job.train.steps} | loss {loss_value:.4f} | lr {lr:.2e} | "
+                                f"{tok_s / 1e3:.1f}k tok/s | grad norm {norm_text}")
+            if sidecar is not None:
+                sidecar.check()
+            show_new_evals(evals, par.is_main)
+            window = Window()
+
+        # Evaluation and checkpoint time is kept out of tokens/s.
+        pause_start = time.perf_counter()
+        if (job.eval.every and step % job.eval.every == 0) or (at_end and not preempted):
+            val_loss = validation_loss(engine, val_set, par.device, par.dp_group, par.dp)
+            result = {**result, "val_loss": val_loss}
+            metrics.log({"step": step, "tokens": tokens, "val_loss": val_loss}, f"step {step} | val loss {val_loss:.4f}")
+        if step % job.checkpoint.every == 0 or at_end:
+            state = checkpoint.RunState(step=step, tokens=tokens, dp=par.dp, tp=par.tp, tensor_parallel_layout=tp_layout)
+            tag = checkpoint.save(engine, t.checkpoint_dir, state, job.checkpoint.keep, par.is_main, averages, par)
+            logger.info(f"saved checkpoint {os.path.join(t.checkpoint_dir, tag)}")
+        window.paused += time.perf_counter() - pause_start
+
+    if preempted:
+        logger.info(f"stopped at step {step} on {preemption.received or 'a signal to another rank'}: "
+                    f"checkpoint written; the same command resumes the run")
+    elif job.train.stop_at is not None and step < job.train.steps:
+        logger.info(f"stopped at step {step} (train.stop_at); the same command resumes the run")
+    metrics.close()
+    if snapshots is not None:
+        # A preempted job has a short grace period: the sidecar gets a bounded time to finish, and
+        # the requeued job's sidecar evaluates whatever it missed.
+        finish_lawa(snapshots, sidecar, par, run.path, step, evals, finished=step == job.train.steps,
+                    wait_s=min(job.sidecar.exit_timeout_s, 60.0) if preempted else job.sidecar.exit_timeout_s)
+    if preempted and job.checkpoint.requeue and par.is_main:
+        requeue_slurm_job()
+    return result
+
+
+def start_lawa(t: Training, step: int, val_set: list,
+               averages: Optional[ShardAverages]) -> tuple[Optional[SnapshotWriter], Optional[SidecarSupervisor]]:
+    """Collective: the snapshot ring buffer, the sidecar's spec and held-out set, and the sidecar."""
+    job, par, run = t.job, t.par, t.run
+    if job.snapshot.every == 0:
+        return None, None
+    root = resolve_root(job.snapshot, par, run.path, job.name, count_parameters(t.model_config))
+    snapshots = SnapshotWriter(job.snapshot, t.engine, par, root, resume_step=step, averages=averages)
+    logger.info(f"snapshots: every {job.snapshot.every} steps into a ring of {job.snapshot.slots} slots in {root}")
+    # What the sidecar needs, so that it can also be started by hand on this run directory.
+    if par.is_main:
+        protocol.clear_training_done(run.path)
+        protocol.SidecarSpec(
+            deepspeed=t.ds_config, dp=par.dp, tp=par.tp, snapshot_dir=os.path.abspath(root),
+            snapshot_every=job.snapshot.every, lawa_k=job.lawa.k, lawa_spacing=job.lawa.spacing or job.snapshot.every,
+            device=job.sidecar.device, training_device=par.device.type, precision=t.precision,
+            poll_seconds=job.sidecar.poll_seconds, tensorboard=job.logging.tensorboard,
+            export_hf=job.sidecar.export_hf, tasks=[os.path.abspath(p) for p in job.eval.tasks],
+            task_limit=job.eval.task_limit).write(run.path)
+    if par.tp_rank == 0:
+        protocol.write_val_batches(run.path, par.dp_rank, val_set)
+    barrier()
+    sidecar = None
+    if job.sidecar.enabled:
+        env = rank_env()
+        sidecar = SidecarSupervisor(job.sidecar, run.path, par.rank, par.world_size, par.local_rank,
+                                    env.master_addr, env.master_port, par.ctrl_group)
+    return snapshots, sidecar
+
+
+def show_new_evals(evals, is_main: bool) -> None:
+    if is_main:
+        for record in evals.read():
+            logger.info(protocol.format_eval_line(record))
+
+
+def show_eval_table(run_dir: str, is_main: bool) -> None:
+    records = protocol.read_eval_log(run_dir) if is_main else []
+    if records:
+        logger.info("\nraw vs LAWA validation loss (eval.jsonl):\n" + protocol.format_eval_table(records))
+
+
+def finish_lawa(snapshots: SnapshotWriter, sidecar: Optional[SidecarSupervisor], par: Parallel, run_dir: str,
+                step: int, evals, finished: bool, wait_s: float) -> None:
+    """Collective: commit the last snapshot, let the sidecar evaluate it, and show the results."""
+    snapshots.finish()
+    if par.is_main:
+        protocol.mark_training_done(run_dir, snapshots.last_committed, step)
+    if sidecar is not None:
+        logger.info("waiting for the sidecar to evaluate the last snapshot ...")
+        sidecar.wait(wait_s)
+    barrier()
+    show_new_evals(evals, par.is_main)
+    show_eval_table(run_dir, par.is_main)
+    if finished:
+        snapshots.cleanup()
