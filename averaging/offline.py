@@ -45,8 +45,16 @@ from averaging import lawa, slots
 from core.files import OutputExists, any_step_of, staged, write_file_atomic
 from core.log import logger, setup_logging
 from core.run_dir import LATEST, MANIFEST, RUN_STATE
-from core.weights import (DTYPE_NAMES, HF_INDEXES, HF_SINGLE, Weights, WeightsError, hf_weight_files, load_pickle,
-                          state_dict_in)
+from core.weights import (
+    DTYPE_NAMES,
+    HF_INDEXES,
+    HF_SINGLE,
+    Weights,
+    WeightsError,
+    hf_weight_files,
+    load_pickle,
+    state_dict_in,
+)
 from core.zero_checkpoint import LayoutMismatch, zero_padding
 
 # Tensors are averaged in row blocks of at most this many elements: with k inputs, about k + 2
@@ -385,8 +393,10 @@ def averaged_state_dict(weights: list[Weights], keys: list[str], like: dict,
 def average_weight_file(weights: list[Weights], file: str, out_path: str, container: Any = None) -> int:
     """Writes the tensors that the newest input keeps in `file` to out_path; returns their number."""
     keys = [k for k in weights[-1].names_in(file) if weights[-1].where.get(k) == file]
-    progress = lambda items: tqdm(items, desc=os.path.basename(out_path), unit="tensor", leave=False,
-                                  disable=None, file=sys.stderr)
+
+    def progress(items):
+        return tqdm(items, desc=os.path.basename(out_path), unit="tensor", leave=False, disable=None, file=sys.stderr)
+
     if file.endswith(".safetensors"):
         write_safetensors(out_path, weights, keys, weights[-1].handle(file).metadata(), progress)
     else:

@@ -71,7 +71,7 @@ class SlotManifest:
         return json.dumps(dataclasses.asdict(self), indent=1)
 
     @classmethod
-    def from_json(cls, text: str, where: str) -> "SlotManifest":
+    def from_json(cls, text: str, where: str) -> SlotManifest:
         data = json.loads(text)
         if data.get("format") != FORMAT_VERSION:
             raise SlotCorrupt(f"{where}: manifest format {data.get('format')}, this version reads {FORMAT_VERSION}")

@@ -1,7 +1,7 @@
 """Peak memory of offline LAWA over Hugging Face checkpoints vs the size of one checkpoint.
 
 Writes `--k` random GPT-NeoX checkpoints of a Pythia shape (fp16 safetensors, like Pythia's own
-revisions) into --work, then runs `python -m averaging.average` over them while sampling its
+revisions) into --work, then runs `python -m averaging.offline` over them while sampling its
 anonymous and total resident memory, and prints the peaks next to one checkpoint's size.
 
     python bench/hf_average_memory.py --size pythia-2.8b --k 5 --work /tmp/hf_avg_bench
@@ -63,7 +63,7 @@ def main() -> int:
     print(f"inputs written in {time.perf_counter() - start:.0f}s", flush=True)
     out = os.path.join(args.work, "avg")
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "averaging.average", "--out", out, *inputs],
+    proc = subprocess.Popen([sys.executable, "-m", "averaging.offline", "--out", out, *inputs],
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     # RSS counts the inputs' memory-mapped pages, which the kernel drops under pressure; the memory

@@ -25,19 +25,11 @@ line with everything (also written to --out). It measures and reports; it assert
 2. The training loop's stall per snapshot vs DeepSpeed's synchronous `save_checkpoint` (ratio).
    a) From the on-runs: metrics.jsonl `snapshot_s` (the loop's time in the partition copy plus any
       wait for the previous write; logging.every == snapshot.every, so one snapshot per window).
-   b) In a 2-rank torchrun worker (`--worker`, this file) that builds the launcher's model and
-      engine from the same job with the launcher's own functions, trains a few steps, then
-      - snapshots with `SnapshotWriter.after_step` on due steps: `stall` is what it returns as
-        snapshot_stall_s (the copy of the fp32 partition), `after_step` its wall time (the copy,
-        one vote, starting the writer thread); `commit` is the wall time of after_step on the next,
-        not-due step, which votes and commits the finished slot; `write` is the background
-        thread's lifetime (polled; nothing else runs meanwhile). Median over snapshots of the
-        slowest rank's value;
-      - `engine.save_checkpoint(dir, tag)` between barriers, to disk (the default checkpoint
-        place: beside the run dir) and to /dev/shm; median of 3 of the slowest rank.
-      The figure is save_checkpoint(disk) / stall, also given per after_step wall time.
-      Models: the job's own, `tiny` (jobs/tiny_cpu.yaml), and unless --no-big `gpt2-125m` at
-      seq_len 128, micro batch 1, global batch 2 (vocabulary 4096, so 88M parameters).
+   b) In bench/lawa_overhead_worker.py under torchrun (2 ranks), which builds the launcher's own
+      training setup (launcher.trainer.build) from the same job and times SnapshotWriter.after_step
+      and its background write against engine.save_checkpoint (to disk and to /dev/shm); see its
+      docstring. Models: the job's own, `tiny` (jobs/tiny_cpu.yaml), and unless --no-big
+      `gpt2-125m` at seq_len 128, micro batch 1, global batch 2 (vocabulary 4096, so 88M parameters).
 
 3. Sidecar averaging throughput (GB/s of shards read and averaged).
    a) From the on-runs' eval.jsonl (rank 0's view; each record has read_s, average_s and
@@ -57,149 +49,22 @@ measurement that overlapped one ("contended").
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import shlex
 import shutil
-import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Optional
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from common import REPO, Measurement, machine_info, median, ms, run_logged, torchrun_cmd, wait_until_idle
 
-BUSY_PATTERNS = ("launcher/train.py", "averaging.sidecar")
 DEFAULT_STEPS = {"smoke": 300}  # other jobs: FALLBACK_STEPS
 FALLBACK_STEPS = 150
 MODES = ("on", "snap", "off")  # snapshots + sidecar; snapshots only; neither
 BIG_MODEL = ["model.size=gpt2-125m", "data.seq_len=128", "train.micro_batch_size=1", "train.global_batch_size=2"]
-
-
-def median(values: list[float]) -> Optional[float]:
-    return statistics.median(values) if values else None
-
-
-# ---------------------------------------------------------------------------------------------
-# not timing against other jobs
-
-
-def _ancestors(pid: int) -> list[int]:
-    chain = []
-    while pid > 1:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                pid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            break
-        chain.append(pid)
-    return chain
-
-
-def foreign_jobs() -> list[int]:
-    """Training or sidecar processes on this machine that this script did not start."""
-    me, found = os.getpid(), set()
-    for pattern in BUSY_PATTERNS:
-        out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout
-        for pid in map(int, out.split()):
-            if pid != me and me not in _ancestors(pid):
-                found.add(pid)
-    return sorted(found)
-
-
-def wait_until_idle(timeout_s: float) -> float:
-    """Poll every 5 s until no foreign job runs; returns the seconds waited."""
-    start = time.monotonic()
-    busy = foreign_jobs()
-    if busy:
-        print(f"  waiting for other jobs to finish (pids {busy}) ...", flush=True)
-    while busy:
-        if time.monotonic() - start > timeout_s:
-            raise SystemExit(f"other training jobs (pids {busy}) still run after {timeout_s:.0f}s; "
-                             f"not timing against them")
-        time.sleep(5)
-        busy = foreign_jobs()
-    return time.monotonic() - start
-
-
-class Measurement:
-    """Waits for an idle machine, then samples for foreign jobs while the measurement runs."""
-
-    def __init__(self, name: str, timeout_s: float):
-        self.name, self.timeout_s = name, timeout_s
-        self.seen: set[int] = set()
-        self._stop = threading.Event()
-
-    def __enter__(self) -> "Measurement":
-        self.waited_s = wait_until_idle(self.timeout_s)
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
-        return self
-
-    def _watch(self) -> None:
-        while not self._stop.wait(2.0):
-            self.seen.update(foreign_jobs())
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        if self.seen:
-            print(f"  WARNING: {self.name} overlapped other jobs (pids {sorted(self.seen)}): contended", flush=True)
-
-    @property
-    def contended(self) -> bool:
-        return bool(self.seen)
-
-
-# ---------------------------------------------------------------------------------------------
-# running real jobs
-
-
-def child_env() -> dict:
-    env = dict(os.environ)
-    env["OMP_NUM_THREADS"] = "1"
-    # As tests/conftest.py: one JIT-extension cache per environment (DeepSpeed's CPU comm op).
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-def torchrun_cmd(*args: str) -> list[str]:
-    return [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2", *args]
-
-
-def show_cmd(cmd: list[str]) -> str:
-    env = child_env()
-    prefix = f"OMP_NUM_THREADS=1 TORCH_EXTENSIONS_DIR={env['TORCH_EXTENSIONS_DIR']}"
-    return prefix + " " + " ".join(shlex.quote(c) for c in cmd)
-
-
-def run_logged(cmd: list[str], log_path: Path, commands: list[str]) -> float:
-    """Runs a command from the repo root with its output in log_path; returns its wall time."""
-    commands.append(show_cmd(cmd))
-    print(f"  $ {commands[-1]}", flush=True)
-    start = time.perf_counter()
-    with open(log_path, "w") as log:
-        proc = subprocess.run(cmd, cwd=REPO, env=child_env(), stdout=log, stderr=subprocess.STDOUT, timeout=1800)
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        tail = log_path.read_text()[-6000:]
-        raise SystemExit(f"command exited {proc.returncode} after {wall:.0f}s:\n{commands[-1]}\n--- {log_path} (tail)\n{tail}")
-    return wall
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,12 +89,15 @@ def training_run(job: str, mode: str, steps: int, every: int, data_dir: Path, wo
 
 
 def summarize_run(run_dir: Path, log_path: Path, mode: str, every: int, wall: float, contended: bool) -> dict:
-    import yaml
+    from core.files import read_jsonl
+    from core.run_dir import RunDir
+    from launcher.config import load_job
 
-    config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    tokens_per_step = config["train"]["global_batch_size"] * config["data"]["seq_len"]
-    steps = config["train"]["steps"]
-    windows = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "tokens_per_s" in r]
+    run = RunDir(str(run_dir))
+    job = load_job(run.config)
+    tokens_per_step = job.train.global_batch_size * job.data.seq_len
+    steps = job.train.steps
+    windows = [r for r in read_jsonl(run.metrics) if "tokens_per_s" in r]
     timed = windows[1:]  # the first window is warm-up
     out: dict[str, Any] = {
         "mode": mode, "wall_s": wall, "contended": contended, "steps": steps, "tokens_per_step": tokens_per_step,
@@ -239,12 +107,12 @@ def summarize_run(run_dir: Path, log_path: Path, mode: str, every: int, wall: fl
     }
     if mode in ("on", "snap"):
         console = log_path.read_text()
-        evals = read_jsonl(run_dir / "eval.jsonl")
+        evals = read_jsonl(run.eval_log)
         log_time = {r["step"]: r["time"] for r in windows}
         lags = [e["time"] - log_time[e["step"]] for e in evals if e["step"] in log_time]
         out.update({
             "snapshots_due": steps // every + (1 if steps % every else 0),
-            "snapshots_skipped": console.count(" skipped: the write of step"),
+            "snapshots_skipped": sum(r.get("snapshots_skipped", 0) for r in windows),
             "snapshots_waited": console.count("s for the previous write"),
             "sidecar_restarts": console.count("sidecar died"),
             "snapshot_s_windows": [r.get("snapshot_s") for r in windows],
@@ -291,153 +159,7 @@ def figure_3a(runs: list[dict]) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# figure 2b: the worker (one rank of `torchrun ... bench/lawa_overhead_cpu.py --worker`)
-
-
-def worker(args: argparse.Namespace) -> int:
-    import logging
-    import warnings
-
-    import torch
-    import torch.distributed as dist
-
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
-
-    from launcher.config import (deepspeed_config, load_job, resolve_model_config, resolve_precision,
-                                 validate_layout)
-    from launcher.data import TokenBatches, ensure_prepared
-    from launcher.distributed import barrier, init_distributed, rank_env
-    from launcher.optim import build_optimizer
-    from launcher.snapshot import SnapshotArgs, SnapshotWriter
-    from models.registry import build_model, count_parameters
-
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
-
-    # The launcher's construction, step for step (launcher/train.py: train()).
-    job = load_job(args.job, args.overrides)
-    grad_accum = validate_layout(job, rank_env().world_size)
-    par = init_distributed(job.parallel.tensor)
-    precision = resolve_precision(job, par.device.type)
-    manifest = ensure_prepared(job.data, par.is_main, barrier)
-    batches = TokenBatches(manifest, job.data.dir, [s.weight for s in job.data.sources], job.data.seq_len,
-                           job.train.seed)
-    model_config = resolve_model_config(job, batches.vocab_size)
-    ds_config = deepspeed_config(job, par.dp, grad_accum, precision)
-    torch.manual_seed(job.train.seed)
-    with deepspeed.zero.Init(config_dict_or_path=ds_config, data_parallel_group=par.dp_group, mpu=par,
-                             enabled=job.parallel.zero_stage == 3):
-        model = build_model(model_config, par.tp_group)
-    optimizer = build_optimizer(model, job.optimizer, par.device)
-    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, mpu=par)
-
-    work = Path(args.worker_dir)
-    snap_root = str(Path(args.worker_shm) / "snapshots")
-    writer = SnapshotWriter(SnapshotArgs(every=2, slots=4, dir=snap_root), engine, par, snap_root, resume_step=0,
-                            log=lambda m: print(f"[worker] {m}", flush=True) if par.is_main else None)
-
-    def train_step(step: int) -> float:
-        start = time.perf_counter()
-        for micro in range(grad_accum):
-            x, y = batches.train_batch(step, par.dp_rank, micro, job.train.micro_batch_size)
-            _, loss = engine(x.to(par.device), y.to(par.device))
-            engine.backward(loss)
-            if micro == grad_accum - 1:
-                writer.fence()
-            engine.step()
-        return time.perf_counter() - start
-
-    tokens_per_step = job.train.global_batch_size * job.data.seq_len
-    step = 0
-    step_s = []
-    for _ in range(args.warmup_steps):
-        step += 1
-        step_s.append(train_step(step))
-
-    # Snapshots: due on even steps (every=2); the odd step after each one commits it.
-    stall, after_wall, commit_wall, write_s = [], [], [], []
-    for _ in range(args.snapshots):
-        step += 1
-        if step % 2:  # make the snapshot step even
-            step_s.append(train_step(step))
-            step += 1
-        step_s.append(train_step(step))
-        barrier()
-        start = time.perf_counter()
-        stats = writer.after_step(step, step * tokens_per_step, job.optimizer.lr)
-        returned = time.perf_counter()
-        if "snapshot_stall_s" not in stats:
-            raise RuntimeError(f"no snapshot taken at step {step}: {stats}")
-        stall.append(stats["snapshot_stall_s"] + stats.get("snapshot_wait_s", 0.0))
-        after_wall.append(returned - start)
-        while writer.thread is not None and writer.thread.is_alive():
-            time.sleep(0.0005)
-        write_s.append(time.perf_counter() - returned)
-        if writer.failed is not None:
-            raise RuntimeError(f"snapshot write failed: {writer.failed!r}")
-        step += 1
-        step_s.append(train_step(step))
-        start = time.perf_counter()
-        writer.after_step(step, step * tokens_per_step, job.optimizer.lr)  # not due: votes and commits
-        commit_wall.append(time.perf_counter() - start)
-        if writer.last_committed != step - 1:
-            raise RuntimeError(f"snapshot of step {step - 1} was not committed (last: {writer.last_committed})")
-    slot_bytes = dir_bytes(os.path.join(snap_root, f"step_{writer.last_committed:08d}")) if par.local_rank == 0 else 0
-
-    # DeepSpeed's synchronous checkpoint of the same engine, to disk and to /dev/shm.
-    saves: dict[str, list[float]] = {}
-    ckpt_bytes: dict[str, int] = {}
-    for where, root in (("disk", work / "checkpoints"), ("shm", Path(args.worker_shm) / "checkpoints")):
-        saves[where] = []
-        for i in range(args.saves):
-            tag = f"bench_{i}"
-            barrier()
-            start = time.perf_counter()
-            engine.save_checkpoint(str(root), tag=tag, client_state={"run_state": {"step": step}}, save_latest=False)
-            barrier()
-            saves[where].append(time.perf_counter() - start)
-            if par.is_main:
-                ckpt_bytes[where] = dir_bytes(str(root / tag))
-                shutil.rmtree(root / tag, ignore_errors=True)
-            barrier()
-
-    # The slowest rank's value of each sample (the loop waits for it at the next collective).
-    mine = {"stall": stall, "after_wall": after_wall, "commit_wall": commit_wall, "write": write_s,
-            "step": step_s[1:], **{f"save_{w}": v for w, v in saves.items()}}
-    gathered: list[Any] = [None] * par.world_size
-    dist.all_gather_object(gathered, mine, group=par.ctrl_group)
-    writer.cleanup()
-    if par.is_main:
-        slowest = {key: [max(g[key][i] for g in gathered) for i in range(len(mine[key]))] for key in mine}
-        partition = sum(f.numel() for f in writer.flat)
-        result = {
-            "job": args.job, "overrides": [o for o in args.overrides if not o.startswith(("data.dir", "run_dir"))],
-            "model": job.model.size, "params": count_parameters(model_config), "seq_len": job.data.seq_len,
-            "global_batch_size": job.train.global_batch_size, "micro_batch_size": job.train.micro_batch_size,
-            "partition_elements_per_rank": partition, "slot_bytes": slot_bytes,
-            "checkpoint_bytes_disk": ckpt_bytes.get("disk"), "checkpoint_bytes_shm": ckpt_bytes.get("shm"),
-            "samples": slowest,
-            "train_step_s": median(slowest["step"]),
-            "stall_s": median(slowest["stall"]),
-            "after_step_s": median(slowest["after_wall"]),
-            "commit_step_s": median(slowest["commit_wall"]),
-            "write_s": median(slowest["write"]),
-            "save_checkpoint_disk_s": median(slowest["save_disk"]),
-            "save_checkpoint_shm_s": median(slowest["save_shm"]),
-        }
-        result["ratio_save_disk_over_stall"] = result["save_checkpoint_disk_s"] / result["stall_s"]
-        result["ratio_save_disk_over_after_step"] = result["save_checkpoint_disk_s"] / result["after_step_s"]
-        result["ratio_save_shm_over_stall"] = result["save_checkpoint_shm_s"] / result["stall_s"]
-        with open(args.worker_out, "w") as f:
-            json.dump(result, f)
-    barrier()
-    return 0
-
-
-def dir_bytes(path: str) -> int:
-    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+# figure 2b: bench/lawa_overhead_worker.py under torchrun
 
 
 def worker_run(label: str, job: str, overrides: list[str], data_dir: Path, work: Path, shm: Path,
@@ -445,8 +167,8 @@ def worker_run(label: str, job: str, overrides: list[str], data_dir: Path, work:
     wdir, wshm = work / f"worker_{label}", shm / f"worker_{label}"
     wdir.mkdir()
     out = wdir / "result.json"
-    cmd = torchrun_cmd("bench/lawa_overhead_cpu.py", "--worker", "--job", job, "--worker-out", str(out),
-                       "--worker-dir", str(wdir), "--worker-shm", str(wshm), "--snapshots", str(snapshots),
+    cmd = torchrun_cmd("bench/lawa_overhead_worker.py", "--job", job, "--out", str(out), "--dir", str(wdir),
+                       "--shm", str(wshm), "--snapshots", str(snapshots),
                        "--", f"data.dir={data_dir}", f"run_dir={wdir}", *overrides)
     with Measurement(f"worker {label}", timeout_s) as m:
         wall = run_logged(cmd, work / f"worker_{label}.log", commands)
@@ -465,19 +187,21 @@ def synthetic_average(root: Path, k: int, numel: int, repeats: int) -> dict:
 
     from averaging import slots
     from averaging.lawa import average_shards
+    from core.files import step_name
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a sidecar rank here runs with OMP_NUM_THREADS=1
     try:
         flat = torch.randn(numel, dtype=torch.float32)
-        model_states = {"dp_world_size": 8, "ds_version": metadata.version("deepspeed")}
+        model_states = {"dp_world_size": 8, "ds_version": machine_info()["deepspeed"]}
         paths, write_s = [], []
         for i in range(k):
             flat.add_(0.001)  # distinct contents per slot
-            path = str(root / slots.slot_name(10 * (i + 1)))
+            path = str(root / step_name(10 * (i + 1)))
             start = time.perf_counter()
             written = slots.write_shard(path, 0, 0, [flat], model_states)
-            slots.commit(path, {"step": 10 * (i + 1), "dp": 8, "tp": 1, "files": written})
+            slots.commit(path, slots.SlotManifest(kind="raw", step=10 * (i + 1), tokens=0, lr=None, dp=8, tp=1,
+                                                  param_shapes=[], files=written))
             write_s.append(time.perf_counter() - start)
             paths.append(path)
         del flat
@@ -510,34 +234,6 @@ def synthetic_average(root: Path, k: int, numel: int, repeats: int) -> dict:
 # report
 
 
-def machine_info() -> dict:
-    import torch
-
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                mem = round(int(line.split()[1]) / 2**20, 1)
-    except OSError:
-        pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                                text=True).stdout.strip()
-    except OSError:
-        commit = None
-    return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "host": platform.node(),
-            "nproc": os.cpu_count(), "cpu": cpu, "mem_gib": mem, "python": platform.python_version(),
-            "torch": torch.__version__, "deepspeed": metadata.version("deepspeed"), "git_commit": commit}
-
-
 def runs_of(values: list) -> str:
     """[1, 2, 5, 5, 5] -> '1,2,5x3'."""
     out: list[str] = []
@@ -548,10 +244,6 @@ def runs_of(values: list) -> str:
         else:
             out.append(str(v))
     return ",".join(out)
-
-
-def ms(x: Optional[float]) -> str:
-    return "n/a" if x is None else f"{x * 1e3:.2f}"
 
 
 def print_report(res: dict) -> None:
@@ -622,19 +314,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--wait-timeout", type=float, default=600.0, help="longest wait for other jobs to end, s")
     parser.add_argument("--out", default=None, help="also write the JSON here")
     parser.add_argument("--keep", action="store_true", help="keep the temporary run directories")
-    # the worker (run by torchrun from this script)
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--worker-out", help=argparse.SUPPRESS)
-    parser.add_argument("--worker-dir", help=argparse.SUPPRESS)
-    parser.add_argument("--worker-shm", help=argparse.SUPPRESS)
-    parser.add_argument("--warmup-steps", type=int, default=3, help=argparse.SUPPRESS)
-    parser.add_argument("--saves", type=int, default=3, help=argparse.SUPPRESS)
-    parser.add_argument("overrides", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.worker:
-        from launcher.distributed import exit_process
-
-        exit_process(worker(args))
 
     from launcher.config import load_job
     from launcher.data import prepare

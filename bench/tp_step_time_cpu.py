@@ -13,23 +13,21 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
+from common import run_logged, torchrun_cmd
+from core.files import read_jsonl
+from core.run_dir import RunDir
 
 
 def run(layout_tp: int, steps: int, data_dir: str, run_dir: str) -> float:
-    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=4", "launcher/train.py", "--job", "jobs/tiny_cpu.yaml",
-           f"run_dir={run_dir}", f"data.dir={data_dir}", f"parallel.tensor={layout_tp}", f"train.steps={steps}",
-           "train.micro_batch_size=8", "logging.every=10", "eval.every=0", "checkpoint.every=100000",
-           "snapshot.every=0", "sidecar.enabled=false", "schedule.warmup_steps=10"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_EXTENSIONS_DIR=str(Path(sys.prefix) / "torch_extensions"))
-    subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True, text=True)
-    records = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl")) if '"tokens_per_s"' in line]
+    cmd = torchrun_cmd("launcher/train.py", "--job", "jobs/tiny_cpu.yaml",
+                       f"run_dir={run_dir}", f"data.dir={data_dir}", f"parallel.tensor={layout_tp}", f"train.steps={steps}",
+                       "train.micro_batch_size=8", "logging.every=10", "eval.every=0", "checkpoint.every=100000",
+                       "snapshot.every=0", "sidecar.enabled=false", "schedule.warmup_steps=10", nproc=4)
+    run_logged(cmd, Path(run_dir + ".log"), [])
+    records = [r for r in read_jsonl(RunDir(run_dir).metrics) if "tokens_per_s" in r]
     tokens_per_step = 32 * 128
     return statistics.median(tokens_per_step / r["tokens_per_s"] for r in records[1:])
 

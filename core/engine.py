@@ -62,7 +62,7 @@ def inference_config(training_config: dict[str, Any], bf16: bool) -> dict[str, A
     return config
 
 
-def build_engine(make_model: Callable[[], torch.nn.Module], config: dict[str, Any], par: "Parallel",
+def build_engine(make_model: Callable[[], torch.nn.Module], config: dict[str, Any], par: Parallel,
                  make_optimizer: Optional[Callable[[torch.nn.Module], torch.optim.Optimizer]] = None):
     """Collective. The model built under `zero.Init` (partitioned as each module is constructed,
     never whole on any rank at ZeRO-3) and wrapped in a DeepSpeed engine."""

@@ -65,14 +65,14 @@ class Weights:
         self.open: dict[str, Any] = {}
 
     @classmethod
-    def of_files(cls, files: list[str]) -> "Weights":
+    def of_files(cls, files: list[str]) -> Weights:
         weights = cls({})
         for file in files:
             weights.where.update((key, file) for key in weights.names_in(file))
         return weights
 
     @classmethod
-    def of_hf_folder(cls, path: str) -> "Weights":
+    def of_hf_folder(cls, path: str) -> Weights:
         return cls(hf_weight_files(path)[1])
 
     def handle(self, file: str) -> Any:

@@ -171,6 +171,19 @@ class SnapshotWriter:
         self._join()
         self._settle()
 
+    def join_write(self) -> None:
+        """Wait for this rank's background write in flight, if any (the next vote commits it);
+        a write that failed raises here."""
+        if self.thread is not None:
+            self.thread.join()
+        if self.failed is not None:
+            raise RuntimeError(f"snapshot write failed: {self.failed!r}")
+
+    @property
+    def partition_elements(self) -> int:
+        """fp32 elements of this rank's partition: a slot holds 4 bytes of each per kind."""
+        return sum(f.numel() for f in self.flat)
+
     # -- internals --------------------------------------------------------------------------------
 
     def _join(self) -> None:
@@ -268,7 +281,7 @@ class SnapshotWriter:
     def _recycle(self, step: int) -> None:
         """Make room in the ring: keep the newest slots-1 committed slots besides the one being written."""
         existing = [(s, path, committed) for s, path, committed in slots.list_slots(self.root) if s != step]
-        for s, path, committed in existing:
+        for _s, path, committed in existing:
             if not committed:
                 slots.remove_slot(path)
         committed = [path for s, path, c in existing if c]

@@ -79,7 +79,7 @@ class TrainArgs:
 class Training:
     """A job, built: what the loop (and the benchmarks, which time its parts) work with."""
 
-    job: "JobConfig"
+    job: JobConfig
     par: Parallel
     run: RunDir
     engine: Any  # deepspeed.DeepSpeedEngine
@@ -94,7 +94,7 @@ class Training:
         return self.job.checkpoint.dir or self.run.checkpoints
 
 
-def build(job: "JobConfig") -> Training:
+def build(job: JobConfig) -> Training:
     """Collective: join the process group, prepare the data, build the model and engine. The
     layout is checked against the world before any process group is joined."""
     env = rank_env()
@@ -184,7 +184,7 @@ class Window:
         return time.perf_counter() - self.start - self.paused
 
 
-def train(job: "JobConfig") -> dict:
+def train(job: JobConfig) -> dict:
     """Runs the job in this process (one rank of the world); returns the last logged metrics."""
     t = build(job)
     par, engine, run = t.par, t.engine, t.run

@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from models.tensor_parallel import (
     ColumnParallelLinear,
     Group,
-    check_split,
     RowParallelLinear,
     VocabParallelEmbedding,
+    check_split,
     group_size,
     vocab_parallel_cross_entropy,
 )

@@ -14,7 +14,8 @@ import torch.nn as nn
 
 from core.config import ConfigError, need
 from core.files import write_json_atomic
-from models.gpt import GPT, GPT_SIZES, GPTConfig, count_parameters as count_gpt_parameters
+from models.gpt import GPT, GPT_SIZES, GPTConfig
+from models.gpt import count_parameters as count_gpt_parameters
 from models.neox import NEOX_SIZES, NeoX, NeoXConfig, count_neox_parameters
 from models.tensor_parallel import Group
 

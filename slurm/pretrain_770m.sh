@@ -16,7 +16,7 @@
 #SBATCH --requeue
 #SBATCH --signal=USR1@180
 #SBATCH --open-mode=append
-#SBATCH --output=slurm-%j.out
+#SBATCH --output=/dev/null  # slurm/pretrain.sh sends the output under the run directory
 set -euo pipefail
 export JOB=${JOB:-jobs/gpt2_770m.yaml}
 exec bash "${REPO:-${SLURM_SUBMIT_DIR:-$PWD}}/slurm/pretrain.sh" "$@"

@@ -1,13 +1,15 @@
 """Shared fixtures: one prepared copy of the embedded corpus, and a runner for real launchers."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from core.files import read_jsonl
+from core.run_dir import RunDir
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -36,7 +38,7 @@ def torchrun(nproc: int, *args: str, **kw) -> subprocess.CompletedProcess:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return read_jsonl(RunDir(str(run_dir)).metrics)
 
 
 @pytest.fixture(scope="session")

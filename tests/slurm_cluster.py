@@ -63,7 +63,7 @@ class SlurmCluster:
         self.conf = _write_conf(root)
         self.env = dict(os.environ, SLURM_CONF=str(self.conf))
 
-    def start(self, timeout: float = 60) -> "SlurmCluster":
+    def start(self, timeout: float = 60) -> SlurmCluster:
         if subprocess.run(["pgrep", "-x", "munged"], capture_output=True).returncode != 0:
             os.makedirs("/run/munge", exist_ok=True)
             shutil.chown("/run/munge", "munge", "munge")

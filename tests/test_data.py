@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from core.tokenizer import load_tokenizer
 from launcher.data import (
     BUILTIN_PYDOC,
     DataArgs,
@@ -19,7 +20,6 @@ from launcher.data import (
     prepare,
     token_dtype,
 )
-from core.tokenizer import load_tokenizer
 
 SEQ = 16
 

@@ -2,8 +2,16 @@
 import pytest
 import torch
 
-from averaging.ema_swa import (EmaArgs, ShardAverages, SwaArgs, ema_decay, ema_reference, ema_update_,
-                                scheduled_lr, swa_update_)
+from averaging.ema_swa import (
+    EmaArgs,
+    ShardAverages,
+    SwaArgs,
+    ema_decay,
+    ema_reference,
+    ema_update_,
+    scheduled_lr,
+    swa_update_,
+)
 from averaging.lawa import average_tensors
 
 

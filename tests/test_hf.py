@@ -66,6 +66,7 @@ def test_lm_eval_scores_an_exported_model_like_our_scorer(tmp_path):
     """EleutherAI's harness runs on an exported model with a local task file; its accuracies equal
     averaging.zero_shot's on the same weights."""
     from pydoc_data.topics import topics
+
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     from averaging.zero_shot import evaluate_task, full_log_probs, load_task, summarize

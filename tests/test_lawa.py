@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from averaging import slots
+from averaging.lawa import average_shards, average_state_dicts, average_tensors, select_spaced
 from core import zero_checkpoint
 from core.files import step_name
-from averaging.lawa import average_shards, average_state_dicts, average_tensors, select_spaced
 
 
 def test_select_spaced_takes_the_newest_k_at_least_spacing_apart():

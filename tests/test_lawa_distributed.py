@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from averaging import slots
-from core.files import step_name
 from averaging.lawa import average_state_dicts
 from averaging.sidecar.protocol import read_eval_log
 from conftest import BIN, REPO, launcher_env, read_metrics, run_launcher, torchrun
+from core.files import step_name
 
 pytestmark = pytest.mark.distributed
 
@@ -214,3 +214,22 @@ def test_a_crashed_sidecar_is_restarted_and_training_goes_on(pydoc_data, tmp_pat
     assert "sidecar died" in out and "generation 1" in out
     assert "step 400/400" in out
     assert read_eval_log(str(run))[-1]["step"] == 400
+
+
+@pytest.mark.parametrize("if_busy", ["skip", "wait"])
+def test_skipped_and_waited_snapshots_are_counted_in_metrics(pydoc_data, tmp_path, if_busy):
+    """A throttled write (320 KB per rank at 0.5 MB/s: ~0.6 s) outlasts a step: the next snapshot
+    is skipped, or waits for it, and metrics.jsonl says so."""
+    run = tmp_path / if_busy
+    torchrun(2, *smoke(pydoc_data, run, "snapshot.every=1", "snapshot.slots=3", "lawa.k=1", "train.steps=6",
+                       "logging.every=2", "eval.every=0", "checkpoint.every=100", "snapshot.max_write_mb_per_s=0.5",
+                       f"snapshot.if_busy={if_busy}"))
+    windows = [r for r in read_metrics(run) if "snapshot_s" in r]
+    assert [r["step"] for r in windows] == [2, 4, 6]
+    skipped = sum(r["snapshots_skipped"] for r in windows)
+    waited = sum(r["snapshot_wait_s"] for r in windows)
+    if if_busy == "skip":  # (the final snapshot waits in either mode)
+        assert skipped >= 2
+    else:
+        assert skipped == 0 and waited > 0.3
+    assert all(r["snapshot_s"] >= r["snapshot_wait_s"] for r in windows)

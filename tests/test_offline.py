@@ -23,9 +23,9 @@ import pytest
 import torch
 
 from averaging import offline, slots
+from conftest import REPO, launcher_env
 from core import zero_checkpoint
 from core.files import any_step_of, step_name
-from conftest import REPO, launcher_env
 
 
 def cli(capsys, *argv) -> tuple[int, str, str]:
@@ -244,13 +244,15 @@ def test_hf_average_loads_and_equals_the_mean(hf_models, tmp_path, capsys, layou
     code, _, err = cli(capsys, "--out", out, *reversed(inputs))  # the newest by step, not by position
     assert code == 0, err
     newest = inputs[-1]
-    weight_files = lambda d: sorted(p.name for p in d.iterdir()
-                                    if p.suffix == ".safetensors" or p.name.endswith(".index.json"))
+    def weight_files(d):
+        return sorted(p.name for p in d.iterdir() if p.suffix == ".safetensors" or p.name.endswith(".index.json"))
+
     assert weight_files(out) == weight_files(newest)
     assert json.loads((out / "tokenizer_config.json").read_text()) == {"saved_at": 300}
     assert (out / "config.json").exists() and not (out / "optimizer.pt").exists()
 
-    load = lambda p: AutoModelForCausalLM.from_pretrained(p, local_files_only=True).state_dict()
+    def load(p):
+        return AutoModelForCausalLM.from_pretrained(p, local_files_only=True).state_dict()
     want = mean_of([load(p) for p in inputs])
     got = load(out)
     assert max_diff(got, want) <= 1e-6

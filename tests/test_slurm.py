@@ -43,8 +43,7 @@ def slurm(tmp_path_factory):
 
 def submit(cluster: SlurmCluster, args: list[str], tmp_path: Path) -> int:
     env = dict(launcher_env(), PYTHON=str(Path(os.sys.executable)), REPO=str(REPO))
-    return cluster.sbatch(*SHRINK, f"--output={tmp_path}/slurm-%j.out", "slurm/pretrain_770m.sh", *args,
-                          env=env, cwd=str(REPO))
+    return cluster.sbatch(*SHRINK, "slurm/pretrain_770m.sh", *args, env=env, cwd=str(REPO))
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -57,7 +56,7 @@ def test_sbatch_of_the_770m_preset_shrunk_to_cpu_runs_to_completion(slurm, pydoc
     job = submit(slurm, tiny(pydoc_data, run, steps=12), tmp_path)
     info = slurm.wait(job, timeout=300)
     wall = time.monotonic() - start
-    out = (tmp_path / f"slurm-{job}.out").read_text()
+    out = (run / "logs" / f"sbatch-{job}.out").read_text()
     assert info["JobState"] == "COMPLETED", out + "".join(p.read_text() for p in (run / "logs").glob("*.log"))
     print(f"\nSlurm smoke job: {wall:.1f} s wall")
     assert sorted(losses(run)) == list(range(1, 13))
@@ -68,6 +67,14 @@ def test_sbatch_of_the_770m_preset_shrunk_to_cpu_runs_to_completion(slurm, pydoc
     assert "world 2 = tensor 1 × data 2" in rank0 and "raw vs LAWA validation loss" in rank0
     first_node = slurm.run("scontrol", "show", "hostnames", slurm.job(job)["NodeList"]).stdout.split()[0]
     assert f"rendezvous {first_node}:{20000 + job % 20000}" in out
+
+
+def test_a_config_error_under_sbatch_is_one_line_in_the_submit_directory(slurm, tmp_path):
+    env = dict(launcher_env(), PYTHON=str(Path(os.sys.executable)), REPO=str(REPO))
+    job = slurm.sbatch(*SHRINK, str(REPO / "slurm/pretrain.sh"), "nosuch.key=1", env=env, cwd=str(tmp_path))
+    assert slurm.wait(job, timeout=120)["JobState"] == "FAILED"
+    out = (tmp_path / "runs" / f"slurm-{job}.out").read_text()
+    assert out.startswith(f"job {job}: config error: unknown key 'nosuch'") and len(out.splitlines()) == 1
 
 
 def test_preempted_job_requeues_and_resumes_exactly(slurm, pydoc_data, tmp_path):
@@ -85,7 +92,7 @@ def test_preempted_job_requeues_and_resumes_exactly(slurm, pydoc_data, tmp_path)
     slurm.run("scancel", "--signal=USR1", str(job), check=False)  # a second warning during the save
     info = slurm.wait(job, timeout=600)
     wall = time.monotonic() - start
-    out = (tmp_path / f"slurm-{job}.out").read_text()
+    out = (run / "logs" / f"sbatch-{job}.out").read_text()
     assert info["JobState"] == "COMPLETED", out
     assert int(info.get("Restarts", 0)) >= 1, info
     print(f"\nSlurm preemption test: {wall:.1f} s wall (job restarts: {info.get('Restarts')})")
@@ -149,13 +156,13 @@ def test_gstack_stages_run_as_dependent_slurm_jobs(slurm, pydoc_data, tmp_path):
                SMALL_OVERRIDES=f"data.dir={pydoc_data} run_dir={small} train.steps=4 checkpoint.every=4 eval.every=0",
                GROWN_OVERRIDES=f"data.dir={pydoc_data} run_dir={grown} model.n_layer=4 growth.from_run={small} "
                                "growth.factor=2 train.steps=4 eval.every=0")
-    proc = subprocess.run(["bash", "slurm/gstack_two_stage.sh", *SHRINK[:-1], f"--output={tmp_path}/slurm-%j.out"],
+    proc = subprocess.run(["bash", "slurm/gstack_two_stage.sh", *SHRINK[:-1]],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     first, second = [int(w.rstrip(";")) for w in proc.stdout.split() if w.rstrip(";").isdigit()][:2]
     assert f"afterok:{first}" in slurm.job(second).get("Dependency", "")  # asked while the first still runs
-    for job in (first, second):
-        assert slurm.wait(job, timeout=300)["JobState"] == "COMPLETED", (tmp_path / f"slurm-{job}.out").read_text()
+    for job, run in ((first, small), (second, grown)):
+        assert slurm.wait(job, timeout=300)["JobState"] == "COMPLETED", (run / "logs" / f"sbatch-{job}.out").read_text()
     assert "initialised by growing" in (grown / "logs" / f"slurm-{second}-0-rank0.log").read_text()
     assert slurm.job(second)["StartTime"] >= slurm.job(first)["EndTime"]
     assert sorted(losses(grown)) == [1, 2, 3, 4]

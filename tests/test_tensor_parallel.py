@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from averaging import slots
-from core import zero_checkpoint
-from core.files import step_name
-from core.zero_checkpoint import consolidate
 from averaging.lawa import average_state_dicts
 from averaging.sidecar.protocol import read_eval_log
 from conftest import BIN, read_metrics, run_launcher, torchrun
+from core import zero_checkpoint
+from core.files import step_name
+from core.zero_checkpoint import consolidate
 
 pytestmark = pytest.mark.distributed
 

@@ -66,7 +66,8 @@ def test_resume_after_a_stop_repeats_the_uninterrupted_losses(pydoc_data, tmp_pa
     assert sorted(got) == list(range(1, 9))
     for step in expected:
         assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-6), (step, expected, got)
-    val = lambda run: {r["step"]: r["val_loss"] for r in read_metrics(run) if "val_loss" in r}
+    def val(run):
+        return {r["step"]: r["val_loss"] for r in read_metrics(run) if "val_loss" in r}
     assert val(parts)[8] == pytest.approx(val(whole)[8], rel=1e-6)
 
 

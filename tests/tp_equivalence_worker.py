@@ -13,10 +13,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 import torch.distributed as dist
 
-from core.distributed import exit_process
-from models.registry import build_model, model_config
-from core.distributed import build_parallel
+from core.distributed import build_parallel, exit_process
 from core.zero_checkpoint import merge_tensors, split_tensor
+from models.registry import build_model, model_config
 from models.tensor_parallel import tensor_parallel_layout
 
 

@@ -47,7 +47,7 @@ class SidecarSpec:
         write_json_atomic(run.sidecar_spec, dataclasses.asdict(self))
 
     @classmethod
-    def read(cls, run_dir: str) -> "SidecarSpec":
+    def read(cls, run_dir: str) -> SidecarSpec:
         with open(RunDir(run_dir).sidecar_spec) as f:
             return cls(**json.load(f))
 

@@ -26,8 +26,14 @@ import torch.distributed as dist
 from averaging import slots
 from averaging.evaluate import validation_loss
 from averaging.lawa import average_shards, select_spaced
-from averaging.sidecar.protocol import (SidecarSpec, append_eval_record, format_eval_line, read_eval_log,
-                                        read_training_done, read_val_batches)
+from averaging.sidecar.protocol import (
+    SidecarSpec,
+    append_eval_record,
+    format_eval_line,
+    read_eval_log,
+    read_training_done,
+    read_val_batches,
+)
 from core.config import ConfigError
 from core.distributed import build_parallel, gather_objects, pick_device
 from core.engine import build_engine, inference_config, use_deepspeed
