@@ -15,12 +15,9 @@ checksum before it is unpickled.
 """
 from __future__ import annotations
 
-import dataclasses
 import io
-import json
 import os
 import shutil
-from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 
 import torch
@@ -28,9 +25,14 @@ import xxhash
 
 from core.files import fsync_dir, serialize, step_name, step_of, write_file_atomic
 from core.run_dir import COMMITTED, MANIFEST
-from core.zero_checkpoint import LayoutMismatch, model_states_file, optim_states_file, shapes_from_json
-
-FORMAT_VERSION = 1
+from core.zero_checkpoint import (
+    LayoutMismatch,
+    ManifestError,
+    SlotManifest,
+    model_states_file,
+    optim_states_file,
+    read_manifest_file,
+)
 
 
 class SlotError(RuntimeError):
@@ -43,40 +45,6 @@ class SlotVanished(SlotError):
 
 class SlotCorrupt(SlotError):
     """A file does not match the checksum its manifest recorded."""
-
-
-@dataclass
-class SlotManifest:
-    """What a committed slot holds; written once, by its committer, as manifest.json."""
-
-    kind: str  # raw (the trainers' snapshot), lawa (the sidecar's best average), offline (averaging.offline)
-    step: int
-    tokens: int
-    lr: Optional[float]
-    dp: int
-    tp: int
-    param_shapes: list  # DeepSpeed's param_shapes, as JSON: [[[name, shape], ...], ...] per sub-group
-    files: dict[str, dict[str, Any]]  # name relative to the slot -> {"bytes", "xxh3"}
-    tensor_parallel_layout: dict[str, list[int]] = field(default_factory=dict)
-    ds_version: Optional[str] = None
-    averages: dict[str, dict[str, Any]] = field(default_factory=dict)  # raw slots: EMA/SWA present
-    steps_averaged: list[int] = field(default_factory=list)  # averages: the steps, newest first
-    val_loss: Optional[float] = None  # lawa: the held-out loss that made it the best
-    format: int = FORMAT_VERSION
-
-    def shapes(self) -> list[dict[str, torch.Size]]:
-        return shapes_from_json(self.param_shapes)
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=1)
-
-    @classmethod
-    def from_json(cls, text: str, where: str) -> SlotManifest:
-        data = json.loads(text)
-        if data.get("format") != FORMAT_VERSION:
-            raise SlotCorrupt(f"{where}: manifest format {data.get('format')}, this version reads {FORMAT_VERSION}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,7 +92,10 @@ def write_shard(slot_dir: str, dp_rank: int, tp_rank: int, flat_groups: list[tor
 
 
 def commit(slot_dir: str, manifest: SlotManifest) -> None:
-    """Write the manifest, then the marker: the slot is readable from this moment on."""
+    """Write the manifest, then the marker: the slot is readable from this moment on. A folder is
+    committed once, by one writer: a second commit is a bug, and refused."""
+    if is_committed(slot_dir):
+        raise SlotError(f"{slot_dir} is already committed (one committer per folder)")
     write_file_atomic(os.path.join(slot_dir, MANIFEST), manifest.to_json())
     write_file_atomic(os.path.join(slot_dir, COMMITTED), b"")
     fsync_dir(slot_dir)
@@ -172,17 +143,19 @@ def read_manifest(slot_dir: str) -> SlotManifest:
     if not is_committed(slot_dir):
         raise SlotVanished(f"{slot_dir} is not committed")
     try:
-        with open(os.path.join(slot_dir, MANIFEST)) as f:
-            return SlotManifest.from_json(f.read(), slot_dir)
+        return read_manifest_file(slot_dir)
     except FileNotFoundError:
         raise SlotVanished(f"{slot_dir} lost its manifest") from None
+    except ManifestError as e:
+        raise SlotCorrupt(str(e)) from None
 
 
 def _read_verified(slot_dir: str, name: str, manifest: SlotManifest) -> Any:
     expected = manifest.files.get(name)
     if expected is None:
-        raise LayoutMismatch(f"{slot_dir} has no {name} in its manifest (written with layout "
-                             f"data {manifest.dp} × tensor {manifest.tp})")
+        away = manifest.elsewhere(slot_dir)
+        raise LayoutMismatch(away or f"{slot_dir} has no {name} in its manifest (written with layout "
+                                     f"data {manifest.dp} × tensor {manifest.tp})")
     try:
         with open(os.path.join(slot_dir, name), "rb") as f:
             data = f.read()

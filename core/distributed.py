@@ -12,7 +12,7 @@ import os
 import socket
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, NoReturn, Optional
 
 import torch
@@ -25,9 +25,14 @@ from core.config import ConfigError, need
 class ParallelArgs:
     tensor: int = 1  # Megatron-style tensor-parallel size; data-parallel size = world / tensor
     zero_stage: Literal[0, 1, 2, 3] = 3  # DeepSpeed ZeRO stage
+    # A rank that hears nothing from its peer (or the rendezvous store) this long stops the job with
+    # one line (exit code 75) instead of waiting out the collectives' 30-minute timeout; 0: off.
+    heartbeat_timeout_s: float = 120.0
 
     def validate(self) -> None:
         need(self.tensor >= 1, f"parallel.tensor: must be >= 1, got {self.tensor}")
+        need(self.heartbeat_timeout_s == 0 or self.heartbeat_timeout_s >= 2,
+             f"parallel.heartbeat_timeout_s: must be 0 (off) or >= 2 seconds, got {self.heartbeat_timeout_s}")
 
     def data_parallel(self, world_size: int) -> int:
         """The data-parallel size of a world of this many ranks."""
@@ -95,10 +100,37 @@ class Parallel:
     mp_group: dist.ProcessGroup  # the TP group, always a real group, for DeepSpeed
     ctrl_group: dist.ProcessGroup  # all ranks, gloo: small CPU-side votes that never touch the GPU
     device: torch.device
+    hosts: list[str] = field(default_factory=list)  # every rank's node (hostname), by rank
+    addresses: list[str] = field(default_factory=list)  # every rank's address, as its peers reach it
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def host(self) -> str:
+        return self.hosts[self.rank]
+
+    @property
+    def node_ranks(self) -> list[int]:
+        """The ranks on this rank's node."""
+        return [r for r, h in enumerate(self.hosts) if h == self.host]
+
+    @property
+    def is_node_first(self) -> bool:
+        """The lowest rank of its node: the one that acts for the node (node-local files)."""
+        return self.node_ranks[0] == self.rank
+
+    def ranks_on(self, host: str) -> list[int]:
+        return [r for r, h in enumerate(self.hosts) if h == host]
+
+    def describe_ranks(self, ranks: list[int]) -> str:
+        """e.g. 'ranks 2-3 on node2' or 'rank 5 on gpu-17'."""
+        hosts = sorted({self.hosts[r] for r in ranks}, key=lambda h: self.hosts.index(h))
+        span = f"rank {ranks[0]}" if len(ranks) == 1 else \
+            f"ranks {ranks[0]}-{ranks[-1]}" if ranks == list(range(ranks[0], ranks[-1] + 1)) else \
+            f"ranks {', '.join(map(str, ranks))}"
+        return f"{span} on {', '.join(hosts)}"
 
     # The methods DeepSpeed calls on an `mpu`.
     def get_model_parallel_rank(self) -> int:
@@ -137,9 +169,27 @@ def build_parallel(tp: int, local_rank: int, device: torch.device) -> Parallel:
         if t == tp_rank:
             dp_group = group
     ctrl_group = dist.new_group(backend="gloo")
-    return Parallel(rank=rank, world_size=world, local_rank=local_rank, tp=tp, dp=dp, tp_rank=tp_rank,
-                    dp_rank=dp_rank, tp_group=mp_group if tp > 1 else None, dp_group=dp_group,
-                    mp_group=mp_group, ctrl_group=ctrl_group, device=device)
+    placement = gather_objects((socket.gethostname(), host_address()), ctrl_group)
+    par = Parallel(rank=rank, world_size=world, local_rank=local_rank, tp=tp, dp=dp, tp_rank=tp_rank,
+                   dp_rank=dp_rank, tp_group=mp_group if tp > 1 else None, dp_group=dp_group,
+                   mp_group=mp_group, ctrl_group=ctrl_group, device=device,
+                   hosts=[h for h, _ in placement], addresses=[a for _, a in placement])
+    split = [d for d in range(dp) if len({par.hosts[d * tp + t] for t in range(tp)}) > 1]
+    if split and rank == 0:
+        from core.log import logger
+
+        logger.warning(f"warning: tensor-parallel group {split[0]} spans nodes "
+                       f"({par.describe_ranks([split[0] * tp + t for t in range(tp)])}): every layer's "
+                       f"all-reduce crosses the network; give each node a multiple of parallel.tensor={tp} ranks")
+    return par
+
+
+def host_address() -> str:
+    """This host's address as its name resolves (what gloo announces to peers), or '?'."""
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "?"
 
 
 def pick_device(local_rank: int, want: str = "auto") -> torch.device:

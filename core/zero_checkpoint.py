@@ -11,6 +11,7 @@ dimension each parameter was split on, which the launcher records (`tensor_paral
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import glob
 import io
 import json
@@ -18,17 +19,93 @@ import math
 import os
 import re
 import tempfile
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 
 from core.run_dir import MANIFEST, RUN_STATE
 
+MANIFEST_FORMAT = 2
+
 _MP_RANK = re.compile(r"_mp_rank_(\d+)_(model|optim)_states\.pt$")
 
 
 class LayoutMismatch(ValueError):
     """Partitions, shapes or layouts that do not fit together."""
+
+
+@dataclass
+class SlotManifest:
+    """What a committed folder of ZeRO-3 files holds (a snapshot slot, or an average of slots):
+    written once by its committer as manifest.json, read through `read_manifest`.
+
+    On node-local storage each node commits its own part of a slot: `node` names it, `files` lists
+    the files of that node's ranks only, and `nodes` says which node holds which ranks' files.
+    A manifest with `node` None describes a whole folder (shared storage)."""
+
+    kind: str  # raw (the trainers' snapshot), lawa (the sidecar's best average), offline (averaging.offline)
+    step: int
+    tokens: int
+    lr: Optional[float]
+    dp: int
+    tp: int
+    param_shapes: list  # DeepSpeed's param_shapes, as JSON: [[[name, shape], ...], ...] per sub-group
+    files: dict[str, dict[str, Any]]  # name relative to the folder -> {"bytes", "xxh3"}
+    tensor_parallel_layout: dict[str, list[int]] = field(default_factory=dict)
+    ds_version: Optional[str] = None
+    averages: dict[str, dict[str, Any]] = field(default_factory=dict)  # raw slots: EMA/SWA present
+    steps_averaged: list[int] = field(default_factory=list)  # averages: the steps, newest first
+    val_loss: Optional[float] = None  # lawa: the held-out loss that made it the best
+    node: Optional[str] = None  # the node whose part of the slot this folder holds; None: all of it
+    nodes: dict[str, list[int]] = field(default_factory=dict)  # node -> the ranks whose files it holds
+    format: int = MANIFEST_FORMAT
+
+    def shapes(self) -> list[dict[str, torch.Size]]:
+        return shapes_from_json(self.param_shapes)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1)
+
+    def holder(self, dp_rank: int, tp_rank: int) -> Optional[str]:
+        """The node holding the files of rank (dp_rank, tp_rank), when the slot is split by node."""
+        rank = dp_rank * self.tp + tp_rank
+        return next((node for node, ranks in self.nodes.items() if rank in ranks), None)
+
+    def elsewhere(self, folder: str) -> Optional[str]:
+        """None when this folder holds every rank's files; else one line saying where the others are."""
+        if self.node is None:
+            return None
+        away = {node: ranks for node, ranks in self.nodes.items() if node != self.node}
+        here = self.nodes.get(self.node, [])
+        if not away or all(os.path.isfile(os.path.join(folder, optim_states_file(r // self.tp, r % self.tp)))
+                           for ranks in away.values() for r in ranks):
+            return None
+        there = "; ".join(f"ranks {_span(ranks)} on {node}" for node, ranks in away.items())
+        first = next(iter(away))
+        return (f"{folder} is node-local: it holds the files of ranks {_span(here)} ({self.node}) only, the "
+                f"others are under the same path on their nodes ({there}); copy them here (e.g. "
+                f"rsync -a {first}:{folder}/ {folder}/) and run again, or use the run's shared lawa_best/ or "
+                f"checkpoints/")
+
+
+def _span(ranks: list[int]) -> str:
+    return f"{ranks[0]}-{ranks[-1]}" if len(ranks) > 1 and ranks == list(range(ranks[0], ranks[-1] + 1)) \
+        else ",".join(map(str, ranks))
+
+
+class ManifestError(ValueError):
+    """A manifest.json that cannot be read (another version, or not ours)."""
+
+
+def read_manifest_file(folder: str) -> SlotManifest:
+    """The manifest of a committed folder (callers check COMMITTED first: averaging.slots)."""
+    with open(os.path.join(folder, MANIFEST)) as f:
+        data = json.load(f)
+    if data.get("format") not in (1, MANIFEST_FORMAT):
+        raise ManifestError(f"{folder}: manifest format {data.get('format')}, this version reads {MANIFEST_FORMAT}")
+    known = {f.name for f in dataclasses.fields(SlotManifest)}
+    return SlotManifest(**{k: v for k, v in data.items() if k in known and k != "format"})
 
 
 def model_states_file(dp_rank: int, tp_rank: int) -> str:
@@ -157,9 +234,20 @@ def _zero_to_fp32(folder: str) -> dict[str, torch.Tensor]:
         return get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(folder), tag=os.path.basename(folder))
 
 
+def check_complete(folder: str) -> None:
+    """Refuse, in one line, a node-local slot whose other ranks' files are on other nodes."""
+    for place in (folder, os.path.dirname(folder)):  # a slot, or its ema/ or swa/ sub-folder
+        if os.path.isfile(os.path.join(place, MANIFEST)):
+            away = read_manifest_file(place).elsewhere(place)
+            if away:
+                raise ValueError(away)
+            return
+
+
 def consolidate(folder: str) -> dict[str, torch.Tensor]:
     """The full fp32 state dict of a slot or ZeRO-3 checkpoint tag folder."""
     folder = os.path.abspath(folder)
+    check_complete(folder)
     by_rank = files_by_mp_rank(folder)
     if sorted(by_rank) == [0]:
         return _zero_to_fp32(folder)

@@ -46,31 +46,50 @@ class SnapshotArgs:
         need(self.max_write_mb_per_s >= 0, f"snapshot.max_write_mb_per_s: must be >= 0, got {self.max_write_mb_per_s}")
 
 
-def default_snapshot_dir(run_dir: str, name: str, bytes_per_node: int) -> str:
-    """Node-local shared memory when it exists and has room for the ring, else the run directory."""
-    shm = "/dev/shm"
-    if os.path.isdir(shm) and os.access(shm, os.W_OK):
-        if shutil.disk_usage(shm).free > 1.5 * bytes_per_node:
-            tag = hashlib.sha1(os.path.abspath(run_dir).encode()).hexdigest()[:8]
-            return os.path.join(shm, "lawa", f"{name}-{tag}")
-    return RunDir(run_dir).snapshots
+SHM = "/dev/shm"
+
+
+def shm_has_room(bytes_needed: int) -> bool:
+    return os.path.isdir(SHM) and os.access(SHM, os.W_OK) and shutil.disk_usage(SHM).free > 1.5 * bytes_needed
 
 
 def resolve_root(args: SnapshotArgs, par: Parallel, run_dir: str, name: str, n_params: int) -> str:
-    """Collective: rank 0 chooses where slots go (from its node's free memory), everyone follows."""
+    """Collective: where slots go. `snapshot.dir` if set; else node-local shared memory
+    (/dev/shm/lawa/<name>-<hash of run_dir>, the same path on every node) when every node's has
+    room for its ranks' part of the ring; else the run directory."""
     if args.dir:
         return args.dir
-    choice: list[Optional[str]] = [None]
-    if par.is_main:
-        ranks_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", par.world_size))
-        bytes_per_node = args.slots * 4 * n_params // par.world_size * ranks_per_node
-        choice = [default_snapshot_dir(run_dir, name, bytes_per_node)]
-    dist.broadcast_object_list(choice, src=0, group=par.ctrl_group)
-    return choice[0]
+    # Each slot holds every kind written (raw, and EMA/SWA when on): count the raw one, with room to spare.
+    bytes_per_node = args.slots * 4 * n_params // par.world_size * len(par.node_ranks)
+    rooms = gather_objects(shm_has_room(bytes_per_node) if par.is_node_first else None, par.ctrl_group)
+    if all(room for room in rooms if room is not None):
+        tag = hashlib.sha1(os.path.abspath(run_dir).encode()).hexdigest()[:8]
+        return os.path.join(SHM, "lawa", f"{name}-{tag}")
+    short = [par.hosts[r] for r, room in enumerate(rooms) if room is False]
+    logger.info(f"note: /dev/shm on {', '.join(short)} is missing or has less than 1.5 x the "
+                f"{bytes_per_node / 2**30:.2f} GiB the ring needs; snapshots go to {RunDir(run_dir).snapshots} "
+                f"(snapshot.dir chooses)")
+    return RunDir(run_dir).snapshots
 
 
 def is_node_local(path: str) -> bool:
-    return os.path.abspath(path).startswith("/dev/shm/")
+    return os.path.abspath(path).startswith(SHM + "/")
+
+
+def root_is_shared(root: str, par: Parallel) -> bool:
+    """Collective: whether every node sees the same `root` (shared storage) or each has its own
+    (node-local, like /dev/shm). Each node's first rank leaves a mark in it; every rank looks."""
+    mark = os.path.join(root, f".node-{par.host}")
+    if par.is_node_first:
+        os.makedirs(root, exist_ok=True)
+        with open(mark, "w"):
+            pass
+    dist.barrier(group=par.ctrl_group)
+    sees_all = all(os.path.exists(os.path.join(root, f".node-{host}")) for host in set(par.hosts))
+    shared = all(gather_objects(sees_all, par.ctrl_group))
+    if par.is_node_first:
+        os.remove(mark)
+    return shared
 
 
 def model_states_metadata(engine, par: Parallel) -> dict[str, Any]:
@@ -117,9 +136,13 @@ class SnapshotWriter:
         self.done_step = -1
         self.last_committed: Optional[int] = None
         self.failed: Optional[BaseException] = None
+        self.commit_failure: Optional[tuple[int, str]] = None  # (step, why) of a commit this node could not do
         self.written: dict[str, dict] = {}
-        if par.local_rank == 0:
-            os.makedirs(root, exist_ok=True)
+        self.shared = root_is_shared(root, par)
+        # Who commits, recycles and cleans the ring: one rank per node when each node has its own
+        # storage (each commits its node's part of every slot), one rank in all when it is shared.
+        self.keeper = par.is_main if self.shared else par.is_node_first
+        if self.keeper:
             # Torn slots of a crash, and slots from past the checkpoint we resume from (the resumed
             # run writes those steps again), are not part of this run's history.
             for step, path, committed in slots.list_slots(root):
@@ -198,39 +221,72 @@ class SnapshotWriter:
             self.commit_thread = None
 
     def _settle(self) -> bool:
-        """One vote: commit or abandon the pending snapshot. Returns whether any rank is still writing."""
+        """One vote: commit or abandon the pending snapshot, and abandon on every node a snapshot
+        that some node could not commit. Returns whether any rank is still writing."""
         busy = self.thread is not None and self.thread.is_alive()
-        vote = torch.tensor([self.done_step, -int(busy), -int(self.failed is not None)], dtype=torch.int64)
+        vote = torch.tensor([self.done_step, -int(busy), -int(self.failed is not None),
+                             -int(self.commit_failure is not None)], dtype=torch.int64)
         dist.all_reduce(vote, op=dist.ReduceOp.MIN, group=self.par.ctrl_group)
-        all_done, any_busy, any_failed = vote[0].item(), vote[1].item() < 0, vote[2].item() < 0
+        all_done, any_busy, any_failed, commit_failed = (vote[0].item(), vote[1].item() < 0, vote[2].item() < 0,
+                                                         vote[3].item() < 0)
+        if commit_failed:
+            self._abandon_uncommitted()
         if self.pending is not None and any_failed and not any_busy:
             step = self.pending["step"]
-            if self.failed is not None:
-                logger.warning(f"snapshot of step {step} failed on rank {self.par.rank}: {self.failed!r}")
-            logger.info(f"snapshot of step {step} abandoned: a rank could not write it")
-            if self.par.local_rank == 0:
-                slots.remove_slot(self.slot_dir(step))
+            why = gather_objects(None if self.failed is None else str(self.failed), self.par.ctrl_group)
+            failed = [r for r, w in enumerate(why) if w is not None]
+            self._abandon(step, f"{self.par.describe_ranks(failed)} could not write it ({why[failed[0]]})")
             self.pending, self.failed = None, None
         elif self.pending is not None and all_done >= self.pending["step"]:
             self._commit()
         return any_busy
 
+    def _abandon(self, step: int, why: str) -> None:
+        if self.par.is_main:
+            logger.warning(f"snapshot of step {step} abandoned on every node: {why}; training goes on, the next "
+                           f"snapshot tries again")
+        if self.keeper:
+            slots.remove_slot(self.slot_dir(step))
+
+    def _abandon_uncommitted(self) -> None:
+        """Collective: some node could not commit its part of a slot (its storage is full): the
+        other nodes' parts are useless, and go too."""
+        failures = gather_objects(self.commit_failure, self.par.ctrl_group)
+        self.commit_failure = None
+        for step in sorted({f[0] for f in failures if f is not None}):
+            hosts = [self.par.hosts[r] for r, f in enumerate(failures) if f is not None and f[0] == step]
+            reason = next(f[1] for f in failures if f is not None and f[0] == step)
+            self._abandon(step, f"{', '.join(dict.fromkeys(hosts))} could not commit its part ({reason})")
+            if self.last_committed == step:
+                self.last_committed = None
+
     def _commit(self) -> None:
-        files = {name: meta for rank_files in gather_objects(self.written, self.par.ctrl_group)
-                 for name, meta in rank_files.items()}
+        by_rank = gather_objects(self.written, self.par.ctrl_group)
+        mine = range(self.par.world_size) if self.shared else self.par.node_ranks
+        files = {name: meta for rank in mine for name, meta in by_rank[rank].items()}
         p = self.pending
         manifest = slots.SlotManifest(
             kind="raw", step=p["step"], tokens=p["tokens"], lr=p["lr"], dp=self.par.dp, tp=self.par.tp,
             param_shapes=shapes_to_json(self.param_shapes), files=files,
             tensor_parallel_layout=self.model_states["tensor_parallel_layout"],
-            ds_version=self.model_states["ds_version"], averages=p["averages"])
-        if self.par.local_rank == 0:  # one committer per node: slots live on node-local storage
+            ds_version=self.model_states["ds_version"], averages=p["averages"],
+            node=None if self.shared else self.par.host,
+            nodes={host: self.par.ranks_on(host) for host in dict.fromkeys(self.par.hosts)})
+        if self.keeper:
             # The fsyncs run off the training thread; the next write waits for them (see _write).
-            self.commit_thread = threading.Thread(target=slots.commit, args=(self.slot_dir(p["step"]), manifest),
+            self.commit_thread = threading.Thread(target=self._commit_part, args=(self.slot_dir(p["step"]), manifest),
                                                   daemon=True, name=f"commit-{p['step']}")
             self.commit_thread.start()
         self.last_committed = p["step"]
         self.pending = None
+
+    def _commit_part(self, slot_dir: str, manifest: slots.SlotManifest) -> None:
+        """This node's part of the commit (or the whole), off the training thread. A failure (storage
+        full) is no commit: readers need every node's part, and the next vote abandons the rest."""
+        try:
+            slots.commit(slot_dir, manifest)
+        except OSError as e:  # reported by the next vote, which abandons the slot on every node
+            self.commit_failure = (manifest.step, str(e))
 
     def _start(self, step: int, tokens: int, lr: float) -> float:
         start = time.perf_counter()
@@ -263,7 +319,7 @@ class SnapshotWriter:
             self._join_commit()  # recycling must not mistake a slot being committed for a torn one
             if copied is not None:
                 copied.synchronize()
-            if self.par.local_rank == 0:
+            if self.keeper:
                 self._recycle(step)
             written = {}
             for kind in kinds:
@@ -290,6 +346,6 @@ class SnapshotWriter:
 
     def cleanup(self) -> None:
         """After a normal end: free node-local memory (committed slots elsewhere stay)."""
-        if self.args.cleanup and is_node_local(self.root) and self.par.local_rank == 0:
+        if self.args.cleanup and is_node_local(self.root) and self.keeper:
             shutil.rmtree(self.root, ignore_errors=True)
             logger.info(f"removed node-local snapshots {self.root}")

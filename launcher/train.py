@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 if __package__ in (None, ""):
     # Run as a script (the deepspeed launcher and torchrun do this): make the repo importable
@@ -41,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         if is_main:
             print(f"config error: {e}", file=sys.stderr, flush=True)
+        else:  # every rank finds the same mistake: give rank 0 time to say it before torchrun stops it
+            time.sleep(3)
         return 2
     return 0
 

@@ -26,6 +26,7 @@ from core.files import write_file_atomic, write_json_atomic
 from core.log import logger, setup_logging
 from core.run_dir import RunDir
 from core.tokenizer import load_tokenizer
+from core.watchdog import PeerWatchdog, lost_peer_message
 from launcher import checkpoint
 from launcher.data import TokenBatches, ensure_prepared
 from launcher.metrics import MetricsLogger
@@ -134,11 +135,22 @@ def build(job: JobConfig) -> Training:
     per_rank = f" ({local / 1e6:.2f}M per tensor-parallel rank)" if par.tp > 1 else ""
     logger.info(f"model: {job.model.size} {model_config.n_layer}L/{model_config.n_embd}d/{model_config.n_head}h, "
                 f"vocab {model_config.vocab_size}, {count_parameters(model_config) / 1e6:.2f}M parameters{per_rank}")
-    logger.info(f"layout: world {par.world_size} = tensor {par.tp} × data {par.dp}; {precision}; "
+    logger.info(f"layout: world {par.world_size} = tensor {par.tp} × data {par.dp}{placement(par)}; {precision}; "
                 f"ZeRO stage {job.parallel.zero_stage}; {job.train.global_batch_size} sequences × "
                 f"{job.data.seq_len} tokens per step ({grad_accum} accumulation steps of "
                 f"{job.train.micro_batch_size} per rank)")
     return Training(job, par, run, engine, batches, model_config, ds_config, precision, grad_accum)
+
+
+def placement(par: Parallel) -> str:
+    """' on 2 nodes (node1: ranks 0-1, node2: ranks 2-3)', shortened for big clusters; '' on one node."""
+    hosts = list(dict.fromkeys(par.hosts))
+    if len(hosts) == 1:
+        return ""
+    if len(hosts) > 4:
+        return f" on {len(hosts)} nodes ({hosts[0]}, ..., {hosts[-1]})"
+    return f" on {len(hosts)} nodes (" + ", ".join(
+        f"{h}: {par.describe_ranks(par.ranks_on(h)).rsplit(' on ', 1)[0]}" for h in hosts) + ")"
 
 
 def train_step(t: Training, step: int, snapshots: Optional[SnapshotWriter] = None) -> tuple[torch.Tensor, float]:
@@ -185,9 +197,26 @@ class Window:
 
 
 def train(job: JobConfig) -> dict:
-    """Runs the job in this process (one rank of the world); returns the last logged metrics."""
+    """Runs the job in this process (one rank of the world); returns the last logged metrics. A
+    peer lost on the way (its node died, or vanished) ends the process with one line and exit
+    code 75 (core/watchdog.py)."""
     t = build(job)
-    par, engine, run = t.par, t.engine, t.run
+    env = rank_env()
+    watchdog = PeerWatchdog(t.par, job.parallel.heartbeat_timeout_s, env.master_addr, env.master_port)
+    try:
+        result = run_training(t)
+    except Exception as e:  # only a lost peer is turned into a line; other errors go on up
+        message = lost_peer_message(e, t.par)
+        if message is None:
+            raise
+        watchdog.fail(message)
+    watchdog.stop()
+    barrier(t.par.ctrl_group)  # nobody leaves (and takes a store away) while another still watches
+    return result
+
+
+def run_training(t: Training) -> dict:
+    job, par, engine, run = t.job, t.par, t.engine, t.run
     averages = ShardAverages(job.ema, job.swa, engine.optimizer.fp32_partitioned_groups_flat, job.snapshot.every)
     start = checkpoint.restore(engine, par, t.checkpoint_dir, job.checkpoint, job.growth, t.model_config, averages)
     step, tokens = start.step, start.tokens

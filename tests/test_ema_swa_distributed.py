@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_lawa_distributed import single_process_val_loss, smoke
 
 from averaging.ema_swa import ema_decay, ema_reference
 from averaging.lawa import average_state_dicts
 from averaging.sidecar.protocol import read_eval_log
 from conftest import BIN, REPO, read_metrics, run_launcher, torchrun
 from core.zero_checkpoint import consolidate
+from test_lawa_distributed import single_process_val_loss, smoke
 
 pytestmark = pytest.mark.distributed
 

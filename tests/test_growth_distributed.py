@@ -7,12 +7,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_hf_distributed import hf_val_loss
-from test_lawa_distributed import smoke
 
 from averaging.sidecar.protocol import read_eval_log
 from conftest import REPO, read_metrics, torchrun
 from core.zero_checkpoint import consolidate
+from test_hf_distributed import hf_val_loss
+from test_lawa_distributed import smoke
 
 pytestmark = pytest.mark.distributed
 

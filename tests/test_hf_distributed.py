@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from test_lawa_distributed import smoke
 
 from averaging import slots
 from averaging.sidecar.protocol import read_eval_log
 from conftest import BIN, REPO, read_metrics, torchrun
 from core.zero_checkpoint import consolidate
 from models.hf import read_folder
+from test_lawa_distributed import smoke
 
 pytestmark = pytest.mark.distributed
 

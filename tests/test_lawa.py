@@ -170,3 +170,10 @@ def test_layout_walk_handles_deepspeed_sub_groups_and_refuses_wrong_sizes():
         zero_checkpoint.split_partitions([per_group[0][:-1], per_group[1]], PARAM_SHAPES, dp)
     with pytest.raises(zero_checkpoint.LayoutMismatch):
         zero_checkpoint.zero_padding(per_group, PARAM_SHAPES, 0, dp=2)  # written at dp=3
+
+
+def test_a_slot_is_committed_once(tmp_path):
+    path = write_slot(str(tmp_path), 4, random_model(), dp=2)
+    manifest = slots.read_manifest(path)
+    with pytest.raises(slots.SlotError, match="already committed"):
+        slots.commit(path, manifest)

@@ -4,7 +4,9 @@ whole sidecar group together. Training never waits for the sidecar, except for i
 evaluation at the end (bounded by `sidecar.exit_timeout_s`)."""
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -16,6 +18,8 @@ import torch.distributed as dist
 from core.config import need
 from core.log import logger
 from core.run_dir import RunDir
+
+PR_SET_PDEATHSIG = 1
 
 
 @dataclass
@@ -32,6 +36,15 @@ class SidecarArgs:
         need(self.restarts >= 0, f"sidecar.restarts: must be >= 0, got {self.restarts}")
         need(self.poll_seconds > 0, f"sidecar.poll_seconds: must be positive, got {self.poll_seconds}")
         need(self.exit_timeout_s >= 0, f"sidecar.exit_timeout_s: must be >= 0, got {self.exit_timeout_s}")
+
+
+def die_with_parent() -> None:
+    """In the sidecar's process, before it runs: the kernel kills it when its trainer dies, however
+    the trainer dies (a sidecar blocked in a collective would otherwise outlive it)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:  # not Linux: the sidecar still leaves once it sees its parent gone
+        pass
 
 
 class SidecarSupervisor:
@@ -59,7 +72,7 @@ class SidecarSupervisor:
         with open(log_path, "a") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "averaging.sidecar", "--run-dir", self.run_dir, "--parent-pid", str(os.getpid())],
-                env=env, stdout=out, stderr=subprocess.STDOUT, cwd=os.getcwd())
+                env=env, stdout=out, stderr=subprocess.STDOUT, cwd=os.getcwd(), preexec_fn=die_with_parent)
         logger.info(f"sidecar started (generation {self.generation}, pid {self.proc.pid}); log: {log_path}")
 
     def check(self) -> bool:

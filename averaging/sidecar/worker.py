@@ -273,6 +273,9 @@ class Sidecar:
         """Collective: every rank writes its shard, then one rank (of the whole group: the run
         directory is shared by all nodes) commits the slot and drops the previous best."""
         path = slots.slot_path(self.paths.lawa_best, newest.step)
+        if self.is_main and slots.is_committed(path):  # this step's best from before a restart
+            slots.remove_slot(path)
+        dist.barrier(group=self.par.ctrl_group)
         files = slots.write_shard(path, self.par.dp_rank, self.par.tp_rank, averaged,
                                   {**model_states, "global_steps": newest.step})
         merged = {name: meta for rank_files in self._gather(files) for name, meta in rank_files.items()}

@@ -1,0 +1,281 @@
+"""Two emulated nodes (tests/emulated_nodes.py: own network, hostname and /dev/shm each, one shared
+filesystem) running real multi-node torchrun jobs: one `torchrun --nnodes 2 --nproc_per_node 2`
+agent per node, c10d rendezvous on node1, the LAWA sidecar on, snapshots in each node's own
+/dev/shm. Checked against a single-node run of the same job, against DeepSpeed's zero_to_fp32, and
+against transformers; then what happens when a node dies loudly or silently, when one node's
+sidecar dies, and when one node's /dev/shm is full."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+import emulated_nodes
+from averaging import slots
+from averaging.lawa import average_state_dicts
+from averaging.sidecar.protocol import read_eval_log
+from conftest import BIN, REPO, launcher_env, read_metrics, torchrun
+from core.files import step_name
+from core.zero_checkpoint import consolidate
+from test_hf_distributed import hf_val_loss
+
+pytestmark = pytest.mark.distributed
+
+SHM = "/dev/shm/lawa-test"  # the same path on every node, a different tmpfs on each
+
+
+@pytest.fixture(scope="module")
+def nodes(tmp_path_factory):
+    why = emulated_nodes.missing()
+    if why:
+        pytest.skip(f"cannot emulate nodes here: {why}")
+    cluster = emulated_nodes.Cluster(tmp_path_factory.mktemp("nodes"), nodes=2, net=77, shm_mb=64).start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(autouse=True)
+def clean_nodes(nodes):
+    """Nothing a test started outlives it on any node."""
+    yield
+    for node in nodes.nodes:
+        node.kill()
+        subprocess.run(["ip", "-n", node.netns, "link", "set", "lawa0", "up"], check=False)
+
+
+def job(data_dir: str, run: Path, *extra: str) -> list[str]:
+    return ["--job", "jobs/smoke.yaml", f"data.dir={data_dir}", f"run_dir={run}", f"snapshot.dir={SHM}/{run.name}",
+            "train.steps=16", "eval.every=8", "checkpoint.every=8", "snapshot.every=4", "snapshot.slots=8",
+            "lawa.k=3", "lawa.spacing=4", "snapshot.cleanup=false", "sidecar.enabled=true",
+            "sidecar.poll_seconds=0.2", *extra]
+
+
+def on_nodes(cluster, args: list[str], run_id: str, log_dir: Path) -> list[subprocess.Popen]:
+    """One torchrun agent per node, rendezvous (c10d) on node1; logs in log_dir/<node>.log."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for i, node in enumerate(cluster.nodes):
+        if i == 1:
+            time.sleep(2)  # node1 joins the rendezvous first, so that it holds ranks 0-1
+        cmd = [str(BIN / "torchrun"), "--nnodes", str(len(cluster.nodes)), "--nproc_per_node", "2",
+               "--rdzv_backend", "c10d", "--rdzv_endpoint", f"{cluster.nodes[0].name}:29400", "--rdzv_id", run_id,
+               "launcher/train.py", *args]
+        with open(log_dir / f"{node.name}.log", "w") as log:
+            procs.append(node.popen(cmd, cwd=str(REPO), env=launcher_env(), stdout=log, stderr=subprocess.STDOUT))
+    return procs
+
+
+def wait_all(procs: list[subprocess.Popen], timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        p.wait(timeout=max(1.0, deadline - time.monotonic()))
+    return [p.returncode for p in procs]
+
+
+def run_on_nodes(cluster, args: list[str], run_id: str, log_dir: Path, timeout: float = 600) -> None:
+    codes = wait_all(on_nodes(cluster, args, run_id, log_dir), timeout)
+    logs = "".join((log_dir / f"{n.name}.log").read_text()[-3000:] for n in cluster.nodes)
+    assert codes == [0] * len(codes), logs
+
+
+def losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run) if "loss" in r}
+
+
+def node_slots(node, run: Path) -> Path:
+    return Path(node.shm_path(f"{SHM}/{run.name}"))
+
+
+def gathered(cluster, run: Path, step: int, into: Path) -> Path:
+    """One slot's files from every node, in one folder (what a user would rsync together)."""
+    folder = into / step_name(step)
+    for node in cluster.nodes:
+        shutil.copytree(node_slots(node, run) / step_name(step), folder, dirs_exist_ok=True)
+    return folder
+
+
+def check_node_local_slots(cluster, run: Path, tp: int) -> list[int]:
+    """Each node holds only its own ranks' files of every slot, committed by it, checksums intact;
+    returns the steps committed on every node."""
+    placement = {"node1": [0, 1], "node2": [2, 3]}
+    common = None
+    for node in cluster.nodes:
+        root = node_slots(node, run)
+        steps = slots.committed_steps(str(root))
+        common = set(steps) if common is None else common & set(steps)
+        mine = placement[node.name]
+        for step in steps:
+            path = str(root / step_name(step))
+            manifest = slots.read_manifest(path)
+            assert (manifest.node, manifest.nodes) == (node.name, placement), manifest
+            ranks = {int(m.group(1)) * tp + int(m.group(2)) for f in os.listdir(path)
+                     if (m := re.match(r"zero_pp_rank_(\d+)_mp_rank_(\d+)_", f))}
+            assert ranks == set(mine), (node.name, step, sorted(os.listdir(path)))
+            for rank in mine:
+                slots.read_shard(path, rank // tp, rank % tp, manifest)  # checksum-verified
+                slots.read_model_states(path, rank // tp, rank % tp, manifest)
+    return sorted(common)
+
+
+def check_lawa_best(cluster, run: Path, tmp: Path) -> dict:
+    """lawa_best is one committed slot on shared storage whose consolidation equals the mean of
+    zero_to_fp32 consolidations of its source slots gathered from both nodes; returns its eval record."""
+    (best,) = slots.committed_steps(str(run / "lawa_best"))
+    manifest = slots.read_manifest(str(run / "lawa_best" / step_name(best)))
+    assert manifest.node is None and len([f for f in manifest.files if f.endswith("optim_states.pt")]) == 4
+    sources = [consolidate(str(gathered(cluster, run, s, tmp / "gathered"))) for s in manifest.steps_averaged]
+    got = consolidate(str(run / "lawa_best" / step_name(best)))
+    want = average_state_dicts(sources)
+    assert max((got[k] - want[k]).abs().max().item() for k in want) <= 1e-6
+    (record,) = [r for r in read_eval_log(str(run)) if r["step"] == best]
+    assert record["best"] and record["k"] == len(manifest.steps_averaged) >= 2
+    return record
+
+
+def test_two_nodes_dp4_with_the_sidecar(nodes, pydoc_data, tmp_path):
+    run = tmp_path / "dp4"
+    start = time.monotonic()
+    run_on_nodes(nodes, job(pydoc_data, run, "sidecar.export_hf=true"), "dp4", tmp_path / "logs")
+    print(f"\n2 nodes x 2 ranks, DP=4, sidecar on: {time.monotonic() - start:.1f} s")
+    reference = tmp_path / "one_node"
+    torchrun(4, *job(pydoc_data, reference, "snapshot.every=0", "sidecar.enabled=false"))
+    expected, got = losses(reference), losses(run)
+    assert sorted(got) == list(range(1, 17))
+    assert all(got[s] == pytest.approx(expected[s], rel=1e-6, abs=1e-7) for s in expected)
+    assert "world 4 = tensor 1 × data 4" in (tmp_path / "logs" / "node1.log").read_text()
+
+    committed = check_node_local_slots(nodes, run, tp=1)
+    assert committed[-1] == 16 and len(committed) >= 3
+    record = check_lawa_best(nodes, run, tmp_path)
+    assert hf_val_loss(run, run / "lawa_best_hf") == pytest.approx(record["lawa_val_loss"], rel=1e-4)
+
+    # A node-local slot alone cannot be consolidated, averaged or exported: one line says where the rest is.
+    slot = f"{SHM}/{run.name}/{step_name(16)}"
+    for tool in (["-m", "averaging.consolidate", slot, "--out", str(tmp_path / "x.pt")],
+                 ["-m", "models.hf", "export", slot, "--out", str(tmp_path / "hf_x"), "--run-dir", str(run)],
+                 ["-m", "averaging.offline", "--out", str(tmp_path / "avg"), slot]):
+        proc = nodes.nodes[0].run([str(BIN / "python"), *tool], cwd=str(REPO), env=launcher_env())
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        line = proc.stderr.strip()
+        assert "\n" not in line and "ranks 0-1 (node1) only" in line and "ranks 2-3 on node2" in line, line
+
+
+def test_two_nodes_tp2_dp2_with_the_sidecar(nodes, pydoc_data, tmp_path):
+    run = tmp_path / "tp2"
+    start = time.monotonic()
+    run_on_nodes(nodes, job(pydoc_data, run, "parallel.tensor=2", "sidecar.export_hf=true"), "tp2", tmp_path / "logs")
+    print(f"\n2 nodes x 2 ranks, TP=2 x DP=2, sidecar on: {time.monotonic() - start:.1f} s")
+    node1 = (tmp_path / "logs" / "node1.log").read_text()
+    assert "world 4 = tensor 2 × data 2" in node1 and "spans nodes" not in node1  # each TP group on one node
+    reference = tmp_path / "one_node"
+    torchrun(4, *job(pydoc_data, reference, "parallel.tensor=2", "snapshot.every=0", "sidecar.enabled=false"))
+    expected, got = losses(reference), losses(run)
+    assert sorted(got) == list(range(1, 17))
+    assert all(got[s] == pytest.approx(expected[s], rel=1e-6, abs=1e-7) for s in expected)
+    check_node_local_slots(nodes, run, tp=2)
+    record = check_lawa_best(nodes, run, tmp_path)
+    assert hf_val_loss(run, run / "lawa_best_hf") == pytest.approx(record["lawa_val_loss"], rel=1e-4)
+
+
+def fault_job(data_dir: str, run: Path, *extra: str) -> list[str]:
+    return job(data_dir, run, "train.steps=24", "checkpoint.every=10", "eval.every=0", "logging.every=2",
+               "sidecar.enabled=false", "snapshot.every=0", "parallel.heartbeat_timeout_s=10", *extra)
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def checkpointed(run: Path, step: int):
+    return lambda: (run / "checkpoints" / step_name(step) / "run_state.json").exists()
+
+
+def test_a_node_killed_mid_run_stops_the_other_with_one_line_and_the_same_command_resumes(nodes, pydoc_data, tmp_path):
+    run = tmp_path / "killed"
+    args = fault_job(pydoc_data, run)
+    procs = on_nodes(nodes, args, "killed", tmp_path / "logs")
+    wait_for(checkpointed(run, 10), 300, "the first checkpoint")
+    killed_at = time.monotonic()
+    assert nodes.nodes[1].kill() > 0
+    assert wait_all(procs[:1], 120)[0] != 0
+    print(f"\nnode2 killed: node1 gone {time.monotonic() - killed_at:.1f} s later")
+    log = (tmp_path / "logs" / "node1.log").read_text()
+    ours = [line for line in log.splitlines() if "lost contact with" in line]
+    assert len(ours) == 2 and all("ranks 2-3 on node2" in line for line in ours), log[-3000:]
+    assert "[rank0]: Traceback" not in log and "[rank1]: Traceback" not in log  # no raw gloo traceback
+    stopped = max(losses(run))
+    assert stopped < 24
+
+    run_on_nodes(nodes, args, "killed-resume", tmp_path / "logs-resume")
+    resumed = [r for r in read_metrics(run) if r.get("event") == "resume"]
+    assert resumed and resumed[-1]["step"] >= 10 and max(losses(run)) == 24
+
+
+def test_a_node_that_vanishes_silently_stops_the_job_within_the_heartbeat_bound(nodes, pydoc_data, tmp_path):
+    run = tmp_path / "vanished"
+    procs = on_nodes(nodes, fault_job(pydoc_data, run), "vanished", tmp_path / "logs")
+    try:
+        wait_for(checkpointed(run, 10), 300, "the first checkpoint")
+        cut_at = time.monotonic()
+        nodes.nodes[1].cut()
+        assert wait_all(procs[:1], 120)[0] != 0
+        took = time.monotonic() - cut_at
+        print(f"\nnode2 cut off: node1 gone {took:.1f} s later (heartbeat timeout 10 s)")
+        assert took < 10 + 2 * 2.5 + 15  # timeout + two beats, plus the slack of 8 processes on 2 cores
+        log = (tmp_path / "logs" / "node1.log").read_text()
+        assert "rank 2 on node2 stopped answering (no heartbeat for" in log, log[-3000:]
+        # The cut-off node's trainers cannot reach the rendezvous store on node1, and stop too (its
+        # torchrun agent, cut off from the rendezvous, is left for the node's own end to take).
+        node2_log = tmp_path / "logs" / "node2.log"
+        wait_for(lambda: "lost contact with the rendezvous store at node1" in node2_log.read_text(), 60,
+                 "node2's trainers to give up")
+    finally:
+        nodes.nodes[1].kill()
+
+
+def test_one_nodes_sidecar_killed_and_one_nodes_shm_full(nodes, pydoc_data, tmp_path):
+    """The sidecar group is restarted when one node's sidecar dies; a snapshot that one node
+    cannot write (its /dev/shm is full) is abandoned on every node, and training goes on."""
+    run = tmp_path / "faults"
+    args = job(pydoc_data, run, "train.steps=36", "logging.every=2", "eval.every=0", "checkpoint.every=100",
+               "snapshot.every=2", "snapshot.slots=4", "lawa.k=2", "lawa.spacing=2")
+    procs = on_nodes(nodes, args, "faults", tmp_path / "logs")
+    node2 = nodes.nodes[1]
+    filler = node2.shm_path("/dev/shm/filler")
+    try:
+        wait_for(lambda: read_eval_log(str(run)), 300, "a first sidecar evaluation")
+        sidecars = [pid for pid in node2.processes()
+                    if "averaging.sidecar" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")]
+        assert len(sidecars) == 2
+        for pid in sidecars:
+            os.kill(pid, 9)
+        log = tmp_path / "logs" / "node1.log"
+        wait_for(lambda: "generation 1" in log.read_text(), 120, "the sidecar's restart")
+        # Fill node2's /dev/shm: its next snapshot write fails.
+        subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=1M"], capture_output=True)
+        abandoned = wait_for(lambda: re.search(r"snapshot of step (\d+) abandoned on every node: [^(]*node2 could not "
+                                               r"(write it|commit its part) \(.*No space left", log.read_text()),
+                             120, "an abandoned snapshot")
+        os.remove(filler)
+        assert wait_all(procs, 300) == [0, 0], log.read_text()[-3000:]
+    finally:
+        if os.path.exists(filler):
+            os.remove(filler)
+    step = int(abandoned.group(1))
+    for node in nodes.nodes:  # abandoned on both nodes: no part of it stays committed anywhere
+        assert step not in slots.committed_steps(str(node_slots(node, run)))
+    assert max(losses(run)) == 36
+    records = read_eval_log(str(run))
+    assert records[-1]["step"] == 36 and any(r["step"] > step for r in records)
+    assert "sidecar died" in log.read_text()
