@@ -124,7 +124,8 @@ class PeerWatchdog:
             if now - contact > self.timeout_s:
                 leave(f"rank {self.par.rank} on {self.par.host} lost contact with the rendezvous store at {self.where} "
                       f"(no answer for {now - contact:.0f} s): the node of rank 0 died or the network is down; {_RESUME}")
-            if not peer_done and now - seen_at > self.timeout_s:
+            # A peer looks silent also when this rank cannot read the store: judge it only on fresh reads.
+            if not peer_done and now - seen_at > self.timeout_s and now - contact <= 2 * self.interval_s:
                 verdict = (f"{self.par.describe_ranks([self.watched])} stopped answering (no heartbeat for "
                            f"{now - seen_at:.0f} s): its node died or its network is down; {_RESUME}")
                 leave(self._bounded(lambda v=verdict: self._post(v), default=verdict))

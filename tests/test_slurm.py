@@ -3,7 +3,6 @@ single-node Slurm (slurm-wlm + munge, installed by .ci/run) started by the fixtu
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import time
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from averaging.sidecar.protocol import read_eval_log
-from conftest import REPO, launcher_env, read_metrics, torchrun
+from conftest import REPO, launcher_env, read_metrics
 from slurm_cluster import SlurmCluster, missing
 
 pytestmark = pytest.mark.distributed
@@ -77,50 +76,6 @@ def test_a_config_error_under_sbatch_is_one_line_in_the_submit_directory(slurm, 
     assert out.startswith(f"job {job}: config error: unknown key 'nosuch'") and len(out.splitlines()) == 1
 
 
-def test_preempted_job_requeues_and_resumes_exactly(slurm, pydoc_data, tmp_path):
-    steps = 100
-    run = tmp_path / "preempted"
-    start = time.monotonic()
-    job = submit(slurm, tiny(pydoc_data, run, steps=steps), tmp_path)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:  # signal it mid-run, past its first checkpoint
-        if (run / "metrics.jsonl").exists() and max(losses(run), default=0) >= 30:
-            break
-        time.sleep(0.2)
-    slurm.run("scancel", "--signal=USR1", str(job))
-    time.sleep(1.0)
-    try:  # a second warning during the save (scancel retries for a minute once the job is being requeued)
-        slurm.run("scancel", "--signal=USR1", str(job), check=False, timeout=5)
-    except subprocess.TimeoutExpired:
-        pass
-    info = slurm.wait(job, timeout=600)
-    wall = time.monotonic() - start
-    out = (run / "logs" / f"sbatch-{job}.out").read_text()
-    assert info["JobState"] == "COMPLETED", out
-    assert int(info.get("Restarts", 0)) >= 1, info
-    print(f"\nSlurm preemption test: {wall:.1f} s wall (job restarts: {info.get('Restarts')})")
-    first_attempt = (run / "logs" / f"slurm-{job}-0-rank0.log").read_text()
-    assert "on SIGUSR1" in first_attempt and "requeued Slurm job" in first_attempt
-    assert "resumed from" in (run / "logs" / f"slurm-{job}-1-rank0.log").read_text()
-
-    # The uninterrupted run of the same job and layout.
-    whole = tmp_path / "whole"
-    torchrun(2, "--job", "jobs/gpt2_770m.yaml", *tiny(pydoc_data, whole, steps=steps))
-    expected, got = losses(whole), losses(run)
-    assert sorted(got) == list(range(1, steps + 1))
-    assert all(got[s] == pytest.approx(expected[s], rel=1e-6, abs=1e-6) for s in expected)
-    # Sidecar evaluations of the same steps agree too (each run may skip different steps).
-    a = {r["step"]: r for r in read_eval_log(str(whole))}
-    b = {r["step"]: r for r in read_eval_log(str(run))}
-    common = sorted(set(a) & set(b))
-    assert common and common[-1] == steps
-    for s in common:
-        assert b[s]["raw_val_loss"] == pytest.approx(a[s]["raw_val_loss"], rel=1e-6)
-        if b[s]["steps_averaged"] == a[s]["steps_averaged"]:
-            assert b[s]["lawa_val_loss"] == pytest.approx(a[s]["lawa_val_loss"], rel=1e-6)
-
-
-@pytest.mark.skipif(shutil.which("mpirun") is None, reason="Open MPI is not installed (apt-get install openmpi-bin)")
 def test_mpirun_ranks_train(pydoc_data, tmp_path):
     run = tmp_path / "mpi"
     with socket.socket() as s:
