@@ -42,3 +42,24 @@ def validation_loss(model, batches: list[tuple[torch.Tensor, torch.Tensor]], dev
     mean = torch.tensor([total / len(batches)], dtype=torch.float64, device=device)
     dist.all_reduce(mean, group=dp_group)
     return mean.item() / dp_size
+
+
+@torch.no_grad()
+def hf_held_out_loss(run_dir: str, folder: str) -> float:
+    """The held-out loss transformers computes for an exported Hugging Face folder, on the sidecar's
+    held-out batches and averaged as the sidecar averages (per data-parallel rank, then the mean):
+    the check that an export computes what the sidecar scored."""
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    from averaging.sidecar.protocol import read_val_batches
+    from core.run_dir import RunDir
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    per_rank, dp_rank = [], 0
+    while os.path.isfile(RunDir(run_dir).val_batches(dp_rank)):
+        batches = read_val_batches(run_dir, dp_rank)
+        losses = [F.cross_entropy(model(x.long()).logits.flatten(0, 1), y.long().flatten()).item() for x, y in batches]
+        per_rank.append(sum(losses) / len(losses))
+        dp_rank += 1
+    return sum(per_rank) / len(per_rank)

@@ -25,6 +25,9 @@ from core.config import ConfigError, need
 class ParallelArgs:
     tensor: int = 1  # Megatron-style tensor-parallel size; data-parallel size = world / tensor
     zero_stage: Literal[0, 1, 2, 3] = 3  # DeepSpeed ZeRO stage
+    # ZeRO-3 bucket and prefetch sizes: DeepSpeed's defaults, or sized from the model's width (auto:
+    # reduce bucket d², prefetch 0.9·d², parameters under 10·d elements kept whole on every rank).
+    zero_buckets: Literal["default", "auto"] = "default"
     # A rank that hears nothing from its peer (or the rendezvous store) this long stops the job with
     # one line (exit code 75) instead of waiting out the collectives' 30-minute timeout; 0: off.
     heartbeat_timeout_s: float = 120.0

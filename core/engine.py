@@ -31,12 +31,18 @@ def use_deepspeed(device_type: str):
 
 
 def deepspeed_config(micro_batch_size: int, grad_accum: int, dp: int, grad_clip: float, zero_stage: int,
-                     bf16: bool) -> dict[str, Any]:
-    """The training engine's config (the launcher writes it to the run directory for reference)."""
+                     bf16: bool, hidden_size: Optional[int] = None) -> dict[str, Any]:
+    """The training engine's config (the launcher writes it to the run directory for reference).
+    With `hidden_size`, ZeRO-3's buckets are sized from the model's width (the rules DeepSpeed's
+    own "auto" values follow in its Hugging Face integration) instead of its fixed defaults."""
     zero: dict[str, Any] = {"stage": zero_stage}
     if zero_stage == 3:
         zero.update({"overlap_comm": True, "contiguous_gradients": True,
                      "stage3_param_persistence_threshold": PERSISTENCE_THRESHOLD})
+        if hidden_size is not None:
+            zero.update({"reduce_bucket_size": hidden_size * hidden_size,
+                         "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+                         "stage3_param_persistence_threshold": 10 * hidden_size})
     return {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": grad_accum,

@@ -28,7 +28,7 @@ from core.run_dir import RunDir
 from core.tokenizer import load_tokenizer
 from core.watchdog import PeerWatchdog, lost_peer_message
 from launcher import checkpoint
-from launcher.data import TokenBatches, ensure_prepared
+from launcher.data import Prefetcher, TokenBatches, ensure_prepared
 from launcher.metrics import MetricsLogger
 from launcher.optim import build_optimizer, full_numel
 from launcher.preemption import Preemption, requeue_slurm_job
@@ -49,6 +49,10 @@ class TrainArgs:
     seed: int = 1337
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     stop_at: Optional[int] = None  # checkpoint and stop after this step (the schedule still spans `steps`)
+    # Speed-ups, off by default and chosen by measurement (bench/gpu_check.py): a torch.compile backend for
+    # each transformer block (e.g. inductor; None: eager), and recomputing activations in backward.
+    compile: Optional[str] = None
+    activation_checkpointing: bool = False
 
     def validate(self) -> None:
         need(self.steps > 0, f"train.steps: must be positive, got {self.steps}")
@@ -89,6 +93,7 @@ class Training:
     ds_config: dict[str, Any]
     precision: str
     grad_accum: int
+    prefetcher: Optional[Prefetcher] = None
 
     @property
     def checkpoint_dir(self) -> str:
@@ -119,7 +124,8 @@ def build(job: JobConfig) -> Training:
                            job.train.seed)
     model_config = job.model.resolve(batches.vocab_size, job.data.seq_len, job.parallel.tensor)
     ds_config = deepspeed_config(job.train.micro_batch_size, grad_accum, par.dp, job.train.grad_clip,
-                                 job.parallel.zero_stage, bf16=precision == "bf16")
+                                 job.parallel.zero_stage, bf16=precision == "bf16",
+                                 hidden_size=model_config.n_embd if job.parallel.zero_buckets == "auto" else None)
     if par.is_main:
         write_json_atomic(run.deepspeed_config, ds_config)
         write_model_config(run.model, model_config)
@@ -131,6 +137,12 @@ def build(job: JobConfig) -> Training:
     torch.manual_seed(job.train.seed)
     engine = build_engine(lambda: build_model(model_config, par.tp_group), ds_config, par,
                           lambda model: build_optimizer(model, job.optimizer, par.device))
+    engine.module.checkpoint_blocks = job.train.activation_checkpointing
+    if job.train.compile:
+        for block in engine.module.blocks:  # block by block: ZeRO-3's gather hooks stay outside the graphs
+            block.compile(backend=job.train.compile)
+    prefetcher = Prefetcher(batches, par.dp_rank, grad_accum, job.train.micro_batch_size,
+                            pin=par.device.type == "cuda") if job.data.prefetch else None
     local = sum(full_numel(p) for p in engine.module.parameters())
     per_rank = f" ({local / 1e6:.2f}M per tensor-parallel rank)" if par.tp > 1 else ""
     logger.info(f"model: {job.model.size} {model_config.n_layer}L/{model_config.n_embd}d/{model_config.n_head}h, "
@@ -139,7 +151,7 @@ def build(job: JobConfig) -> Training:
                 f"ZeRO stage {job.parallel.zero_stage}; {job.train.global_batch_size} sequences × "
                 f"{job.data.seq_len} tokens per step ({grad_accum} accumulation steps of "
                 f"{job.train.micro_batch_size} per rank)")
-    return Training(job, par, run, engine, batches, model_config, ds_config, precision, grad_accum)
+    return Training(job, par, run, engine, batches, model_config, ds_config, precision, grad_accum, prefetcher)
 
 
 def placement(par: Parallel) -> str:
@@ -162,9 +174,10 @@ def train_step(t: Training, step: int, snapshots: Optional[SnapshotWriter] = Non
     # Dropout draws from a stream that depends only on (seed, step, rank): resume is exact.
     torch.manual_seed(job.train.seed * 1_000_003 + step * 1009 + par.rank)
     loss_sum = torch.zeros((), device=par.device)
-    for micro in range(t.grad_accum):
-        x, y = t.batches.train_batch(step, par.dp_rank, micro, job.train.micro_batch_size)
-        _, loss = engine(x.to(par.device), y.to(par.device))
+    micro_batches = t.prefetcher.get(step) if t.prefetcher is not None else \
+        [t.batches.train_batch(step, par.dp_rank, m, job.train.micro_batch_size) for m in range(t.grad_accum)]
+    for micro, (x, y) in enumerate(micro_batches):
+        _, loss = engine(x.to(par.device, non_blocking=True), y.to(par.device, non_blocking=True))
         engine.backward(loss)
         if snapshots is not None and micro == t.grad_accum - 1:
             snapshots.fence()  # the update must not overwrite a partition still being copied

@@ -16,6 +16,7 @@ from typing import ClassVar
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from models.tensor_parallel import (
     ColumnParallelLinear,
@@ -128,6 +129,7 @@ class GPT(nn.Module):
         config.check(group_size(tp_group))
         self.config = config
         self.tp_group = tp_group
+        self.checkpoint_blocks = False  # recompute activations in backward (set by the trainer: train.activation_checkpointing)
         self.wte = VocabParallelEmbedding(config.vocab_size, config.n_embd, config.init_std, tp_group)
         self.wpe = PositionEmbedding(config.block_size, config.n_embd, config.init_std)
         self.drop = nn.Dropout(config.dropout)
@@ -141,7 +143,8 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")
         x = self.drop(self.wte(idx) + self.wpe(T))  # (B, T, C)
         for block in self.blocks:
-            x = block(x)
+            # Activation checkpointing: keep only each block's input, recompute the rest in backward.
+            x = checkpoint(block, x, use_reentrant=False) if self.checkpoint_blocks and self.training else block(x)
         x = self.ln_f(x)  # (B, T, C)
         # The output head is the token embedding, transposed (tied weights).
         logits = F.linear(copy_to_parallel(x, self.tp_group), self.wte.weight)  # (B, T, V/tp)

@@ -18,6 +18,7 @@ from typing import ClassVar
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from models.tensor_parallel import (
     ColumnParallelLinear,
@@ -157,6 +158,7 @@ class NeoX(nn.Module):
         config.check(group_size(tp_group))
         self.config = config
         self.tp_group = tp_group
+        self.checkpoint_blocks = False  # recompute activations in backward (set by the trainer: train.activation_checkpointing)
         self.wte = VocabParallelEmbedding(config.vocab_size, config.n_embd, config.init_std, tp_group)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(NeoXBlock(config, tp_group) for _ in range(config.n_layer))
@@ -171,7 +173,8 @@ class NeoX(nn.Module):
             raise ValueError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")
         x = self.drop(self.wte(idx))  # (B, T, C)
         for block in self.blocks:
-            x = block(x)
+            # Activation checkpointing: keep only each block's input, recompute the rest in backward.
+            x = checkpoint(block, x, use_reentrant=False) if self.checkpoint_blocks and self.training else block(x)
         logits = self.head(self.ln_f(x))  # (B, T, V/tp)
         if targets is None:
             return logits, None

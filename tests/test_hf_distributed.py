@@ -7,10 +7,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import torch
-import torch.nn.functional as F
 
 from averaging import slots
+from averaging.evaluate import hf_held_out_loss
 from averaging.sidecar.protocol import read_eval_log
 from conftest import BIN, REPO, read_metrics, torchrun
 from core.zero_checkpoint import consolidate
@@ -24,18 +23,7 @@ NEOX = ["model.size=neox-micro", "snapshot.every=4", "snapshot.slots=6", "lawa.k
 
 
 def hf_val_loss(run: Path, folder: Path) -> float:
-    """The held-out loss transformers computes for an exported folder, averaged like the sidecar's."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(folder), torch_dtype=torch.float32).eval()
-    per_rank = []
-    with torch.no_grad():
-        for path in sorted((run / "sidecar").glob("val_dp*.pt")):
-            batches = torch.load(path)
-            losses = [F.cross_entropy(model(x.long()).logits.flatten(0, 1), y.long().flatten()).item()
-                      for x, y in batches]
-            per_rank.append(sum(losses) / len(losses))
-    return sum(per_rank) / len(per_rank)
+    return hf_held_out_loss(str(run), str(folder))
 
 
 def write_tasks(folder: Path) -> list[Path]:

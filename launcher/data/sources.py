@@ -35,6 +35,7 @@ class DataArgs:
     seq_len: int = 256
     text_field: str = "text"
     shard_tokens: int = 1 << 27
+    prefetch: bool = True  # build the next step's batches in a background thread while this one runs
 
     def validate(self) -> None:
         need(len(self.sources) > 0, "data.sources: at least one source is needed")

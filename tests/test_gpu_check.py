@@ -1,0 +1,33 @@
+"""bench/gpu_check.py --dry: the GPU session's script, run on CPU at tiny sizes so that it cannot rot
+between GPU sessions; it reaches the launcher's bf16 path, every candidate speed-up (ZeRO-3 buckets
+from the model, torch.compile of the blocks, activation checkpointing, the batch prefetcher) and the
+plain-PyTorch reference, and checks that no speed-up changes the losses."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, launcher_env
+
+pytestmark = pytest.mark.distributed
+
+
+def test_gpu_check_dry_run(tmp_path):
+    proc = subprocess.run([sys.executable, "bench/gpu_check.py", "--dry", "--out", str(tmp_path)], cwd=REPO,
+                          env=launcher_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    res = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert res["environment"]["dry"] is True
+    c = res["correctness"]
+    assert c["ok"] and c["resumed_max_rel_loss_diff"] == 0.0 and c["hf_rel_diff"] <= 1e-4
+    assert {"raw_val_loss", "lawa_val_loss", "ema_val_loss", "swa_val_loss"} <= set(c["sidecar_kinds"])
+    (row,) = res["throughput"].values()
+    for what in ("reference", "default", "zero_buckets", "compile", "checkpointing"):
+        assert row[what]["tokens_per_s"] > 0, (what, row[what])
+    for what in ("zero_buckets", "compile", "checkpointing"):
+        assert row[what]["max_rel_loss_diff_vs_default"] <= 1e-5, (what, row[what])
+    assert row["best"] in ("default", "zero_buckets", "compile", "checkpointing")
+    lc = res["lawa_cost"]
+    assert lc["stall_per_snapshot_s"] > 0 and 0 < lc["ratio_on_off"] <= 1.5
+    assert "## 2. Throughput" in (tmp_path / "gpu_check.md").read_text()
