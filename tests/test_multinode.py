@@ -23,6 +23,7 @@ from conftest import BIN, REPO, launcher_env, read_metrics, torchrun
 from core.files import step_name
 from core.zero_checkpoint import consolidate
 from test_hf_distributed import hf_val_loss
+from test_lawa_distributed import wait_for
 
 pytestmark = pytest.mark.distributed
 
@@ -185,16 +186,6 @@ def test_two_nodes_tp2_dp2_with_the_sidecar(nodes, pydoc_data, tmp_path):
 def fault_job(data_dir: str, run: Path, *extra: str) -> list[str]:
     return job(data_dir, run, "train.steps=24", "checkpoint.every=10", "eval.every=0", "logging.every=2",
                "sidecar.enabled=false", "snapshot.every=0", "parallel.heartbeat_timeout_s=10", *extra)
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def checkpointed(run: Path, step: int):
