@@ -8,8 +8,10 @@
              eval.jsonl                the sidecar's records (raw vs averaged losses per snapshot)
              tensorboard/              TensorBoard events (the sidecar's under tensorboard/sidecar)
              checkpoints/step_N/       full DeepSpeed checkpoints (+ run_state.json once complete)
-             lawa_best/step_N/         the best LAWA average, a committed slot
+             lawa_best/step_N/         the best of the headline merge (the first of lawa.merges), a committed slot
+             merges/<name>/step_N/     the best of every other merge
              lawa_best_hf/             the same as a Hugging Face folder (sidecar.export_hf)
+             branch.json               a cooldown branch's parent run and step (launcher/cooldown.py)
              sidecar/                  spec.json, held-out batches, training_done.json, per-rank logs
              logs/                     Slurm's per-rank logs and the batch script's output
              snapshots/                the snapshot ring when no node-local /dev/shm has room
@@ -34,6 +36,8 @@ TENSORBOARD = "tensorboard"
 CHECKPOINTS = "checkpoints"
 LAWA_BEST = "lawa_best"
 LAWA_BEST_HF = "lawa_best_hf"
+MERGES = "merges"
+BRANCH = "branch.json"
 SIDECAR = "sidecar"
 LOGS = "logs"
 SNAPSHOTS = "snapshots"
@@ -92,6 +96,14 @@ class RunDir:
     @property
     def lawa_best(self) -> str:
         return self.join(LAWA_BEST)
+
+    def merge_best(self, name: str, headline: bool) -> str:
+        """Where a merge's best-scoring average is kept: the headline's in lawa_best/."""
+        return self.lawa_best if headline else self.join(MERGES, name)
+
+    @property
+    def branch(self) -> str:
+        return self.join(BRANCH)
 
     @property
     def lawa_best_hf(self) -> str:

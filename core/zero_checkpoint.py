@@ -56,6 +56,8 @@ class SlotManifest:
     ds_version: Optional[str] = None
     averages: dict[str, dict[str, Any]] = field(default_factory=dict)  # raw slots: EMA/SWA present
     steps_averaged: list[int] = field(default_factory=list)  # averages: the steps, newest first
+    merge_weights: list[float] = field(default_factory=list)  # averages: each step's weight, same order
+    merge: Optional[str] = None  # lawa: the name of the merge (lawa.merges) it is the best of
     val_loss: Optional[float] = None  # lawa: the held-out loss that made it the best
     node: Optional[str] = None  # the node whose part of the slot this folder holds; None: all of it
     nodes: dict[str, list[int]] = field(default_factory=dict)  # node -> the ranks whose files it holds

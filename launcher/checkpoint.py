@@ -43,12 +43,20 @@ class CheckpointArgs:
     # slot folder, an average in lawa_best/, or a Hugging Face GPT-2/GPT-NeoX folder such as a Pythia
     # checkpoint), at step 0 of this job's schedule.
     init_from: Optional[str] = None
-    init_optimizer: bool = False  # also take its optimizer state (same layout needed); false: fresh AdamW
+    # Also take optimizer state (same layout needed): a checkpoint's own; for a slot or an average (a merge in
+    # lawa_best/ or merges/<name>/), the moments of its run's newest complete checkpoint at or before its step.
+    # false: fresh AdamW moments.
+    init_optimizer: bool = False
+    # A cooldown branch (launcher/cooldown.py): continue another run's complete checkpoint (weights, optimizer
+    # state, step and tokens) in this run directory, under this job's schedule.
+    branch_from: Optional[str] = None
 
     def validate(self) -> None:
         need(self.every > 0, f"checkpoint.every: must be positive, got {self.every}")
         need(self.keep >= 1, f"checkpoint.keep: must be >= 1, got {self.keep}")
         need(self.init_from is not None or not self.init_optimizer, "checkpoint.init_optimizer needs checkpoint.init_from")
+        need(self.branch_from is None or self.init_from is None,
+             "checkpoint.branch_from and checkpoint.init_from both say where the weights come from: set one")
 
 
 @dataclass
@@ -139,25 +147,33 @@ def restore(engine, par: Parallel, ckpt_dir: str, args: CheckpointArgs, growth: 
         raise ConfigError(f"{ckpt_dir} holds checkpoints but checkpoint.resume is false: "
                           f"choose another run_dir or delete them")
     if found:
-        checkpoint = os.path.join(ckpt_dir, found[-1][1])
-        state = read_run_state(checkpoint)
-        if (state.dp, state.tp) != (par.dp, par.tp):
-            raise ConfigError(f"checkpoint {checkpoint} was written with data {state.dp} × tensor {state.tp}; this "
-                              f"run has data {par.dp} × tensor {par.tp}: resume on the same layout")
-        load(engine, checkpoint)
-        if averages.enabled:
-            path = os.path.join(checkpoint, averages_file(par.dp_rank, par.tp_rank))
-            if os.path.isfile(path):
-                averages.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
-            else:
-                logger.info(f"note: {checkpoint} holds no EMA/SWA state; the averages start afresh")
-        logger.info(f"resumed from {checkpoint} at step {state.step}")
-        return Start(state.step, state.tokens, resumed_from=checkpoint)
+        return continue_from(engine, par, os.path.join(ckpt_dir, found[-1][1]), averages, "resumed")
+    if args.branch_from is not None:
+        return continue_from(engine, par, args.branch_from, averages, "branched")
     if growth.from_run is not None:
         return Start(grown_from=initialize_grown(engine, par, growth, model_config))
     if args.init_from is not None:
         initialize_from(engine, par, init_source(args.init_from), args.init_optimizer)
     return Start()
+
+
+def continue_from(engine, par: Parallel, checkpoint: str, averages: ShardAverages, verb: str) -> Start:
+    """Collective. Weights, optimizer state, EMA/SWA, step and tokens of a complete checkpoint."""
+    if not os.path.isfile(os.path.join(checkpoint, RUN_STATE)):
+        raise ConfigError(f"checkpoint.branch_from: {checkpoint} is not a complete checkpoint (no {RUN_STATE})")
+    state = read_run_state(checkpoint)
+    if (state.dp, state.tp) != (par.dp, par.tp):
+        raise ConfigError(f"checkpoint {checkpoint} was written with data {state.dp} × tensor {state.tp}; this "
+                          f"run has data {par.dp} × tensor {par.tp}: continue it on the same layout")
+    load(engine, checkpoint)
+    if averages.enabled:
+        path = os.path.join(checkpoint, averages_file(par.dp_rank, par.tp_rank))
+        if os.path.isfile(path):
+            averages.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+        else:
+            logger.info(f"note: {checkpoint} holds no EMA/SWA state; the averages start afresh")
+    logger.info(f"{verb} from {checkpoint} at step {state.step}")
+    return Start(state.step, state.tokens, resumed_from=checkpoint)
 
 
 def init_source(path: str) -> str:
@@ -169,6 +185,9 @@ def init_source(path: str) -> str:
     found = complete_checkpoints(path)
     if found:
         return os.path.join(path, found[-1][1])
+    committed = slots.committed_steps(path)
+    if committed:  # lawa_best/ or merges/<name>/: its newest
+        return slots.slot_path(path, committed[-1])
     names = os.listdir(path)
     if any(name.endswith("_optim_states.pt") for name in names) or "config.json" in names:
         return path
@@ -179,23 +198,47 @@ def init_source(path: str) -> str:
 def initialize_from(engine, par: Parallel, source: str, keep_optimizer: bool) -> None:
     """Collective. Another run's weights (and, if asked, its optimizer state) into this fresh
     engine; the run then starts at step 0 of its own schedule (a re-warmup, in the usual recipe)."""
-    if keep_optimizer:
-        if not os.path.isfile(os.path.join(source, RUN_STATE)):
-            raise ConfigError(f"checkpoint.init_optimizer: {source} is not a complete training checkpoint "
-                              f"(no {RUN_STATE}); it has no optimizer state to keep")
-        state = read_run_state(source)
-        if (state.dp, state.tp) != (par.dp, par.tp):
-            raise ConfigError(f"checkpoint.init_optimizer: {source} was written with data {state.dp} × tensor "
-                              f"{state.tp}, this run is data {par.dp} × tensor {par.tp}; optimizer state moves "
-                              f"only between equal layouts (set checkpoint.init_optimizer=false to take the weights)")
+    if keep_optimizer and os.path.isfile(os.path.join(source, RUN_STATE)):
+        check_layout(source, par, "checkpoint.init_optimizer")
         load(engine, source)
         logger.info(f"initialised weights and optimizer state from {source}")
+        return
+    if keep_optimizer:
+        moments = moments_for(source)
+        check_layout(moments, par, "checkpoint.init_optimizer")
+        load(engine, moments)  # the moments (and weights, replaced next)
+        load_weights(engine, par, consolidate(source))
+        logger.info(f"initialised weights from {source} and optimizer state from {moments}")
         return
     from models.hf import read_weights
 
     full, _, _ = read_weights(source, need_config=False)  # each tensor's shape is checked on loading
     load_weights(engine, par, full)
     logger.info(f"initialised weights from {source} (fresh optimizer state)")
+
+
+def check_layout(checkpoint: str, par: Parallel, key: str) -> None:
+    state = read_run_state(checkpoint)
+    if (state.dp, state.tp) != (par.dp, par.tp):
+        raise ConfigError(f"{key}: {checkpoint} was written with data {state.dp} × tensor {state.tp}, this run is "
+                          f"data {par.dp} × tensor {par.tp}; optimizer state moves only between equal layouts "
+                          f"(set checkpoint.init_optimizer=false to take the weights)")
+
+
+def moments_for(source: str) -> str:
+    """The checkpoint whose optimizer moments go with a slot or an average: its run's newest complete
+    checkpoint at or before the slot's step."""
+    if not slots.is_committed(source):
+        raise ConfigError(f"checkpoint.init_optimizer: {source} is neither a complete checkpoint nor a committed "
+                          f"slot or average; it has no optimizer state to go with")
+    step = slots.read_manifest(source).step
+    run = find_run_dir(source)
+    ckpt_dir = run.checkpoints if run is not None else ""
+    fitting = [tag for s, tag in complete_checkpoints(ckpt_dir) if s <= step]
+    if not fitting:
+        raise ConfigError(f"checkpoint.init_optimizer: no complete checkpoint at or before step {step} in "
+                          f"{ckpt_dir or 'a run directory above ' + source} to take the optimizer moments from")
+    return os.path.join(ckpt_dir, fitting[-1])
 
 
 def growth_source(args: GrowthArgs) -> str:

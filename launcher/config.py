@@ -17,7 +17,7 @@ from typing import Optional
 
 from averaging.ema_swa import EmaArgs, SwaArgs, scheduled_lr
 from averaging.evaluate import EvalArgs
-from averaging.lawa import LawaArgs
+from averaging.lawa import LawaArgs, Merge, slots_needed
 from averaging.sidecar.supervisor import SidecarArgs
 from core.config import ConfigError, dump_yaml, get_value, load_config, need
 from core.distributed import ParallelArgs
@@ -78,11 +78,21 @@ class JobConfig:
         if snap.every > 0:
             need(p.zero_stage == 3, f"snapshot.every={snap.every} needs parallel.zero_stage=3 "
                                     f"(snapshots are ZeRO-3 partitions), got {p.zero_stage}")
-            spacing = self.lawa.spacing or snap.every
-            needed = (self.lawa.k - 1) * -(-spacing // snap.every) + 2
-            need(snap.slots >= needed,
-                 f"snapshot.slots={snap.slots} cannot hold lawa.k={self.lawa.k} snapshots {spacing} steps apart at "
-                 f"snapshot.every={snap.every} plus one being written: needs at least {needed}")
+            for merge in self.merges():
+                need(merge.window_steps is None or merge.window_steps >= merge.spacing,
+                     f"lawa.merges: {merge.name}'s window_tokens spans {merge.window_steps} steps, less than its "
+                     f"spacing of {merge.spacing}: it would merge one snapshot")
+                needed = slots_needed(merge, snap.every)
+                need(snap.slots >= needed,
+                     f"snapshot.slots={snap.slots} cannot hold merge {merge.describe()} at snapshot.every={snap.every} "
+                     f"plus one being written: needs at least {needed}")
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.train.global_batch_size * self.data.seq_len
+
+    def merges(self) -> list[Merge]:
+        return self.lawa.resolve(self.snapshot.every, self.tokens_per_step)
 
     @property
     def resolved_run_dir(self) -> str:

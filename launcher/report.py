@@ -1,5 +1,7 @@
-"""A report a person can look at: validation loss of raw, LAWA, EMA and SWA weights against steps
-and tokens, the learning rate beneath, and what averaging saves.
+"""A report a person can look at: validation loss of the raw weights, of every merge the sidecar
+scored (LAWA and the schedule-derived merges of `lawa.merges`), EMA and SWA, against steps and
+tokens, each method minus raw, the learning rate beneath, and what averaging saves; with a run's
+cooldown branches (launcher/cooldown.py) beside the merges at their branch points.
 
     python -m launcher.report runs/lawa_lr_cpu runs/lawa_lr_cpu_10x --out docs/results/lawa_lr_cpu
 
@@ -8,7 +10,9 @@ Reads each run directory's `eval.jsonl` (the sidecar's scores, all on one held-o
 `report.png` (one column per run, or `--overlay` for one set of axes) and `report.md`: each
 method's best and final loss, and the steps, tokens and device-hours its averaged model saves to
 reach the raw model's final loss (the LAWA paper's headline metric), at the resolution of the
-sidecar's evaluations.
+sidecar's evaluations; for each cooldown branch, the cooldown's loss beside every method at the
+branch point (no extra compute) and at the branch's end (the same compute); and, for several runs,
+each method minus raw across them (the noise between seeds).
 """
 from __future__ import annotations
 
@@ -16,21 +20,44 @@ import argparse
 import os
 import statistics
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from averaging.ema_swa import KINDS
-from averaging.sidecar.protocol import SidecarSpec, read_eval_log
+from averaging.sidecar.protocol import SidecarSpec, read_eval_log, scored_methods
 from core.config import ConfigError
 from core.files import read_jsonl
 from core.run_dir import RunDir
+from launcher.branch import Branch, branches_of
 from launcher.config import load_job
 
-METHODS = ("raw", "lawa", *KINDS)
-LABELS = {"raw": "raw", "lawa": "LAWA", "ema": "EMA", "swa": "SWA"}
-COLORS = {"raw": "black", "lawa": "tab:blue", "ema": "tab:orange", "swa": "tab:green"}
+NAMED = {"raw": ("raw", "black"), "lawa": ("LAWA", "tab:blue"), "ema": ("EMA", "tab:orange"),
+         "swa": ("SWA", "tab:green")}
+MERGE_COLORS = ("tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray")
+COOLDOWN_COLOR = "tab:red"
 RUN_STYLES = ("-", "--", ":", "-.")
 GAP_FRACTIONS = (0.25, 0.5, 0.75)
+
+
+@dataclass
+class Cooldown:
+    path: str
+    branch: Branch
+    losses: list[tuple[int, float]]  # (step, val loss) of the branch's evaluations
+
+    @property
+    def final(self) -> Optional[float]:
+        return self.losses[-1][1] if self.losses and self.losses[-1][0] == self.branch.end_step else None
+
+
+def label(method: str) -> str:
+    return NAMED.get(method, (method, None))[0]
+
+
+def color(method: str, methods: list[str]) -> str:
+    if method in NAMED:
+        return NAMED[method][1]
+    others = [m for m in methods if m not in NAMED]
+    return MERGE_COLORS[others.index(method) % len(MERGE_COLORS)]
 
 
 @dataclass
@@ -44,10 +71,13 @@ class Run:
     devices: int
     device_kind: str
     token_offset: int = 0  # tokens seen before step 0: those of the run it was grown from
-
+    cooldowns: list[Cooldown] = field(default_factory=list)
 
     def methods(self) -> list[str]:
-        return [m for m in METHODS if any(f"{m}_val_loss" in r for r in self.evals)]
+        return scored_methods(self.evals)
+
+    def at_step(self, step: int) -> Optional[dict[str, Any]]:
+        return next((r for r in self.evals if r["step"] == step), None)
 
     def series(self, method: str, x: str = "step") -> tuple[list[float], list[float]]:
         shift = self.token_offset if x == "tokens" else 0
@@ -79,7 +109,10 @@ def load_run(path: str) -> Run:
     per_step = [(r["tokens"] / r["step"]) / r["tokens_per_s"] for r in steps if r.get("tokens_per_s") and r["step"]]
     spec = SidecarSpec.read(path) if SidecarSpec.exists(path) else None
     grown = [r for r in metrics if r.get("event") == "growth"]
-    return Run(name=os.path.basename(os.path.normpath(path)), path=path, evals=evals, lrs=lrs,
+    cooldowns = [Cooldown(p, b, [(r["step"], r["val_loss"]) for r in read_jsonl(RunDir(p).metrics)
+                                 if "val_loss" in r and r["step"] > b.step])
+                 for p, b in branches_of(path)]
+    return Run(cooldowns=cooldowns, name=os.path.basename(os.path.normpath(path)), path=path, evals=evals, lrs=lrs,
                peak_lr=max((lr for _, lr in lrs), default=None),
                seconds_per_step=statistics.median(per_step) if per_step else None,
                devices=spec.dp * spec.tp if spec else 1, device_kind=spec.training_device if spec else "device",
@@ -143,14 +176,71 @@ def markdown(runs: list[Run]) -> str:
                 saved = [str(s["reached_step"]), f"{s['steps_saved']} ({s['fraction_saved']:.0%})",
                          _tokens(s["tokens_saved"]), hours]
             gaps = [f"{s['gaps'][f][1]:+.4f} ({s['gaps'][f][0]})" if f in s["gaps"] else "–" for f in GAP_FRACTIONS]
-            lines.append(f"| {LABELS[method]} | {s['best']:.4f} ({s['best_step']}) | {final_text} | "
+            lines.append(f"| {label(method)} | {s['best']:.4f} ({s['best_step']}) | {final_text} | "
                          + " | ".join(saved + gaps) + " |")
         lines.append("")
+        lines += cooldown_tables(run)
+    if len(runs) > 1:
+        lines += across_runs(runs)
     lines.append("Device-hours: steps saved × the run's median compute time per step (from metrics.jsonl) × its "
                  "training ranks. The sidecar scores every snapshot it sees, so savings are resolved to that spacing. "
                  "\"− raw at x%\": the method's loss minus the raw model's at the evaluation nearest that point "
                  "of the run (negative: the average is better).")
     return "\n".join(lines) + "\n"
+
+
+def _loss(record: Optional[dict[str, Any]], method: str) -> str:
+    value = record.get(f"{method}_val_loss") if record else None
+    return "–" if value is None else f"{value:.4f}"
+
+
+def cooldown_tables(run: Run) -> list[str]:
+    """Per branch point: every method at the branch step (no extra compute) and at the cooldown's
+    end (the parent kept training at its peak LR for the same steps: the same compute), beside the
+    cooldown's own loss."""
+    if not run.cooldowns:
+        return []
+    methods = run.methods()
+    lines = [f"#### {run.name}: merges vs a real cooldown", "",
+             "| branch | at step | extra compute | " + " | ".join(label(m) for m in methods) + " | cooldown |",
+             "|---|---:|---|" + "---:|" * (len(methods) + 1)]
+    for cd in run.cooldowns:
+        b = cd.branch
+        final = "not finished" if cd.final is None else f"**{cd.final:.4f}**"
+        name = f"{b.shape}, {b.cooldown_steps} steps from {b.step}"
+        lines.append(f"| {name} | {b.step} | none | " + " | ".join(_loss(run.at_step(b.step), m) for m in methods)
+                     + " | – |")
+        lines.append(f"| {name} | {b.end_step} | +{b.cooldown_steps} steps ({_tokens(b.extra_tokens)} tokens), "
+                     f"both | " + " | ".join(_loss(run.at_step(b.end_step), m) for m in methods) + f" | {final} |")
+    lines += ["", "At the branch step the merges cost nothing beyond the training already done; at the branch's end "
+              "the parent has trained the same extra steps at its peak learning rate that the cooldown spent "
+              "decaying it, on the same batches. \"–\": not scored at that step.", ""]
+    return lines
+
+
+def across_runs(runs: list[Run]) -> list[str]:
+    """Each method minus raw at every run's final step, and each cooldown minus the parent's raw at
+    its end: the spread between runs (seeds) is the noise the differences must clear."""
+    methods: list[str] = []
+    for run in runs:
+        methods += [m for m in run.methods()[1:] if m not in methods]
+    lines = ["### Across runs: minus raw at the final step (negative: better than raw)", "",
+             "| run | raw | " + " | ".join(f"{label(m)} − raw" for m in methods)
+             + " | each cooldown at its end: − raw / − the first merge, same step |",
+             "|---|---:|" + "---:|" * (len(methods) + 1)]
+    for run in runs:
+        final = run.evals[-1]
+        cells = [f"{final[f'{m}_val_loss'] - final['raw_val_loss']:+.4f}" if f"{m}_val_loss" in final else "–"
+                 for m in methods]
+        cds = []
+        for cd in run.cooldowns:
+            end = run.at_step(cd.branch.end_step)
+            head = next((m for m in run.methods()[1:] if m not in ("ema", "swa")), None)
+            if cd.final is not None and end is not None:
+                vs_merge = f" / {cd.final - end[f'{head}_val_loss']:+.4f}" if head and f"{head}_val_loss" in end else ""
+                cds.append(f"{cd.branch.step}→{cd.branch.end_step}: {cd.final - end['raw_val_loss']:+.4f}{vs_merge}")
+        lines.append(f"| {run.name} | {final['raw_val_loss']:.4f} | " + " | ".join(cells) + f" | {'; '.join(cds) or '–'} |")
+    return lines + [""]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,9 +254,27 @@ def _y_range(runs: list[Run]) -> tuple[float, float]:
         last = run.evals[-1]["step"]
         for r in run.evals:
             if r["step"] >= 0.1 * last:
-                values += [r[f"{m}_val_loss"] for m in METHODS if f"{m}_val_loss" in r]
+                values += [r[f"{m}_val_loss"] for m in run.methods() if f"{m}_val_loss" in r]
+        values += [loss for cd in run.cooldowns for _, loss in cd.losses]
     low, high = min(values), max(values)
     pad = 0.05 * (high - low or 1.0)
+    return low - pad, high + pad
+
+
+def _gap_range(runs: list[Run]) -> tuple[float, float]:
+    """The minus-raw axis over the last three quarters of each run: early on every average lags by
+    far more than the few hundredths that decide the comparison (those points run off the top)."""
+    values = [0.0]
+    for run in runs:
+        last = run.evals[-1]["step"]
+        values += [r[f"{m}_val_loss"] - r["raw_val_loss"] for r in run.evals if r["step"] >= 0.25 * last
+                   for m in run.methods()[1:] if f"{m}_val_loss" in r]
+        for cd in run.cooldowns:
+            end = run.at_step(cd.branch.end_step)
+            if cd.final is not None and end is not None:
+                values.append(cd.final - end["raw_val_loss"])
+    low, high = min(values), max(values)
+    pad = 0.15 * (high - low or 0.01)
     return low - pad, high + pad
 
 
@@ -177,20 +285,36 @@ def figure(runs: list[Run], out_png: str, overlay: bool) -> None:
     import matplotlib.pyplot as plt
 
     columns = 1 if overlay else len(runs)
-    fig, axes = plt.subplots(3, columns, figsize=(6.2 * columns, 10), squeeze=False,
-                             gridspec_kw={"height_ratios": [3, 3, 1.4]})
-    y_range = _y_range(runs)
+    fig, axes = plt.subplots(4, columns, figsize=(6.2 * columns, 13), squeeze=False,
+                             gridspec_kw={"height_ratios": [3, 3, 2.2, 1.4]})
+    y_range, gap_range = _y_range(runs), _gap_range(runs)
     for i, run in enumerate(runs):
         col = 0 if overlay else i
         style = RUN_STYLES[i % len(RUN_STYLES)] if overlay else "-"
         suffix = f" ({run.name})" if overlay else ""
-        for method in run.methods():
+        methods = run.methods()
+        for method in methods:
             for row, x in ((0, "step"), (1, "tokens")):
                 xs, ys = run.series(method, x)
-                axes[row][col].plot(xs, ys, style, color=COLORS[method], label=LABELS[method] + suffix,
+                axes[row][col].plot(xs, ys, style, color=color(method, methods), label=label(method) + suffix,
                                     lw=1.8 if method != "raw" else 1.3, marker="." if len(xs) < 40 else None)
+            if method != "raw":  # a 0.01-0.04 gain is invisible on the loss axes; here it is the axis
+                gaps = [(r["step"], r[f"{method}_val_loss"] - r["raw_val_loss"]) for r in run.evals
+                        if f"{method}_val_loss" in r]
+                axes[2][col].plot([g[0] for g in gaps], [g[1] for g in gaps], style, color=color(method, methods),
+                                  label=label(method) + suffix, lw=1.5)
+        for j, cd in enumerate(run.cooldowns):
+            start = run.at_step(cd.branch.step)
+            points = ([(cd.branch.step, start["raw_val_loss"])] if start else []) + cd.losses
+            axes[0][col].plot([p[0] for p in points], [p[1] for p in points], style, color=COOLDOWN_COLOR, lw=1.2,
+                              marker="*" if cd.final is not None else None, markevery=[len(points) - 1],
+                              label=("cooldown branches" + suffix) if j == 0 else None)
+            end = run.at_step(cd.branch.end_step)
+            if cd.final is not None and end is not None:
+                axes[2][col].plot([cd.branch.end_step], [cd.final - end["raw_val_loss"]], "*", color=COOLDOWN_COLOR,
+                                  ms=9, label=("cooldown (+D steps)" + suffix) if j == 0 else None)
         if run.lrs:
-            axes[2][col].plot([s for s, _ in run.lrs], [lr for _, lr in run.lrs], style, color="tab:red",
+            axes[3][col].plot([s for s, _ in run.lrs], [lr for _, lr in run.lrs], style, color="tab:red",
                               label=f"LR{suffix}")
     for col in range(columns):
         title = "all runs" if overlay else runs[col].name
@@ -199,16 +323,21 @@ def figure(runs: list[Run], out_png: str, overlay: bool) -> None:
         grown = any(r.token_offset for r in (runs if overlay else [runs[col]]))
         axes[1][col].set_xlabel("tokens (a grown run's include its source run's)" if grown else "tokens")
         axes[2][col].set_xlabel("step")
-        axes[2][col].set_ylabel("learning rate")
+        axes[2][col].set_ylabel("minus raw (lower: better); last 3/4")
+        axes[2][col].axhline(0.0, color="black", lw=0.8)
+        axes[2][col].set_ylim(*gap_range)
+        axes[3][col].set_xlabel("step")
+        axes[3][col].set_ylabel("learning rate")
         for row in (0, 1):
             axes[row][col].set_ylabel("validation loss")
             axes[row][col].set_ylim(*y_range)
+        for row in (0, 1, 2):
             axes[row][col].grid(alpha=0.3)
             axes[row][col].legend(fontsize=8)
-        axes[2][col].grid(alpha=0.3)
-        axes[2][col].ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+        axes[3][col].grid(alpha=0.3)
+        axes[3][col].ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
         if overlay:
-            axes[2][col].legend(fontsize=8)
+            axes[3][col].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
@@ -237,7 +366,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     figure(runs, os.path.join(out, "report.png"), args.overlay)
     text = markdown(runs)
     with open(os.path.join(out, "report.md"), "w") as f:
-        f.write("# Raw vs LAWA vs EMA vs SWA\n\n![validation loss and learning rate](report.png)\n\n" + text)
+        f.write("# Raw vs the merges, EMA and SWA\n\n![validation loss and learning rate](report.png)\n\n" + text)
     print(text)
     print(f"wrote {os.path.join(out, 'report.png')} and {os.path.join(out, 'report.md')}")
     return 0

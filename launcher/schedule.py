@@ -1,13 +1,11 @@
 """Learning-rate schedules: pure functions of the step, so a resumed run needs nothing but the step."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Callable, Literal, Optional
+from typing import Literal, Optional
 
 from core.config import need
-
-DecayShape = Literal["cosine", "linear", "1-sqrt"]
+from core.decay import DECAYS, DecayShape
 
 
 @dataclass
@@ -38,29 +36,6 @@ class ScheduleArgs:
                  f"(schedule.cooldown_start, or train.steps - schedule.cooldown_steps)")
 
 
-def _cosine(progress: float) -> float:
-    """Decay factor from 1 to 0 over progress in [0, 1]."""
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def _linear(progress: float) -> float:
-    return 1.0 - progress
-
-
-def _one_minus_sqrt(progress: float) -> float:
-    """Hägele et al. 2024's cooldown: most of the drop comes early, then it flattens."""
-    return 1.0 - math.sqrt(progress)
-
-
-# Each decay shape maps progress through the decay phase (0 -> 1) to a factor (1 -> 0) that
-# interpolates between the peak and min_lr. A new shape is one more entry here.
-DECAY_SHAPES: dict[str, Callable[[float], float]] = {
-    "cosine": _cosine,
-    "linear": _linear,
-    "1-sqrt": _one_minus_sqrt,
-}
-
-
 def cooldown_start(args: ScheduleArgs, total_steps: int) -> int:
     return args.cooldown_start if args.cooldown_start is not None else total_steps - args.cooldown_steps
 
@@ -87,9 +62,9 @@ def lr_at(step: int, peak_lr: float, args: ScheduleArgs, total_steps: int) -> fl
         if step >= begin + args.cooldown_steps:
             return min_lr
         progress = (step - begin) / args.cooldown_steps
-        return min_lr + (peak_lr - min_lr) * DECAY_SHAPES[args.cooldown_shape](progress)
+        return min_lr + (peak_lr - min_lr) * DECAYS[args.cooldown_shape].factor(progress)
     decay_steps = args.decay_steps if args.decay_steps is not None else total_steps
     if step >= decay_steps:
         return min_lr
     progress = (step - args.warmup_steps) / max(1, decay_steps - args.warmup_steps)
-    return min_lr + (peak_lr - min_lr) * DECAY_SHAPES[args.name](progress)
+    return min_lr + (peak_lr - min_lr) * DECAYS[args.name].factor(progress)

@@ -14,6 +14,7 @@ import argparse
 import os
 import sys
 import time
+from typing import Callable
 
 if __package__ in (None, ""):
     # Run as a script (the deepspeed launcher and torchrun do this): make the repo importable
@@ -22,7 +23,7 @@ if __package__ in (None, ""):
 
 from core.config import ConfigError  # noqa: E402
 from core.distributed import exit_process, rank_env  # noqa: E402
-from launcher.config import load_job  # noqa: E402
+from launcher.config import JobConfig, load_job  # noqa: E402
 from launcher.trainer import train  # noqa: E402
 
 
@@ -36,9 +37,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    return run_job(lambda: load_job(args.job, args.overrides))
+
+
+def run_job(make_job: Callable[[], JobConfig]) -> int:
+    """Train the job `make_job` builds; a config error is one line from rank 0 and exit status 2."""
     is_main = rank_env().rank == 0
     try:
-        train(load_job(args.job, args.overrides))
+        train(make_job())
     except ConfigError as e:
         if is_main:
             print(f"config error: {e}", file=sys.stderr, flush=True)

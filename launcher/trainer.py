@@ -248,7 +248,7 @@ def run_training(t: Training) -> dict:
     val_set = t.batches.val_batches(par.dp_rank, par.dp, job.eval.batches, job.train.micro_batch_size)
     snapshots, sidecar = start_lawa(t, step, val_set, averages if averages.enabled else None)
     evals = protocol.follow_eval_log(run.path)  # the trainer prints the sidecar's lines as they come
-    tokens_per_step = job.train.global_batch_size * job.data.seq_len
+    tokens_per_step = job.tokens_per_step
     flops_per_step = flops_per_token(t.model_config, job.data.seq_len) * tokens_per_step
     last_stop = job.train.stop_at or job.train.steps
     preemption = Preemption(job.checkpoint.on_signal, par.ctrl_group)
@@ -334,7 +334,7 @@ def start_lawa(t: Training, step: int, val_set: list,
         protocol.clear_training_done(run.path)
         protocol.SidecarSpec(
             deepspeed=t.ds_config, dp=par.dp, tp=par.tp, snapshot_dir=os.path.abspath(root),
-            snapshot_every=job.snapshot.every, lawa_k=job.lawa.k, lawa_spacing=job.lawa.spacing or job.snapshot.every,
+            snapshot_every=job.snapshot.every, merges=job.merges(),
             device=job.sidecar.device, training_device=par.device.type, precision=t.precision,
             poll_seconds=job.sidecar.poll_seconds, tensorboard=job.logging.tensorboard,
             export_hf=job.sidecar.export_hf, tasks=[os.path.abspath(p) for p in job.eval.tasks],
@@ -359,7 +359,7 @@ def show_new_evals(evals, is_main: bool) -> None:
 def show_eval_table(run_dir: str, is_main: bool) -> None:
     records = protocol.read_eval_log(run_dir) if is_main else []
     if records:
-        logger.info("\nraw vs LAWA validation loss (eval.jsonl):\n" + protocol.format_eval_table(records))
+        logger.info("\nraw vs the merges, validation loss (eval.jsonl):\n" + protocol.format_eval_table(records))
 
 
 def finish_lawa(snapshots: SnapshotWriter, sidecar: Optional[SidecarSupervisor], par: Parallel, run_dir: str,

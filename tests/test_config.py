@@ -20,7 +20,8 @@ def test_every_shipped_job_loads(job_file):
 
 def test_default_job_is_the_tiny_cpu_job():
     job = load_job()
-    assert job.name == "tiny_cpu" and job.data.sources[0].path == "builtin:pydoc"
+    assert job.name == "tiny_cpu" and job.data.sources[0].path == "builtin:stdlib"
+    assert [m.name for m in job.merges()] == ["lawa", "wsm_1sqrt"]
 
 
 def test_overrides_reach_typed_fields():
@@ -128,8 +129,8 @@ def test_resolved_config_round_trips(tmp_path):
 
 @pytest.mark.parametrize("overrides, message", [
     (["snapshot.every=10", "snapshot.slots=4", "lawa.k=5", "lawa.spacing=10"],
-     "snapshot.slots=4 cannot hold lawa.k=5 snapshots 10 steps apart at snapshot.every=10 plus one being written: "
-     "needs at least 6"),
+     "snapshot.slots=4 cannot hold merge lawa (uniform, k=5, spacing 10) at snapshot.every=10 plus one being "
+     "written: needs at least 6"),
     (["snapshot.every=10", "snapshot.slots=7", "lawa.k=3", "lawa.spacing=25"], "needs at least 8"),
     (["snapshot.every=0", "sidecar.enabled=true"], "sidecar.enabled needs snapshot.every > 0"),
     (["snapshot.every=10", "parallel.zero_stage=2", "sidecar.enabled=false"],

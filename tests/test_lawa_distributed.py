@@ -21,6 +21,11 @@ from core.files import step_name
 pytestmark = pytest.mark.distributed
 
 LAWA = ["snapshot.every=2", "snapshot.slots=8", "lawa.k=3", "lawa.spacing=2"]
+# A constant LR after warmup, checkpoints at 6 and 12: the parent of the cooldown branch tests.
+STABLE = ["schedule.name=constant", "checkpoint.every=6", "checkpoint.keep=3"]
+# Beside LAWA (the headline), one merge per schedule-derived weighting; 3072 tokens = 6 smoke steps.
+MERGES = ("lawa.merges=[{name: lawa}, {name: lin, window_tokens: 3072, weights: linear}, "
+          "{name: cos, k: 4, weights: cosine}, {name: sqrt, window_tokens: 3072, weights: 1-sqrt}]")
 
 
 def smoke(data_dir: str, run_dir: Path, *extra: str) -> list[str]:
@@ -56,10 +61,36 @@ def step_losses(run_dir: Path) -> dict[int, float]:
 @pytest.fixture(scope="module")
 def lawa_run(pydoc_data, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("lawa") / "run"
-    proc = torchrun(2, *smoke(pydoc_data, run, *LAWA, "train.steps=12", "logging.every=2", "eval.every=6",
-                              "sidecar.enabled=true"))
-    assert "raw vs LAWA validation loss" in proc.stdout, proc.stdout[-3000:]
+    proc = torchrun(2, *smoke(pydoc_data, run, *LAWA, MERGES, *STABLE, "train.steps=12", "logging.every=2",
+                              "eval.every=6", "sidecar.enabled=true"))
+    assert "raw vs the merges, validation loss" in proc.stdout, proc.stdout[-3000:]
     return run
+
+
+@pytest.mark.parametrize("name, weighting, steps", [("lawa", "uniform", [8, 10, 12]), ("lin", "linear", [6, 8, 10, 12]),
+                                                     ("cos", "cosine", [6, 8, 10, 12]), ("sqrt", "1-sqrt", [6, 8, 10, 12])])
+def test_every_merge_is_scored_and_its_best_consolidates_to_the_weighted_average(lawa_run, name, weighting, steps):
+    """For each weighting: the final record scores the merge over its window with the derived
+    weights, and DeepSpeed's zero_to_fp32 of the merge's best slot equals the weighted average of
+    the zero_to_fp32 of its sources (the sidecar never consolidated anything)."""
+    from averaging.lawa import merge_weights
+
+    final = read_eval_log(str(lawa_run))[-1]
+    assert final["step"] == 12 and final["skipped"] == [] and list(final["merges"])[0] == "lawa"
+    entry = final["merges"][name]
+    assert entry["steps"] == steps[::-1]
+    assert entry["weights"] == pytest.approx(merge_weights(steps, weighting)[::-1])
+    folder = lawa_run / ("lawa_best" if name == "lawa" else f"merges/{name}")
+    (best_step,) = slots.committed_steps(str(folder))
+    manifest = slots.read_manifest(str(folder / step_name(best_step)))
+    assert manifest.merge == name and manifest.val_loss == pytest.approx(
+        {r["step"]: r for r in read_eval_log(str(lawa_run))}[best_step][f"{name}_val_loss"])
+    sources = [consolidate(lawa_run / "snaps", s) for s in manifest.steps_averaged]
+    reference = average_state_dicts(sources, manifest.merge_weights)
+    merged = consolidate(folder, best_step)
+    assert max((merged[k] - reference[k]).abs().max().item() for k in reference) <= 1e-6
+    if best_step == 12:  # scored as a single process scores the same weights
+        assert final[f"{name}_val_loss"] == pytest.approx(single_process_val_loss(lawa_run, reference), rel=1e-5)
 
 
 def test_sidecar_evaluates_the_final_average_of_spaced_committed_slots(lawa_run):
@@ -105,8 +136,77 @@ def test_sidecar_lawa_loss_equals_single_process_loss_of_the_consolidated_averag
 def test_training_losses_are_the_same_with_the_sidecar_on_and_off(lawa_run, pydoc_data, tmp_path):
     plain = tmp_path / "plain"
     torchrun(2, "--job", "jobs/smoke.yaml", f"data.dir={pydoc_data}", f"run_dir={plain}", "train.steps=12",
-             "logging.every=2", "eval.every=6")
+             "logging.every=2", "eval.every=6", *STABLE)
     assert step_losses(plain) == step_losses(lawa_run)
+
+
+def cooldown(run: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return run_launcher([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "launcher/cooldown.py",
+                         str(run), *args], check=check)
+
+
+def test_a_cooldown_branch_continues_the_parent_and_the_report_sets_it_beside_the_merges(lawa_run, tmp_path):
+    from launcher.report import main as report
+    from launcher.schedule import ScheduleArgs, lr_at
+
+    cooldown(lawa_run, "--at", "6", "--steps", "6", "logging.every=1", "eval.every=3")
+    branch = lawa_run.parent / "smoke_cd6_6"
+    record = json.loads((branch / "branch.json").read_text())
+    assert record["parent"] == str(lawa_run) and record["step"] == 6 and record["tokens"] == 6 * 512
+    metrics = [r for r in read_metrics(branch) if "loss" in r]
+    assert [r["step"] for r in metrics] == [7, 8, 9, 10, 11, 12]
+    # The parent's weights, optimizer moments and place in the data: step 8's loss is the parent's
+    # (the cooldown's first update is at the peak); after that the LR decays (1-sqrt to 0).
+    parent = step_losses(lawa_run)
+    assert metrics[1]["loss"] == parent[8]
+    wsd = ScheduleArgs(name="wsd", warmup_steps=2, cooldown_steps=6, cooldown_start=6, cooldown_shape="1-sqrt",
+                       min_lr_ratio=0.0)
+    assert [r["lr"] for r in metrics] == pytest.approx([lr_at(s - 1, 3e-3, wsd, 12) for s in range(7, 13)])
+    assert metrics[-1]["lr"] < 3e-3 / 2 and metrics[3]["loss"] != parent[10]
+    assert not (branch / "snaps").exists() and not (branch / "eval.jsonl").exists()  # no sidecar in a branch
+
+    out = tmp_path / "report"
+    assert report([str(lawa_run), "--out", str(out)]) == 0
+    text = (out / "report.md").read_text()
+    final = [r for r in read_metrics(branch) if "val_loss" in r][-1]
+    assert final["step"] == 12 and f"**{final['val_loss']:.4f}**" in text
+    assert "merges vs a real cooldown" in text and "| 1-sqrt, 6 steps from 6 | 12 | +6 steps" in text
+
+    # Refused with one line: a step with no checkpoint, and a branch whose LR before the branch point
+    # would not be the parent's.
+    missing = cooldown(lawa_run, "--at", "4", "--steps", "2", check=False)
+    assert missing.returncode != 0 and "has no complete checkpoint of step 4; it has 6, 12" in missing.stderr
+    decaying = cooldown(lawa_run, "--at", "6", "--steps", "2", "schedule.warmup_steps=1", check=False)
+    assert decaying.returncode != 0 and "branch from the stable phase" in decaying.stderr
+
+
+def test_a_run_restarts_from_a_merge_with_fresh_or_its_checkpoints_moments(lawa_run, pydoc_data, tmp_path):
+    """checkpoint.init_from names a merge's best folder; init_optimizer takes the AdamW moments of the
+    parent's newest checkpoint at or before the merge's step (here 12)."""
+    from core.zero_checkpoint import optim_states_file
+
+    def exp_avg_sq(checkpoint: Path) -> torch.Tensor:
+        state = torch.load(checkpoint / optim_states_file(0, 0), map_location="cpu", weights_only=False)
+        inner = state["optimizer_state_dict"]["optimizer_state_dict"]["state"]
+        return torch.cat([inner[g]["exp_avg_sq"].flatten() for g in sorted(inner)])
+
+    source = lawa_run / "merges" / "sqrt"
+    runs = {}
+    for keep in ("false", "true"):
+        runs[keep] = tmp_path / f"keep_{keep}"
+        proc = torchrun(2, *smoke(pydoc_data, runs[keep], f"checkpoint.init_from={source}",
+                                  f"checkpoint.init_optimizer={keep}", "train.steps=1", "schedule.warmup_steps=1", "eval.every=0",
+                                  "optimizer.lr=1e-12", "optimizer.weight_decay=0"))
+    assert f"and optimizer state from {lawa_run / 'checkpoints' / step_name(12)}" in proc.stdout
+    (best,) = slots.committed_steps(str(source))
+    merged = consolidate(source, best)
+    after = consolidate(runs["true"] / "checkpoints", 1)
+    assert max((after[k] - merged[k]).abs().max().item() for k in merged) <= 1e-6
+    # v' = beta2 * v + (1 - beta2) * g^2 >= beta2 * v (beta2 = 0.95) only when v is the parent's
+    parent_v = exp_avg_sq(lawa_run / "checkpoints" / step_name(12))
+    kept, fresh = (exp_avg_sq(runs[k] / "checkpoints" / step_name(1)) for k in ("true", "false"))
+    assert bool((kept >= 0.95 * parent_v * (1 - 1e-6)).all())
+    assert not bool((fresh >= 0.95 * parent_v * (1 - 1e-6)).all())
 
 
 def kill_tree(pid: int) -> None:

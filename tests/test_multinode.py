@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import emulated_nodes
 from averaging import slots
@@ -21,7 +22,7 @@ from averaging.lawa import average_state_dicts
 from averaging.sidecar.protocol import read_eval_log
 from conftest import BIN, REPO, launcher_env, read_metrics, torchrun
 from core.files import step_name
-from core.zero_checkpoint import consolidate
+from core.zero_checkpoint import consolidate, shapes_from_json, split_partitions
 from test_hf_distributed import hf_val_loss
 from test_lawa_distributed import wait_for
 
@@ -138,34 +139,6 @@ def check_lawa_best(cluster, run: Path, tmp: Path) -> dict:
     return record
 
 
-def test_two_nodes_dp4_with_the_sidecar(nodes, pydoc_data, tmp_path):
-    run = tmp_path / "dp4"
-    start = time.monotonic()
-    run_on_nodes(nodes, job(pydoc_data, run, "sidecar.export_hf=true"), "dp4", tmp_path / "logs")
-    print(f"\n2 nodes x 2 ranks, DP=4, sidecar on: {time.monotonic() - start:.1f} s")
-    reference = tmp_path / "one_node"
-    torchrun(4, *job(pydoc_data, reference, "snapshot.every=0", "sidecar.enabled=false"))
-    expected, got = losses(reference), losses(run)
-    assert sorted(got) == list(range(1, 17))
-    assert all(got[s] == pytest.approx(expected[s], rel=1e-6, abs=1e-7) for s in expected)
-    assert "world 4 = tensor 1 × data 4" in (tmp_path / "logs" / "node1.log").read_text()
-
-    committed = check_node_local_slots(nodes, run, tp=1)
-    assert committed[-1] == 16 and len(committed) >= 3
-    record = check_lawa_best(nodes, run, tmp_path)
-    assert hf_val_loss(run, run / "lawa_best_hf") == pytest.approx(record["lawa_val_loss"], rel=1e-4)
-
-    # A node-local slot alone cannot be consolidated, averaged or exported: one line says where the rest is.
-    slot = f"{SHM}/{run.name}/{step_name(16)}"
-    for tool in (["-m", "averaging.consolidate", slot, "--out", str(tmp_path / "x.pt")],
-                 ["-m", "models.hf", "export", slot, "--out", str(tmp_path / "hf_x"), "--run-dir", str(run)],
-                 ["-m", "averaging.offline", "--out", str(tmp_path / "avg"), slot]):
-        proc = nodes.nodes[0].run([str(BIN / "python"), *tool], cwd=str(REPO), env=launcher_env())
-        assert proc.returncode == 2, proc.stdout + proc.stderr
-        line = proc.stderr.strip()
-        assert "\n" not in line and "ranks 0-1 (node1) only" in line and "ranks 2-3 on node2" in line, line
-
-
 def test_two_nodes_tp2_dp2_with_the_sidecar(nodes, pydoc_data, tmp_path):
     run = tmp_path / "tp2"
     start = time.monotonic()
@@ -178,9 +151,39 @@ def test_two_nodes_tp2_dp2_with_the_sidecar(nodes, pydoc_data, tmp_path):
     expected, got = losses(reference), losses(run)
     assert sorted(got) == list(range(1, 17))
     assert all(got[s] == pytest.approx(expected[s], rel=1e-6, abs=1e-7) for s in expected)
-    check_node_local_slots(nodes, run, tp=2)
+    committed = check_node_local_slots(nodes, run, tp=2)
     record = check_lawa_best(nodes, run, tmp_path)
     assert hf_val_loss(run, run / "lawa_best_hf") == pytest.approx(record["lawa_val_loss"], rel=1e-4)
+    # The raw slot is scored as the trainers scored their own weights at that step.
+    trainer_val = {r["step"]: r["val_loss"] for r in read_metrics(run) if "val_loss" in r}
+    assert {r["step"]: r for r in read_eval_log(str(run))}[16]["raw_val_loss"] == pytest.approx(trainer_val[16], rel=1e-6)
+
+    # Replicated parameters are bitwise equal in the two tensor-parallel ranks' shards (both on node1).
+    slot = str(node_slots(nodes.nodes[0], run) / step_name(16))
+    manifest = slots.read_manifest(slot)
+    layout, shapes = manifest.tensor_parallel_layout, shapes_from_json(manifest.param_shapes)
+    parts = [split_partitions(slots.read_shard(slot, 0, t)[0], shapes, 2) for t in (0, 1)]
+    replicated = [n for n in parts[0] if n not in layout]
+    assert replicated and all(torch.equal(parts[0][n], parts[1][n]) for n in replicated)
+    # Offline averaging of TP slots (gathered from both nodes) writes the same layout and consolidates
+    # to the same average as the consolidated slots'.
+    sources = [gathered(nodes, run, s, tmp_path / "gathered") for s in committed[-3:]]
+    out_dir = tmp_path / "offline"
+    subprocess.run([str(BIN / "python"), "-m", "averaging.offline", "--out", str(out_dir), *map(str, sources)],
+                   cwd=REPO, env=launcher_env(), check=True, capture_output=True)
+    reference = average_state_dicts([consolidate(str(p)) for p in sources])
+    offline = consolidate(str(out_dir))
+    assert max((offline[k] - reference[k]).abs().max().item() for k in reference) <= 1e-6
+
+    # A node-local slot alone cannot be consolidated, averaged or exported: one line says where the rest is.
+    slot = f"{SHM}/{run.name}/{step_name(16)}"
+    for tool in (["-m", "averaging.consolidate", slot, "--out", str(tmp_path / "x.pt")],
+                 ["-m", "models.hf", "export", slot, "--out", str(tmp_path / "hf_x"), "--run-dir", str(run)],
+                 ["-m", "averaging.offline", "--out", str(tmp_path / "avg"), slot]):
+        proc = nodes.nodes[0].run([str(BIN / "python"), *tool], cwd=str(REPO), env=launcher_env())
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        line = proc.stderr.strip()
+        assert "\n" not in line and "ranks 0-1 (node1) only" in line and "ranks 2-3 on node2" in line, line
 
 
 def fault_job(data_dir: str, run: Path, *extra: str) -> list[str]:

@@ -64,7 +64,7 @@ def test_two_node_job_preempted_requeued_and_resumed_exactly(cluster, pydoc_data
     assert info["JobState"] == "COMPLETED", out + "".join(p.read_text()[-2000:] for p in (run / "logs").glob("*.log"))
     assert int(info.get("Restarts", 0)) >= 1, info
     print(f"\ntwo-node Slurm job, preempted and requeued: {wall:.1f} s wall")
-    assert info["NodeList"] == "node[1-2]" and "rendezvous node1:" in out
+    assert info["NodeList"] == "node[1-2]" and f"rendezvous node1:{20000 + job % 20000}" in out
     first = [(run / "logs" / f"slurm-{job}-0-rank{r}.log").read_text() for r in range(4)]
     assert "world 4 = tensor 1 × data 4" in first[0]
     assert "on SIGUSR1" in first[0] and "requeued Slurm job" in first[0]

@@ -8,10 +8,7 @@ import pytest
 import torch
 
 from averaging import slots
-from averaging.lawa import average_state_dicts
-from averaging.sidecar.protocol import read_eval_log
 from conftest import BIN, read_metrics, run_launcher, torchrun
-from core import zero_checkpoint
 from core.files import step_name
 from core.zero_checkpoint import consolidate
 
@@ -67,35 +64,3 @@ def test_tp2_zero3_training_matches_tp1_step_by_step(pydoc_data, tmp_path):
     assert max((merged[k] - reference[k]).abs().max().item() for k in reference) <= 1e-4
     checkpoint = consolidate(str(tp2 / "checkpoints/step_00000006"))
     assert all(torch.equal(checkpoint[k], merged[k]) for k in merged)
-
-
-def test_tp2_dp2_sidecar_average_equals_average_after_consolidation(pydoc_data, tmp_path):
-    run, tp1 = tmp_path / "tp2dp2", tmp_path / "tp1dp2"
-    out = torchrun(4, *job(pydoc_data, run, "parallel.tensor=2", "sidecar.enabled=true"))
-    assert "world 4 = tensor 2 × data 2" in out.stdout and "raw vs LAWA validation loss" in out.stdout
-    final = read_eval_log(str(run))[-1]
-    assert final["step"] == 6 and final["steps_averaged"] == [6, 4, 2]
-    assert final["raw_val_loss"] == pytest.approx(per_step(run, "val_loss")[6], rel=1e-6)
-    (best,) = slots.committed_steps(str(run / "lawa_best"))
-    steps = slots.read_manifest(slot(run, best, "lawa_best")).steps_averaged
-    averaged = consolidate(slot(run, best, "lawa_best"))
-    reference = average_state_dicts([consolidate(slot(run, s)) for s in steps])
-    assert max((averaged[k] - reference[k]).abs().max().item() for k in reference) <= 1e-6
-    # Replicated parameters are bitwise equal in the two tensor-parallel ranks' shards.
-    manifest = slots.read_manifest(slot(run, 6))
-    layout = manifest.tensor_parallel_layout
-    shapes = zero_checkpoint.shapes_from_json(manifest.param_shapes)
-    for dp_rank in (0, 1):
-        parts = [zero_checkpoint.split_partitions(slots.read_shard(slot(run, 6), dp_rank, t)[0], shapes, 2) for t in (0, 1)]
-        replicated = [n for n in parts[0] if n not in layout]
-        assert replicated and all(torch.equal(parts[0][n], parts[1][n]) for n in replicated)
-    # The TP=2 × DP=2 slot is the TP=1 × DP=2 model of the same run.
-    torchrun(2, *job(pydoc_data, tp1))
-    merged, dense = consolidate(slot(run, 6)), consolidate(slot(tp1, 6))
-    assert max((merged[k] - dense[k]).abs().max().item() for k in dense) <= 1e-4
-    # Offline averaging of TP slots writes the same layout, and consolidates to the same average.
-    out_dir = tmp_path / "offline"
-    run_launcher([sys.executable, "-m", "averaging.offline", "--out", str(out_dir),
-                  *[slot(run, s) for s in steps]])
-    offline = consolidate(str(out_dir))
-    assert max((offline[k] - reference[k]).abs().max().item() for k in reference) <= 1e-6

@@ -19,6 +19,7 @@ from typing import Any, Optional
 import torch
 
 from averaging.ema_swa import KINDS
+from averaging.lawa import Merge
 from core.files import JsonlTail, append_jsonl, read_jsonl, serialize, write_file_atomic, write_json_atomic
 from core.run_dir import RunDir
 
@@ -30,8 +31,7 @@ class SidecarSpec:
     tp: int
     snapshot_dir: str
     snapshot_every: int
-    lawa_k: int
-    lawa_spacing: int  # steps; never 0 here (the trainer resolves 0 to snapshot.every)
+    merges: list[Merge]  # resolved to steps; the first is the headline (its best in lawa_best/)
     device: str  # cpu, cuda, or auto (the trainers')
     training_device: str
     precision: str
@@ -49,7 +49,8 @@ class SidecarSpec:
     @classmethod
     def read(cls, run_dir: str) -> SidecarSpec:
         with open(RunDir(run_dir).sidecar_spec) as f:
-            return cls(**json.load(f))
+            fields = json.load(f)
+        return cls(**{**fields, "merges": [Merge(**m) for m in fields["merges"]]})
 
     @staticmethod
     def exists(run_dir: str) -> bool:
@@ -113,22 +114,39 @@ def follow_eval_log(run_dir: str) -> JsonlTail:
     return JsonlTail(RunDir(run_dir).eval_log)
 
 
+def merge_names(record: dict[str, Any]) -> list[str]:
+    """The merges a record scored, headline first (a record from before lawa.merges: just `lawa`)."""
+    return list(record["merges"]) if "merges" in record else ["lawa"]
+
+
+def scored_methods(records: list[dict[str, Any]]) -> list[str]:
+    """raw, then every merge in the order the job lists them, then EMA/SWA: those any record scored."""
+    names: list[str] = ["raw"]
+    for r in records:
+        names += [n for n in merge_names(r) if n not in names]
+    return [n for n in names + list(KINDS) if any(f"{n}_val_loss" in r for r in records)]
+
+
 def format_eval_line(r: dict[str, Any]) -> str:
+    raw = r["raw_val_loss"]
+    scores = ", ".join(f"{name} {r[f'{name}_val_loss']:.4f} ({r[f'{name}_val_loss'] - raw:+.4f})"
+                       for name in scored_methods([r])[1:])
     steps = ",".join(str(s) for s in r["steps_averaged"])
-    others = "".join(f", {kind.upper()} {r[f'{kind}_val_loss']:.4f}" for kind in KINDS if f"{kind}_val_loss" in r)
     tasks = r.get("tasks", {})
-    scores = "".join(f"; {name} acc raw {tasks['raw'][name]['acc']:.3f} LAWA {tasks['lawa'][name]['acc']:.3f}"
-                     for name in tasks.get("lawa", {}))
-    return (f"lawa | step {r['step']}: raw val {r['raw_val_loss']:.4f}, averaged {r['lawa_val_loss']:.4f} "
-            f"(k={r['k']}: {steps}){others}{scores}")
+    head = merge_names(r)[0]
+    task_text = "".join(f"; {name} acc raw {tasks['raw'][name]['acc']:.3f} {head} {tasks[head][name]['acc']:.3f}"
+                        for name in tasks.get(head, {}))
+    skipped = f"; skipped {', '.join(r['skipped'])} (behind)" if r.get("skipped") else ""
+    return f"lawa | step {r['step']}: raw val {raw:.4f}, {scores} [{head}: {steps}]{task_text}{skipped}"
 
 
 def format_eval_table(records: list[dict[str, Any]]) -> str:
-    kinds = [kind for kind in KINDS if any(f"{kind}_val_loss" in r for r in records)]
-    lines = ["| step | raw val loss | LAWA val loss | LAWA - raw | k |" + "".join(f" {k.upper()} val loss |" for k in kinds),
-             "|---:|---:|---:|---:|---:|" + "---:|" * len(kinds)]
+    """Validation loss per scored snapshot, and each method minus raw (negative: better than raw)."""
+    methods = scored_methods(records)[1:]
+    lines = ["| step | raw |" + "".join(f" {m} |" for m in methods) + "".join(f" {m} − raw |" for m in methods),
+             "|---:|---:|" + "---:|" * (2 * len(methods))]
     for r in records:
-        extra = "".join(f" {r[f'{k}_val_loss']:.4f} |" if f"{k}_val_loss" in r else " |" for k in kinds)
-        lines.append(f"| {r['step']} | {r['raw_val_loss']:.4f} | {r['lawa_val_loss']:.4f} | "
-                     f"{r['lawa_val_loss'] - r['raw_val_loss']:+.4f} | {r['k']} |" + extra)
+        cells = [f" {r[f'{m}_val_loss']:.4f} |" if f"{m}_val_loss" in r else " |" for m in methods]
+        gaps = [f" {r[f'{m}_val_loss'] - r['raw_val_loss']:+.4f} |" if f"{m}_val_loss" in r else " |" for m in methods]
+        lines.append(f"| {r['step']} | {r['raw_val_loss']:.4f} |" + "".join(cells) + "".join(gaps))
     return "\n".join(lines)

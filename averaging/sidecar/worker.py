@@ -1,10 +1,12 @@
 """The sidecar itself: one rank per training rank, in the same TP x DP layout, with its own
-rendezvous. When a new snapshot slot is committed, each rank reads *its own* shard of the latest
-k committed slots (spaced `lawa.spacing` steps apart), averages them element-wise in fp32, loads
-the averaged partitions straight into its ZeRO-3 parameters (nothing is consolidated on any rank)
-and the group evaluates the raw latest slot and the average on the trainer's held-out set, then
-the trainers' EMA/SWA of the same step. Results go to `eval.jsonl`; the best average is kept as a
-committed slot in `lawa_best/`.
+rendezvous. When a new snapshot slot is committed, each rank reads *its own* shard of every
+snapshot the job's merges take (lawa.merges: a window and a weighting each), once each, oldest
+first, adding it into each merge's fp32 sum; loads each merge's partitions straight into its ZeRO-3
+parameters (nothing is consolidated on any rank) and the group evaluates, on the trainer's
+held-out set: the raw newest slot, the headline merge (the first listed), the trainers' EMA/SWA of
+the same step, then the other merges, which give way when a newer slot is committed meanwhile (the
+log and the record say which were skipped). Results go to `eval.jsonl`; each merge's best is kept
+as a committed slot (the headline's in `lawa_best/`, the others' in `merges/<name>/`).
 
 Started by the trainers (`sidecar.enabled: true`), or by hand on a run directory, with the
 training layout:
@@ -25,7 +27,7 @@ import torch.distributed as dist
 
 from averaging import slots
 from averaging.evaluate import validation_loss
-from averaging.lawa import average_shards, select_spaced
+from averaging.lawa import add_weighted
 from averaging.sidecar.protocol import (
     SidecarSpec,
     append_eval_record,
@@ -54,6 +56,21 @@ def load_partitions(params: dict[str, torch.nn.Parameter], flat_groups: list[tor
             raise LayoutMismatch(f"{name}: snapshot partition of {part.numel()} elements, model's is "
                                  f"{p.ds_tensor.numel()}")
         p.ds_tensor.data.copy_(part.view_as(p.ds_tensor))
+
+
+def merge_weights_for(merges, name: str, steps: list[int]) -> list[float]:
+    return next(m for m in merges if m.name == name).weights_for(steps)
+
+
+def best_losses(records: list[dict[str, Any]], headline: str) -> dict[str, float]:
+    """Each merge's best loss so far, from eval.jsonl (a restarted sidecar keeps its bests)."""
+    best: dict[str, float] = {}
+    for r in records:
+        for name, m in r.get("merges", {headline: {"best": r.get("best")}}).items():
+            loss = r.get(f"{name}_val_loss")
+            if m.get("best") and loss is not None:
+                best[name] = min(loss, best.get(name, float("inf")))
+    return best
 
 
 class Sidecar:
@@ -92,7 +109,7 @@ class Sidecar:
         self.bad_steps: set[int] = set()
         done = read_eval_log(run_dir)
         self.last_step = done[-1]["step"] if done else -1
-        self.best_loss = min((r["lawa_val_loss"] for r in done if r.get("best")), default=float("inf"))
+        self.best_loss = best_losses(done, self.spec.merges[0].name)
         self.tb = None
         if self.is_main and spec.tensorboard:
             try:
@@ -127,6 +144,10 @@ class Sidecar:
             orphaned = not all(v[2] for v in views)
             newest = max(common, default=None)
             if newest is not None and newest > self.last_step:
+                passed = sorted(s for s in common if self.last_step < s < newest)
+                if passed and self.last_step >= 0 and self.is_main:
+                    logger.warning(f"behind: steps {', '.join(map(str, passed))} were committed while step "
+                                   f"{self.last_step} was scored; scoring the newest, {newest}")
                 if self.evaluate(sorted(common)):
                     self.last_step = newest
                 continue  # look again at once: a retry, or a slot committed meanwhile
@@ -138,39 +159,52 @@ class Sidecar:
             time.sleep(self.spec.poll_seconds)
 
     def evaluate(self, committed: list[int]) -> bool:
-        """Average and evaluate the newest set; False when it must be chosen again."""
-        chosen = select_spaced(committed, self.spec.lawa_k, self.spec.lawa_spacing)
+        """Score the newest committed slot raw, every merge of it, and the trainers' EMA/SWA;
+        False when the set must be chosen again."""
+        newest_step = max(committed)
+        selected = {m.name: m.select(committed) for m in self.spec.merges}
+        weights = {name: dict(zip(steps, merge_weights_for(self.spec.merges, name, steps)))
+                   for name, steps in selected.items()}
         outcome: tuple = ("ok",)
-        shards, manifests, model_states, others = [], [], None, {}
+        sums: dict[str, Optional[list[torch.Tensor]]] = {name: None for name in selected}
+        raw, model_states, newest, others = None, None, None, {}
         rank = (self.par.dp_rank, self.par.tp_rank)
         start = time.perf_counter()
-        step = chosen[0]  # what a corrupt file is blamed on
+        bytes_read, average_s = 0, 0.0
+        step = newest_step  # what a corrupt file is blamed on
         try:
-            for step in chosen:
+            first = None
+            # Oldest first, each snapshot read once and added to every merge that takes it.
+            for step in sorted(set().union(*selected.values()) | {newest_step}):
                 path = slots.slot_path(self.root, step)
                 manifest = slots.read_manifest(path)
-                if manifests:
+                if first is not None:
                     try:
-                        slots.check_compatible([manifests[0], manifest])
+                        slots.check_compatible([first, manifest])
                     except LayoutMismatch as e:
                         outcome = ("mismatch", step, str(e))
                         break
+                first = first or manifest
                 flat, _ = slots.read_shard(path, *rank, manifest)
-                if model_states is None:
+                bytes_read += sum(t.numel() * 4 for t in flat)
+                sum_start = time.perf_counter()
+                for name, w in weights.items():
+                    if step in w:
+                        sums[name] = add_weighted(sums[name], flat, w[step])
+                average_s += time.perf_counter() - sum_start
+                if step == newest_step:
+                    raw, newest = flat, manifest
                     model_states = slots.read_model_states(path, *rank, manifest)
-                shards.append(flat)
-                manifests.append(manifest)
             if outcome == ("ok",):
                 # The trainers' EMA/SWA as of the newest step, stored in the same slot.
-                step = chosen[0]
-                newest_path = slots.slot_path(self.root, step)
-                for kind in manifests[0].averages:
-                    others[kind], _ = slots.read_shard(newest_path, *rank, manifests[0], kind=kind)
+                step = newest_step
+                for kind in newest.averages:
+                    others[kind], _ = slots.read_shard(slots.slot_path(self.root, step), *rank, newest, kind=kind)
         except slots.SlotVanished:
             outcome = ("vanished",)
         except slots.SlotCorrupt as e:
             outcome = ("corrupt", step, str(e))
-        read_s = time.perf_counter() - start
+        read_s = time.perf_counter() - start - average_s
 
         retry = False
         for o in self._gather(outcome):
@@ -185,47 +219,76 @@ class Sidecar:
         if retry:
             return False
 
-        start = time.perf_counter()
-        averaged = average_shards(shards) if len(shards) > 1 else shards[0]
-        average_s = time.perf_counter() - start
-        newest = manifests[0]
         shapes = newest.shapes()
         task_scores = {}
-        load_partitions(self.params, shards[0], shapes, newest.dp)
-        raw_loss = self._loss()
-        task_scores["raw"] = self._task_scores()
-        if len(shards) > 1:
-            load_partitions(self.params, averaged, shapes, newest.dp)
-            lawa_loss = self._loss()
-            task_scores["lawa"] = self._task_scores()
-        else:
-            lawa_loss = raw_loss
-            task_scores["lawa"] = task_scores["raw"]
-        other_losses = {}
-        for kind, flat in others.items():
+        losses: dict[str, float] = {}
+
+        def score(name: str, flat: list[torch.Tensor]) -> None:
             load_partitions(self.params, flat, shapes, newest.dp)
-            other_losses[f"{kind}_val_loss"] = self._loss()
-            task_scores[kind] = self._task_scores()
-        is_best = lawa_loss < self.best_loss
-        if is_best:
-            self.best_loss = lawa_loss
-            self._save_best(averaged, model_states, newest, [m.step for m in manifests], lawa_loss)
+            losses[name] = self._loss()
+            task_scores[name] = self._task_scores()
+
+        score("raw", raw)
+        headline, *rest = self.spec.merges
+
+        def score_merge(merge) -> None:
+            if selected[merge.name] == [newest_step]:  # one snapshot: the raw model itself
+                losses[merge.name], task_scores[merge.name] = losses["raw"], task_scores["raw"]
+            else:
+                score(merge.name, sums[merge.name])
+
+        score_merge(headline)
+        for kind, flat in others.items():  # the trainers' EMA/SWA: one evaluation each
+            score(kind, flat)
+        skipped: list[str] = []
+        for i, merge in enumerate(rest):
+            # The headline keeps up with every commit; the others give way when the sidecar falls behind.
+            if self._behind(newest_step):
+                skipped = [m.name for m in rest[i:]]
+                if self.is_main:
+                    logger.warning(f"behind: a snapshot newer than step {newest_step} is committed; skipped "
+                                   f"merges {', '.join(skipped)} at step {newest_step}")
+                break
+            score_merge(merge)
+
+        merges_record = {}
+        for merge in self.spec.merges:
+            if merge.name not in losses:
+                continue
+            steps = selected[merge.name]
+            is_best = losses[merge.name] < self.best_loss.get(merge.name, float("inf"))
+            if is_best:
+                self.best_loss[merge.name] = losses[merge.name]
+                if merge.keep_best:
+                    self._save_best(merge, merge is headline, sums[merge.name] if len(steps) > 1 else raw,
+                                    model_states, newest, steps, [weights[merge.name][s] for s in steps],
+                                    losses[merge.name])
+            merges_record[merge.name] = {"steps": steps[::-1], "weights": [weights[merge.name][s] for s in steps[::-1]],
+                                         "best": is_best}
         record = {
-            "step": newest.step, "tokens": newest.tokens, "raw_val_loss": raw_loss,
-            "lawa_val_loss": lawa_loss, "k": len(shards), "steps_averaged": [m.step for m in manifests],
-            **other_losses, "averages": newest.averages,
+            "step": newest.step, "tokens": newest.tokens, "raw_val_loss": losses["raw"],
+            **{f"{name}_val_loss": loss for name, loss in losses.items() if name != "raw"},
+            "headline": headline.name, "k": len(selected[headline.name]),
+            "steps_averaged": selected[headline.name][::-1], "merges": merges_record, "averages": newest.averages,
             **({"tasks": task_scores} if self.tasks else {}),
-            "best": is_best, "read_s": read_s, "average_s": average_s,
-            "bytes_averaged": sum(t.numel() * 4 for shard in shards for t in shard),
+            "best": merges_record[headline.name]["best"], "skipped": skipped, "read_s": read_s,
+            "average_s": average_s, "bytes_averaged": bytes_read,
         }
         if self.is_main:
             append_eval_record(self.run_dir, {"time": round(time.time(), 3), **record})
             if self.tb is not None:
-                self.tb.add_scalar("val_loss/raw", raw_loss, record["step"])
-                self.tb.add_scalar("val_loss/lawa", lawa_loss, record["step"])
+                for name, loss in losses.items():
+                    self.tb.add_scalar(f"val_loss/{name}", loss, record["step"])
+                    if name != "raw":
+                        self.tb.add_scalar(f"val_loss_minus_raw/{name}", loss - losses["raw"], record["step"])
                 self.tb.flush()
             logger.info(format_eval_line(record))
         return True
+
+    def _behind(self, step: int) -> bool:
+        """Collective: has every rank seen a slot newer than `step` committed?"""
+        views = self._gather(slots.committed_steps(self.root))
+        return max(set.intersection(*(set(v) for v in views)) - self.bad_steps, default=step) > step
 
     def export_best(self) -> None:
         """The best LAWA average as a Hugging Face folder (consolidated by the main rank)."""
@@ -268,11 +331,12 @@ class Sidecar:
     def _loss(self) -> float:
         return validation_loss(self.engine, self.val, self.device, self.par.dp_group, self.par.dp)
 
-    def _save_best(self, averaged: list[torch.Tensor], model_states: dict, newest: slots.SlotManifest,
-                   steps: list[int], loss: float) -> None:
+    def _save_best(self, merge, headline: bool, averaged: list[torch.Tensor], model_states: dict,
+                   newest: slots.SlotManifest, steps: list[int], weights: list[float], loss: float) -> None:
         """Collective: every rank writes its shard, then one rank (of the whole group: the run
-        directory is shared by all nodes) commits the slot and drops the previous best."""
-        path = slots.slot_path(self.paths.lawa_best, newest.step)
+        directory is shared by all nodes) commits the slot and drops the merge's previous best."""
+        folder = self.paths.merge_best(merge.name, headline)
+        path = slots.slot_path(folder, newest.step)
         if self.is_main and slots.is_committed(path):  # this step's best from before a restart
             slots.remove_slot(path)
         dist.barrier(group=self.par.ctrl_group)
@@ -283,8 +347,9 @@ class Sidecar:
             slots.commit(path, slots.SlotManifest(
                 kind="lawa", step=newest.step, tokens=newest.tokens, lr=newest.lr, dp=newest.dp, tp=newest.tp,
                 param_shapes=newest.param_shapes, files=merged, tensor_parallel_layout=newest.tensor_parallel_layout,
-                ds_version=newest.ds_version, steps_averaged=steps, val_loss=loss))
-            for step, old, _ in slots.list_slots(self.paths.lawa_best):
+                ds_version=newest.ds_version, steps_averaged=steps[::-1], merge_weights=weights[::-1],
+                merge=merge.name, val_loss=loss))
+            for step, old, _ in slots.list_slots(folder):
                 if step != newest.step:
                     slots.remove_slot(old)
         dist.barrier(group=self.par.ctrl_group)
