@@ -24,7 +24,7 @@ import torch
 import xxhash
 
 from core.files import fsync_dir, serialize, step_name, step_of, write_file_atomic
-from core.run_dir import COMMITTED, MANIFEST
+from core.run_dir import COMMITTED, MANIFEST, node_manifest
 from core.zero_checkpoint import (
     LayoutMismatch,
     ManifestError,
@@ -96,6 +96,8 @@ def commit(slot_dir: str, manifest: SlotManifest) -> None:
     committed once, by one writer: a second commit is a bug, and refused."""
     if is_committed(slot_dir):
         raise SlotError(f"{slot_dir} is already committed (one committer per folder)")
+    if manifest.node is not None:
+        write_file_atomic(os.path.join(slot_dir, node_manifest(manifest.node)), manifest.to_json())
     write_file_atomic(os.path.join(slot_dir, MANIFEST), manifest.to_json())
     write_file_atomic(os.path.join(slot_dir, COMMITTED), b"")
     fsync_dir(slot_dir)

@@ -17,7 +17,7 @@
              snapshots/                the snapshot ring when no node-local /dev/shm has room
 
 Inside step folders: `run_state.json` (a checkpoint is complete), `manifest.json` + `COMMITTED`
-(a slot is committed), `averages_dp{d}_tp{t}.pt` (a rank's EMA/SWA state in a checkpoint), and
+(a slot is committed; on node-local storage also `manifest.<node>.json`, the node's part), `averages_dp{d}_tp{t}.pt` (a rank's EMA/SWA state in a checkpoint), and
 `latest` beside the checkpoints (what DeepSpeed's zero_to_fp32 reads by default).
 """
 from __future__ import annotations
@@ -46,6 +46,14 @@ SNAPSHOTS = "snapshots"
 RUN_STATE = "run_state.json"
 LATEST = "latest"
 MANIFEST = "manifest.json"
+
+
+def node_manifest(node: str) -> str:
+    """A node's part of a node-local slot, also kept under its node's name: gathering the nodes'
+    folders into one (rsync) then keeps every part's file list and checksums."""
+    return f"manifest.{node}.json"
+
+
 COMMITTED = "COMMITTED"
 
 

@@ -24,7 +24,7 @@ from typing import Any, Optional
 
 import torch
 
-from core.run_dir import MANIFEST, RUN_STATE
+from core.run_dir import MANIFEST, RUN_STATE, node_manifest
 
 MANIFEST_FORMAT = 2
 
@@ -107,7 +107,19 @@ def read_manifest_file(folder: str) -> SlotManifest:
     if data.get("format") not in (1, MANIFEST_FORMAT):
         raise ManifestError(f"{folder}: manifest format {data.get('format')}, this version reads {MANIFEST_FORMAT}")
     known = {f.name for f in dataclasses.fields(SlotManifest)}
-    return SlotManifest(**{k: v for k, v in data.items() if k in known and k != "format"})
+    manifest = SlotManifest(**{k: v for k, v in data.items() if k in known and k != "format"})
+    if manifest.node is not None:
+        # Node parts gathered into this folder (rsync from each node) complete its file list.
+        present = {manifest.node}
+        for node in manifest.nodes:
+            part = os.path.join(folder, node_manifest(node))
+            if node not in present and os.path.isfile(part):
+                with open(part) as f:
+                    manifest.files.update(json.load(f)["files"])
+                present.add(node)
+        if present >= set(manifest.nodes):
+            manifest.node = None
+    return manifest
 
 
 def model_states_file(dp_rank: int, tp_rank: int) -> str:

@@ -177,3 +177,36 @@ def test_a_slot_is_committed_once(tmp_path):
     manifest = slots.read_manifest(path)
     with pytest.raises(slots.SlotError, match="already committed"):
         slots.commit(path, manifest)
+
+
+def test_node_parts_gathered_into_one_folder_read_as_a_whole_slot(tmp_path):
+    """On node-local storage each node commits its own ranks' part; copying every node's folder
+    into one (rsync, as the one-line message says) gives a slot every tool reads, checksums and all."""
+    import shutil
+
+    model, dp = random_model(), 2
+    placement = {"node1": [0], "node2": [1]}
+    for node, ranks in placement.items():
+        path = str(tmp_path / node / step_name(4))
+        files = {}
+        for rank in ranks:
+            groups = partition(model, dp, rank)
+            zero_checkpoint.zero_padding(groups, PARAM_SHAPES, rank, dp)
+            files.update(slots.write_shard(path, rank, 0, groups, model_states(dp, 4)))
+        slots.commit(path, slots.SlotManifest(kind="raw", step=4, tokens=40, lr=0.1, dp=dp, tp=1,
+                                              param_shapes=zero_checkpoint.shapes_to_json(PARAM_SHAPES),
+                                              files=files, node=node, nodes=placement))
+    alone = slots.read_manifest(str(tmp_path / "node1" / step_name(4)))
+    assert alone.node == "node1" and len(alone.files) == 2  # its own rank's two files
+    with pytest.raises(zero_checkpoint.LayoutMismatch, match=r"ranks 1 on node2\); copy them here"):
+        slots.read_shard(str(tmp_path / "node1" / step_name(4)), 1, 0)
+    gathered = tmp_path / "gathered" / step_name(4)
+    for node in placement:  # node2's manifest.json lands last and overwrites node1's
+        shutil.copytree(tmp_path / node / step_name(4), gathered, dirs_exist_ok=True)
+    whole = slots.read_manifest(str(gathered))
+    assert whole.node is None and len(whole.files) == 4
+    for rank in range(dp):
+        expected = partition(model, dp, rank)
+        zero_checkpoint.zero_padding(expected, PARAM_SHAPES, rank, dp)
+        got, _ = slots.read_shard(str(gathered), rank, 0, whole)  # checksum-verified
+        assert all(torch.equal(a, b) for a, b in zip(got, expected))

@@ -140,6 +140,34 @@ def test_training_losses_are_the_same_with_the_sidecar_on_and_off(lawa_run, pydo
     assert step_losses(plain) == step_losses(lawa_run)
 
 
+def test_a_sidecar_that_fell_behind_says_which_commits_it_passed_over(lawa_run, tmp_path):
+    """The sidecar started by hand on a copy of the run while only slots 2 and 4 are committed
+    scores 4; with 6 .. 12 committed meanwhile, the next start says in one line that it passes over
+    6, 8 and 10, and scores the newest, 12."""
+    import shutil
+
+    from averaging.sidecar.protocol import SidecarSpec
+
+    copy = tmp_path / "copy"
+    shutil.copytree(lawa_run, copy, ignore=shutil.ignore_patterns("checkpoints", "lawa_best", "merges", "eval.jsonl"))
+    spec = SidecarSpec.read(str(copy))
+    spec.snapshot_dir = str(copy / "snaps")
+    spec.write(str(copy))
+    later = [copy / "snaps" / step_name(s) / "COMMITTED" for s in (6, 8, 10, 12)]
+    for marker in later:
+        marker.unlink()
+    sidecar = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "averaging.sidecar",
+               "--run-dir", str(copy), "--once"]
+    run_launcher(sidecar)
+    assert [r["step"] for r in read_eval_log(str(copy))] == [4]
+    for marker in later:
+        marker.touch()
+    proc = run_launcher(sidecar)
+    assert "behind: steps 6, 8, 10 were committed while step 4 was scored; scoring the newest, 12" in \
+        proc.stdout + proc.stderr
+    assert [r["step"] for r in read_eval_log(str(copy))] == [4, 12]
+
+
 def cooldown(run: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     return run_launcher([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "launcher/cooldown.py",
                          str(run), *args], check=check)

@@ -121,7 +121,7 @@ def test_streamed_weighted_sum_equals_the_weighted_average_bitwise(weighting):
     ("lawa.merges=[{name: Bad-Name}]", "lowercase"),
     ("lawa.merges=[{name: a, k: 3, window_tokens: 4096}]", "not both"),
     ("lawa.merges=[{name: a, window_tokens: 4096}]", "less than its spacing"),
-    ("lawa.merges=[{name: a, window_tokens: 2000000}]", "snapshot.slots=10 cannot hold merge a"),
+    ("lawa.merges=[{name: a, window_tokens: 2000000}]", "snapshot.slots=8 cannot hold merge a"),
     ("lawa.merges=[{name: a, weights: sqrt}]", "lawa.merges[0].weights: must be one of"),
 ])
 def test_bad_merges_are_one_line_config_errors(override, message):

@@ -58,10 +58,6 @@ def load_partitions(params: dict[str, torch.nn.Parameter], flat_groups: list[tor
         p.ds_tensor.data.copy_(part.view_as(p.ds_tensor))
 
 
-def merge_weights_for(merges, name: str, steps: list[int]) -> list[float]:
-    return next(m for m in merges if m.name == name).weights_for(steps)
-
-
 def best_losses(records: list[dict[str, Any]], headline: str) -> dict[str, float]:
     """Each merge's best loss so far, from eval.jsonl (a restarted sidecar keeps its bests)."""
     best: dict[str, float] = {}
@@ -163,8 +159,7 @@ class Sidecar:
         False when the set must be chosen again."""
         newest_step = max(committed)
         selected = {m.name: m.select(committed) for m in self.spec.merges}
-        weights = {name: dict(zip(steps, merge_weights_for(self.spec.merges, name, steps)))
-                   for name, steps in selected.items()}
+        weights = {m.name: dict(zip(selected[m.name], m.weights_for(selected[m.name]))) for m in self.spec.merges}
         outcome: tuple = ("ok",)
         sums: dict[str, Optional[list[torch.Tensor]]] = {name: None for name in selected}
         raw, model_states, newest, others = None, None, None, {}
@@ -268,7 +263,7 @@ class Sidecar:
         record = {
             "step": newest.step, "tokens": newest.tokens, "raw_val_loss": losses["raw"],
             **{f"{name}_val_loss": loss for name, loss in losses.items() if name != "raw"},
-            "headline": headline.name, "k": len(selected[headline.name]),
+            "k": len(selected[headline.name]),
             "steps_averaged": selected[headline.name][::-1], "merges": merges_record, "averages": newest.averages,
             **({"tasks": task_scores} if self.tasks else {}),
             "best": merges_record[headline.name]["best"], "skipped": skipped, "read_s": read_s,
