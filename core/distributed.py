@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from core.config import ConfigError, need
+from core.log import logger, rank_span
 
 
 @dataclass
@@ -117,7 +118,7 @@ class Parallel:
     @property
     def node_ranks(self) -> list[int]:
         """The ranks on this rank's node."""
-        return [r for r, h in enumerate(self.hosts) if h == self.host]
+        return self.ranks_on(self.host)
 
     @property
     def is_node_first(self) -> bool:
@@ -130,10 +131,7 @@ class Parallel:
     def describe_ranks(self, ranks: list[int]) -> str:
         """e.g. 'ranks 2-3 on node2' or 'rank 5 on gpu-17'."""
         hosts = sorted({self.hosts[r] for r in ranks}, key=lambda h: self.hosts.index(h))
-        span = f"rank {ranks[0]}" if len(ranks) == 1 else \
-            f"ranks {ranks[0]}-{ranks[-1]}" if ranks == list(range(ranks[0], ranks[-1] + 1)) else \
-            f"ranks {', '.join(map(str, ranks))}"
-        return f"{span} on {', '.join(hosts)}"
+        return f"{rank_span(ranks)} on {', '.join(hosts)}"
 
     # The methods DeepSpeed calls on an `mpu`.
     def get_model_parallel_rank(self) -> int:
@@ -179,8 +177,6 @@ def build_parallel(tp: int, local_rank: int, device: torch.device) -> Parallel:
                    hosts=[h for h, _ in placement], addresses=[a for _, a in placement])
     split = [d for d in range(dp) if len({par.hosts[d * tp + t] for t in range(tp)}) > 1]
     if split and rank == 0:
-        from core.log import logger
-
         logger.warning(f"warning: tensor-parallel group {split[0]} spans nodes "
                        f"({par.describe_ranks([split[0] * tp + t for t in range(tp)])}): every layer's "
                        f"all-reduce crosses the network; give each node a multiple of parallel.tensor={tp} ranks")

@@ -35,3 +35,12 @@ def setup_logging(rank: int = 0, prefix: str = "") -> None:
 
 
 setup_logging()
+
+
+def rank_span(ranks: list[int]) -> str:
+    """'rank 5', 'ranks 2-3' or 'ranks 0, 2, 5': how messages name a set of ranks."""
+    if len(ranks) == 1:
+        return f"rank {ranks[0]}"
+    if ranks == list(range(ranks[0], ranks[-1] + 1)):
+        return f"ranks {ranks[0]}-{ranks[-1]}"
+    return f"ranks {', '.join(map(str, ranks))}"

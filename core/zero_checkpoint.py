@@ -24,6 +24,7 @@ from typing import Any, Optional
 
 import torch
 
+from core.log import rank_span
 from core.run_dir import MANIFEST, RUN_STATE, node_manifest
 
 MANIFEST_FORMAT = 2
@@ -69,11 +70,6 @@ class SlotManifest:
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1)
 
-    def holder(self, dp_rank: int, tp_rank: int) -> Optional[str]:
-        """The node holding the files of rank (dp_rank, tp_rank), when the slot is split by node."""
-        rank = dp_rank * self.tp + tp_rank
-        return next((node for node, ranks in self.nodes.items() if rank in ranks), None)
-
     def elsewhere(self, folder: str) -> Optional[str]:
         """None when this folder holds every rank's files; else one line saying where the others are."""
         if self.node is None:
@@ -83,17 +79,12 @@ class SlotManifest:
         if not away or all(os.path.isfile(os.path.join(folder, optim_states_file(r // self.tp, r % self.tp)))
                            for ranks in away.values() for r in ranks):
             return None
-        there = "; ".join(f"ranks {_span(ranks)} on {node}" for node, ranks in away.items())
+        there = "; ".join(f"{rank_span(ranks)} on {node}" for node, ranks in away.items())
         first = next(iter(away))
-        return (f"{folder} is node-local: it holds the files of ranks {_span(here)} ({self.node}) only, the "
+        return (f"{folder} is node-local: it holds the files of {rank_span(here)} ({self.node}) only, the "
                 f"others are under the same path on their nodes ({there}); copy them here (e.g. "
                 f"rsync -a {first}:{folder}/ {folder}/) and run again, or use the run's shared lawa_best/ or "
                 f"checkpoints/")
-
-
-def _span(ranks: list[int]) -> str:
-    return f"{ranks[0]}-{ranks[-1]}" if len(ranks) > 1 and ranks == list(range(ranks[0], ranks[-1] + 1)) \
-        else ",".join(map(str, ranks))
 
 
 class ManifestError(ValueError):

@@ -161,10 +161,7 @@ def continue_from(engine, par: Parallel, checkpoint: str, averages: ShardAverage
     """Collective. Weights, optimizer state, EMA/SWA, step and tokens of a complete checkpoint."""
     if not os.path.isfile(os.path.join(checkpoint, RUN_STATE)):
         raise ConfigError(f"checkpoint.branch_from: {checkpoint} is not a complete checkpoint (no {RUN_STATE})")
-    state = read_run_state(checkpoint)
-    if (state.dp, state.tp) != (par.dp, par.tp):
-        raise ConfigError(f"checkpoint {checkpoint} was written with data {state.dp} × tensor {state.tp}; this "
-                          f"run has data {par.dp} × tensor {par.tp}: continue it on the same layout")
+    state = check_layout(checkpoint, par, "checkpoint", "continue it on the same layout")
     load(engine, checkpoint)
     if averages.enabled:
         path = os.path.join(checkpoint, averages_file(par.dp_rank, par.tp_rank))
@@ -199,13 +196,13 @@ def initialize_from(engine, par: Parallel, source: str, keep_optimizer: bool) ->
     """Collective. Another run's weights (and, if asked, its optimizer state) into this fresh
     engine; the run then starts at step 0 of its own schedule (a re-warmup, in the usual recipe)."""
     if keep_optimizer and os.path.isfile(os.path.join(source, RUN_STATE)):
-        check_layout(source, par, "checkpoint.init_optimizer")
+        check_layout(source, par, "checkpoint.init_optimizer", MOMENTS_NEED_LAYOUT)
         load(engine, source)
         logger.info(f"initialised weights and optimizer state from {source}")
         return
     if keep_optimizer:
         moments = moments_for(source)
-        check_layout(moments, par, "checkpoint.init_optimizer")
+        check_layout(moments, par, "checkpoint.init_optimizer", MOMENTS_NEED_LAYOUT)
         load(engine, moments)  # the moments (and weights, replaced next)
         load_weights(engine, par, consolidate(source))
         logger.info(f"initialised weights from {source} and optimizer state from {moments}")
@@ -217,12 +214,17 @@ def initialize_from(engine, par: Parallel, source: str, keep_optimizer: bool) ->
     logger.info(f"initialised weights from {source} (fresh optimizer state)")
 
 
-def check_layout(checkpoint: str, par: Parallel, key: str) -> None:
+MOMENTS_NEED_LAYOUT = ("optimizer state moves only between equal layouts (set checkpoint.init_optimizer=false "
+                       "to take the weights)")
+
+
+def check_layout(checkpoint: str, par: Parallel, key: str, remedy: str) -> RunState:
+    """The checkpoint's run state, once its data × tensor layout is known to be this run's."""
     state = read_run_state(checkpoint)
     if (state.dp, state.tp) != (par.dp, par.tp):
         raise ConfigError(f"{key}: {checkpoint} was written with data {state.dp} × tensor {state.tp}, this run is "
-                          f"data {par.dp} × tensor {par.tp}; optimizer state moves only between equal layouts "
-                          f"(set checkpoint.init_optimizer=false to take the weights)")
+                          f"data {par.dp} × tensor {par.tp}; {remedy}")
+    return state
 
 
 def moments_for(source: str) -> str:

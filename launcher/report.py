@@ -23,7 +23,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from averaging.sidecar.protocol import SidecarSpec, read_eval_log, scored_methods
+from averaging.sidecar.protocol import SidecarSpec, merge_names, read_eval_log, scored_methods
 from core.config import ConfigError
 from core.files import read_jsonl
 from core.run_dir import RunDir
@@ -235,7 +235,7 @@ def across_runs(runs: list[Run]) -> list[str]:
         cds = []
         for cd in run.cooldowns:
             end = run.at_step(cd.branch.end_step)
-            head = next((m for m in run.methods()[1:] if m not in ("ema", "swa")), None)
+            head = merge_names(end)[0] if end is not None else None
             if cd.final is not None and end is not None:
                 vs_merge = f" / {cd.final - end[f'{head}_val_loss']:+.4f}" if head and f"{head}_val_loss" in end else ""
                 cds.append(f"{cd.branch.step}→{cd.branch.end_step}: {cd.final - end['raw_val_loss']:+.4f}{vs_merge}")

@@ -23,7 +23,7 @@ from core.config import ConfigError, dump_yaml, need
 from core.distributed import Parallel, barrier, init_distributed, rank_env
 from core.engine import build_engine, deepspeed_config
 from core.files import write_file_atomic, write_json_atomic
-from core.log import logger, setup_logging
+from core.log import logger, rank_span, setup_logging
 from core.run_dir import RunDir
 from core.tokenizer import load_tokenizer
 from core.watchdog import PeerWatchdog, lost_peer_message
@@ -162,7 +162,7 @@ def placement(par: Parallel) -> str:
     if len(hosts) > 4:
         return f" on {len(hosts)} nodes ({hosts[0]}, ..., {hosts[-1]})"
     return f" on {len(hosts)} nodes (" + ", ".join(
-        f"{h}: {par.describe_ranks(par.ranks_on(h)).rsplit(' on ', 1)[0]}" for h in hosts) + ")"
+        f"{h}: {rank_span(par.ranks_on(h))}" for h in hosts) + ")"
 
 
 def train_step(t: Training, step: int, snapshots: Optional[SnapshotWriter] = None) -> tuple[torch.Tensor, float]:
