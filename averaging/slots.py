@@ -10,12 +10,12 @@ its own). `manifest.json` (a `SlotManifest`: step, tokens, lr, layout, the avera
 param shapes, a checksum per file) and then the empty `COMMITTED` marker are written last: a
 folder without the marker is being written, or was torn by a crash, and is never read.
 
-Every file is written atomically (core.files) and read back whole and checked against its
-checksum before it is unpickled.
+Every file is written atomically (core.files); a reader maps it, checks it against its checksum,
+then unpickles the same mapped bytes (tensors backed by the file, not copied).
 """
 from __future__ import annotations
 
-import io
+import mmap
 import os
 import shutil
 from typing import Any, Iterable, Optional
@@ -33,6 +33,7 @@ from core.zero_checkpoint import (
     optim_states_file,
     read_manifest_file,
 )
+from core.zero_folder import Cut, TensorSource
 
 
 class SlotError(RuntimeError):
@@ -89,6 +90,42 @@ def write_shard(slot_dir: str, dp_rank: int, tp_rank: int, flat_groups: list[tor
         written[name] = {"bytes": len(data), "xxh3": _checksum(data)}
     fsync_dir(slot_dir)
     return written
+
+
+def write_weights(slot_dir: str, source: TensorSource, dp: int, tp: int, layout: dict[str, list[int]],
+                  groups: Optional[list[list[str]]] = None) -> dict[str, dict]:
+    """Cut full weights into every rank's files of a data × tensor layout (DeepSpeed's ZeRO-3
+    files, which zero_to_fp32 reads; the inverse of consolidation), one rank in memory at a time.
+    `layout`: {name: [dim, stride]} of the tensor-parallel splits; `groups`: the parameter names of
+    each flat group, in order (default: one group of every tensor of the source).
+    Returns {file name: {"bytes", "xxh3"}} for the manifest."""
+    import deepspeed
+
+    groups = groups or [source.names()]
+    files: dict[str, dict] = {}
+    for tp_rank in range(tp):
+        cuts = [Cut(r, dp, tp_rank, tp) for r in range(dp)]
+        shapes = []
+        for group in groups:
+            shape = {}
+            for name in group:
+                full = list(source.shape(name))
+                if name in layout and tp > 1:
+                    dim, stride = layout[name]
+                    if full[dim] % (tp * stride):
+                        raise LayoutMismatch(f"{name}: dimension {dim} of {tuple(full)} does not split into "
+                                             f"{tp} tensor-parallel slices of {stride} blocks")
+                    full[dim] //= tp
+                shape[name] = torch.Size(full)
+            shapes.append(shape)
+        model_states = {"module": {}, "buffer_names": [], "param_shapes": shapes, "frozen_param_shapes": None,
+                        "frozen_param_fragments": None, "shared_params": {}, "dp_world_size": dp,
+                        "mp_world_size": tp, "ds_version": deepspeed.__version__, "tensor_parallel_layout": layout}
+        for cut in cuts:
+            flat = [torch.cat([source.piece(name, layout.get(name), cut) for name in group]) for group in groups]
+            files.update(write_shard(slot_dir, cut.dp_rank, tp_rank, flat, model_states))
+            del flat
+    return files
 
 
 def commit(slot_dir: str, manifest: SlotManifest) -> None:
@@ -153,21 +190,34 @@ def read_manifest(slot_dir: str) -> SlotManifest:
 
 
 def _read_verified(slot_dir: str, name: str, manifest: SlotManifest) -> Any:
+    """Unpickle one file of a slot once its bytes match the manifest's checksum.
+
+    The file is opened once; its checksum is taken over a read-only map of that open file, and the
+    tensors are then mapped from the same open file (/proc/self/fd), so what is verified is what is
+    loaded (writers replace files by rename, never in place) and the bytes are never held twice:
+    no copy in a buffer beside the tensors, pages read from the page cache (RAM itself for /dev/shm)."""
     expected = manifest.files.get(name)
     if expected is None:
         away = manifest.elsewhere(slot_dir)
         raise LayoutMismatch(away or f"{slot_dir} has no {name} in its manifest (written with layout "
                                      f"data {manifest.dp} × tensor {manifest.tp})")
     try:
-        with open(os.path.join(slot_dir, name), "rb") as f:
-            data = f.read()
+        fd = os.open(os.path.join(slot_dir, name), os.O_RDONLY)
     except FileNotFoundError:
         raise SlotVanished(f"{slot_dir}/{name} disappeared while reading") from None
-    if len(data) != expected["bytes"] or _checksum(data) != expected["xxh3"]:
-        if not is_committed(slot_dir):
-            raise SlotVanished(f"{slot_dir} was recycled while reading")
-        raise SlotCorrupt(f"{slot_dir}/{name} does not match its checksum")
-    obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+    try:
+        size = os.fstat(fd).st_size
+        matches = size == expected["bytes"] and size > 0
+        if matches:
+            with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as data:
+                matches = _checksum(data) == expected["xxh3"]
+        if not matches:
+            if not is_committed(slot_dir):
+                raise SlotVanished(f"{slot_dir} was recycled while reading")
+            raise SlotCorrupt(f"{slot_dir}/{name} does not match its checksum")
+        obj = torch.load(f"/proc/self/fd/{fd}", map_location="cpu", mmap=True, weights_only=False)
+    finally:
+        os.close(fd)
     if not is_committed(slot_dir):  # recycled after we opened it: the data may be from elsewhere
         raise SlotVanished(f"{slot_dir} was recycled while reading")
     return obj

@@ -15,6 +15,9 @@ As in lm-eval, a continuation's tokens are those of `encode(context + continuati
 `encode(context)`, so tokenizers that merge across the boundary are handled; inputs longer than
 the model's block size keep their last tokens.
 
+Scoring is batched: each (context + continuation) is one sequence; a shard's sequences are sorted
+longest first and cut into batches of at most `batch_tokens` padded tokens, one forward each.
+
     python -m averaging.zero_shot runs/x/lawa_best/step_00002000 --tasks lambada.jsonl piqa.jsonl
     python -m averaging.zero_shot hf/pythia-160m --tasks piqa.jsonl --tokenizer hf/pythia-160m
 """
@@ -25,13 +28,22 @@ import json
 import math
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
 
-# ids (1, T) -> log-probabilities (1, T, V) over the whole vocabulary
-LogProbs = Callable[[torch.Tensor], torch.Tensor]
+# (ids (B, T), keep (B, T) bool) -> logits (N, V) over the whole vocabulary at the N kept positions,
+# in row-major order. Rows are right-padded: the model is causal, so a sequence's positions do not
+# see the padding after it; only the kept positions go through the output head.
+Logits = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Encode = Callable[[str], list[int]]
+Key = tuple[int, int]  # (request index, continuation index) within a task
+Score = tuple[float, bool, int]  # (summed log-probability, every token the argmax, token count)
+
+# Padded tokens per forward: a forward's activations grow with it (the logits only with the scored
+# positions, N x V).
+DEFAULT_BATCH_TOKENS = 2048
 
 
 @dataclass
@@ -41,11 +53,21 @@ class Request:
     answer: int
 
 
+@dataclass(frozen=True)
+class Encoded:
+    """One (context, continuation) pair as the model sees it."""
+    inputs: list[int]  # fed to the model, at most block_size tokens
+    targets: list[int]  # the continuation's tokens, predicted by the last len(targets) positions
+
+
 @dataclass
 class Task:
     name: str
     kind: str  # "last_word" or "choice"
     requests: list[Request]
+    # The tokenised sequences, for one (encode, block_size): the sidecar scores the same task at
+    # every evaluation, and each rank tokenises every shard's requests to count their batches.
+    _sequences: dict = field(default_factory=dict, repr=False, compare=False)
 
 
 def load_task(path: str, limit: int = 0) -> Task:
@@ -83,7 +105,7 @@ def load_task(path: str, limit: int = 0) -> Task:
     return Task(name, kind, requests)
 
 
-def continuation_ids(encode: Callable[[str], list[int]], context: str, continuation: str) -> tuple[list[int], list[int]]:
+def continuation_ids(encode: Encode, context: str, continuation: str) -> tuple[list[int], list[int]]:
     whole = encode(context + continuation)
     ctx = encode(context)
     if whole[: len(ctx)] == ctx and len(whole) > len(ctx):
@@ -91,48 +113,116 @@ def continuation_ids(encode: Callable[[str], list[int]], context: str, continuat
     return ctx, encode(continuation)
 
 
-def score(log_probs: LogProbs, encode: Callable[[str], list[int]], context: str, continuation: str,
-          block_size: int, device: torch.device) -> tuple[float, bool, int]:
-    """(summed log-probability of the continuation, whether it is the greedy one, its token count)."""
+def to_sequence(encode: Encode, context: str, continuation: str, block_size: int) -> Encoded:
+    """Truncated per sequence, keeping its last block_size + 1 tokens (position i predicts token
+    i + 1). A continuation longer than that window, or one with no context before it, keeps the
+    tokens that still have a prediction."""
     ctx, cont = continuation_ids(encode, context, continuation)
     ids = (ctx + cont)[-(block_size + 1):]
-    x = torch.tensor(ids[:-1], dtype=torch.long, device=device).unsqueeze(0)  # (1, T)
-    lp = log_probs(x)[0, -len(cont):].float()  # (n, V): predictions of the continuation's tokens
-    target = torch.tensor(cont, device=lp.device)
-    total = lp.gather(-1, target.unsqueeze(-1)).sum().item()
-    greedy = bool((lp.argmax(-1) == target).all().item())
-    return total, greedy, len(cont)
+    inputs = ids[:-1]
+    scored = min(len(cont), len(inputs))
+    return Encoded(inputs, cont[len(cont) - scored:])
 
 
-def forward_calls(task: Task, shard: tuple[int, int]) -> int:
+def task_sequences(task: Task, encode: Encode, block_size: int) -> list[list[Encoded]]:
+    """Every request's sequences, one per continuation (cached on the task)."""
+    key = (encode, block_size)
+    if key not in task._sequences:
+        task._sequences.clear()
+        task._sequences[key] = [[to_sequence(encode, r.context, c, block_size) for c in r.continuations]
+                                for r in task.requests]
+    return task._sequences[key]
+
+
+def shard_requests(task: Task, shard: tuple[int, int]) -> range:
     rank, n = shard
-    return sum(len(r.continuations) for r in task.requests[rank::n])
+    return range(rank, len(task.requests), n)
 
 
-def evaluate_task(task: Task, log_probs: LogProbs, encode, block_size: int, device: torch.device,
-                  shard: tuple[int, int] = (0, 1)) -> dict[str, float]:
-    """Sums over this shard's requests (rank r of n takes r, r+n, ...); `summarize` turns the
-    (possibly all-reduced) sums into metrics. With n > 1 every shard makes the same number of
-    forward calls (the busiest shard's), so a model whose forward is collective (ZeRO-3, tensor
-    parallel) stays in step."""
-    rank, n = shard
-    spare = max(forward_calls(task, (r, n)) for r in range(n)) - forward_calls(task, shard)
-    sums = {"n": 0.0, "correct": 0.0, "correct_norm": 0.0, "logprob": 0.0, "tokens": 0.0}
-    for request in task.requests[rank::n]:
-        scored = [score(log_probs, encode, request.context, c, block_size, device) for c in request.continuations]
-        sums["n"] += 1
-        if task.kind == "last_word":
-            total, greedy, count = scored[0]
-            sums["correct"] += greedy
-            sums["logprob"] += total
-            sums["tokens"] += count
+def make_batches(lengths: dict[Key, int], batch_tokens: int) -> list[list[Key]]:
+    """Longest first, so that a batch is padded to its first sequence's length and one too big for
+    memory fails at the start; at most batch_tokens padded tokens but never empty. The sort is
+    stable (ties keep the task's order), so every rank cuts a shard into the same batches."""
+    batches: list[list[Key]] = []
+    for key in sorted(lengths, key=lambda k: -lengths[k]):
+        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= batch_tokens:
+            batches[-1].append(key)
         else:
-            best = max(range(len(scored)), key=lambda i: scored[i][0])
-            best_norm = max(range(len(scored)), key=lambda i: scored[i][0] / max(1, len(request.continuations[i])))
-            sums["correct"] += best == request.answer
-            sums["correct_norm"] += best_norm == request.answer
-    for _ in range(spare):
-        log_probs(torch.zeros(1, 1, dtype=torch.long, device=device))
+            batches.append([key])
+    return batches
+
+
+def plan_batches(task: Task, encode: Encode, block_size: int, shard: tuple[int, int] = (0, 1),
+                 batch_tokens: int = DEFAULT_BATCH_TOKENS) -> list[list[Key]]:
+    """A shard's batches. Any rank can compute any shard's: they depend on the task alone."""
+    sequences = task_sequences(task, encode, block_size)
+    # A sequence with nothing to predict needs no forward.
+    lengths = {(i, j): len(s.inputs) for i in shard_requests(task, shard)
+               for j, s in enumerate(sequences[i]) if s.targets}
+    return make_batches(lengths, batch_tokens)
+
+
+def score_batch(logits: Logits, batch: list[Encoded], device: torch.device) -> list[Score]:
+    """One forward for the batch; only the rows that predict continuation tokens are
+    log-softmaxed, never the whole (B, T, V)."""
+    width = max(len(s.inputs) for s in batch)
+    x = torch.tensor([s.inputs + [0] * (width - len(s.inputs)) for s in batch], dtype=torch.long, device=device)
+    rows = [b for b, s in enumerate(batch) for _ in s.targets]
+    cols = [p for s in batch for p in range(len(s.inputs) - len(s.targets), len(s.inputs))]
+    keep = torch.zeros(x.shape, dtype=torch.bool, device=device)
+    keep[torch.tensor(rows), torch.tensor(cols)] = True
+    out = logits(x, keep)  # (N, V): the predictions of the continuation tokens, row-major
+    owner = torch.tensor(rows, device=out.device)
+    log_probs = torch.log_softmax(out.float(), dim=-1)  # (N, V)
+    target = torch.tensor([t for s in batch for t in s.targets], device=out.device)  # (N,)
+    per_token = torch.stack([log_probs.gather(-1, target.unsqueeze(-1)).squeeze(-1),
+                             (log_probs.argmax(-1) != target).float()])  # (2, N): log-prob, miss
+    per_sequence = torch.zeros(2, len(batch), device=out.device).index_add_(1, owner, per_token)
+    totals, misses = per_sequence.tolist()  # one device sync per batch
+    return [(total, miss == 0, len(s.targets)) for total, miss, s in zip(totals, misses, batch)]
+
+
+def add_request(sums: dict[str, float], kind: str, request: Request, scored: list[Score]) -> None:
+    sums["n"] += 1
+    if kind == "last_word":
+        total, greedy, count = scored[0]
+        sums["correct"] += greedy
+        sums["logprob"] += total
+        sums["tokens"] += count
+    else:
+        best = max(range(len(scored)), key=lambda i: scored[i][0])
+        best_norm = max(range(len(scored)), key=lambda i: scored[i][0] / max(1, len(request.continuations[i])))
+        sums["correct"] += best == request.answer
+        sums["correct_norm"] += best_norm == request.answer
+
+
+def score_shard(task: Task, logits: Logits, encode: Encode, block_size: int, device: torch.device,
+                shard: tuple[int, int] = (0, 1), batch_tokens: int = DEFAULT_BATCH_TOKENS) -> dict[Key, Score]:
+    """The score of every continuation of this shard's requests. With n > 1 shards every one makes
+    the same number of forward calls (the busiest shard's), so a model whose forward is
+    collective (ZeRO-3, tensor parallel) stays in step."""
+    rank, n = shard
+    sequences = task_sequences(task, encode, block_size)
+    plans = [plan_batches(task, encode, block_size, (r, n), batch_tokens) for r in range(n)]
+    # A continuation with nothing to predict is in no batch and scores nothing.
+    scores = {(i, j): (0.0, True, 0) for i in shard_requests(task, shard)
+              for j in range(len(task.requests[i].continuations))}
+    for batch in plans[rank]:
+        scores.update(zip(batch, score_batch(logits, [sequences[i][j] for i, j in batch], device)))
+    for _ in range(max(map(len, plans)) - len(plans[rank])):
+        logits(torch.zeros(1, 1, dtype=torch.long, device=device), torch.ones(1, 1, dtype=torch.bool, device=device))
+    return scores
+
+
+def evaluate_task(task: Task, logits: Logits, encode: Encode, block_size: int, device: torch.device,
+                  shard: tuple[int, int] = (0, 1), batch_tokens: int = DEFAULT_BATCH_TOKENS) -> dict[str, float]:
+    """Sums over this shard's requests (rank r of n takes r, r+n, ...); `summarize` turns the
+    (possibly all-reduced) sums into metrics. Collective like `score_shard`."""
+    scores = score_shard(task, logits, encode, block_size, device, shard, batch_tokens)
+    sums = {"n": 0.0, "correct": 0.0, "correct_norm": 0.0, "logprob": 0.0, "tokens": 0.0}
+    for i in shard_requests(task, shard):
+        request = task.requests[i]
+        add_request(sums, task.kind, request, [scores[i, j] for j in range(len(request.continuations))])
     return sums
 
 
@@ -143,11 +233,11 @@ def summarize(task: Task, sums: dict[str, float]) -> dict[str, float]:
     return {"acc": sums["correct"] / sums["n"], "acc_norm": sums["correct_norm"] / sums["n"], "n": int(sums["n"])}
 
 
-def full_log_probs(model: torch.nn.Module) -> LogProbs:
-    """For a single-process model of ours (no tensor parallelism): its logits, log-softmaxed."""
-    def run(x: torch.Tensor) -> torch.Tensor:
-        logits, _ = model(x)
-        return torch.log_softmax(logits.float(), dim=-1)
+def full_logits(model: torch.nn.Module) -> Logits:
+    """For a single-process model of ours (no tensor parallelism)."""
+    def run(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        logits, _ = model(x, keep=keep)
+        return logits
     return run
 
 
@@ -156,13 +246,14 @@ def full_log_probs(model: torch.nn.Module) -> LogProbs:
 
 
 def load_model(folder: str, run_dir: Optional[str]):
-    """Our model, loaded with a checkpoint/slot/average's consolidated weights or an HF folder's."""
-    from models.hf import read_weights
+    """Our model, loaded tensor by tensor with a checkpoint/slot/average's weights or an HF folder's."""
+    from core.zero_folder import load_module
+    from models.hf import weight_source
     from models.registry import build_model
 
-    state_dict, config, run_dir = read_weights(folder, run_dir)
+    source, config, run_dir = weight_source(folder, run_dir)
     model = build_model(config).eval()
-    model.load_state_dict(state_dict)
+    load_module(model, source)
     return model, config, run_dir
 
 
@@ -173,6 +264,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--run-dir", default=None, help="the run the folder came from (default: found above it)")
     parser.add_argument("--tokenizer", default=None, help="default: the run's tokenizer, or the HF folder's")
     parser.add_argument("--limit", type=int, default=0, help="first N examples of each task (0: all)")
+    parser.add_argument("--batch-tokens", type=int, default=DEFAULT_BATCH_TOKENS,
+                        help="padded tokens per forward (default %(default)s; one sequence at least)")
     args = parser.parse_args(argv)
     try:
         from core.tokenizer import load_tokenizer
@@ -190,7 +283,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     results = {}
     with torch.no_grad():
         for task in tasks:
-            sums = evaluate_task(task, full_log_probs(model), tokenizer.encode, config.block_size, torch.device("cpu"))
+            sums = evaluate_task(task, full_logits(model), tokenizer.encode, config.block_size, torch.device("cpu"),
+                                 batch_tokens=args.batch_tokens)
             results[task.name] = summarize(task, sums)
             print(f"{task.name}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                                for k, v in results[task.name].items()), flush=True)

@@ -19,6 +19,8 @@ OUT/gpu_check.md the tables. A part that fails records its error and the rest st
    against the default's (a speed-up that changes the numbers beyond rounding is not one).
 3. LAWA's cost at the smallest size: the loop's stall per snapshot (and as a share of training time
    at snapshot.every=200), and tokens/s with snapshots + sidecar on vs off.
+4. zero-shot scoring (bench/zero_shot_throughput.py): examples/s one sequence per forward vs batched,
+   gpt2-125m shape (dry: micro, on the CPU), and that both give the same metrics.
 """
 from __future__ import annotations
 
@@ -288,6 +290,23 @@ def part_lawa_cost(args, work: Path) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
+# 4. zero-shot scoring
+
+
+def part_zero_shot(args, work: Path) -> dict[str, Any]:
+    """bench/zero_shot_throughput.py on the device: one (context, continuation) per forward vs batched."""
+    out = work / "zero_shot.json"
+    size, counts = ("micro", ["--choice", "2", "--last-word", "4"]) if args.dry else \
+        ("gpt2-125m", ["--choice", "64", "--last-word", "128"])
+    proc = subprocess.run([sys.executable, str(REPO / "bench/zero_shot_throughput.py"), "--size", size, *counts,
+                           "--device", "cpu" if args.dry else "cuda", "--json", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"zero_shot_throughput exited {proc.returncode}: {proc.stderr.strip()[-300:]}")
+    return json.loads(out.read_text())
+
+
+# ---------------------------------------------------------------------------------------------
 # report
 
 
@@ -359,6 +378,15 @@ def markdown(res: dict[str, Any]) -> str:
                   f"{lc['off']['tokens_per_s']:,.0f} = {lc['ratio_on_off']:.3f} |",
                   f"| loop stall per snapshot | {lc['stall_per_snapshot_s'] * 1e3:.2f} ms |",
                   f"| stall share of training time at snapshot.every=200 | {share:.4%} |" if share is not None else ""]
+    zs = res.get("zero_shot", {})
+    if "error" in zs:
+        lines += ["", f"zero-shot: FAILED {zs['error']}"]
+    elif zs:
+        lines += ["", f"zero-shot scoring, {zs['size']} on {zs['device']} (examples/s):", "",
+                  "| task | one per forward | batched | ratio | metrics equal |", "|---|---|---|---|---|"]
+        lines += [f"| {task} | {r['examples'] / r['before_s']:.2f} | {r['examples'] / r['after_s']:.2f} | "
+                  f"{r['ratio']:.1f}x | {r['metrics_equal']} |"
+                  for task, r in zs.items() if isinstance(r, dict)]
     lines += ["", f"total {res['total_s']:.0f} s"]
     return "\n".join(lines) + "\n"
 
@@ -407,6 +435,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     # In order of what matters most if the budget runs out: throughput stops starting new measurements.
     for part, run in (("correctness", lambda: part_correctness(args, work)),
                       ("lawa_cost", lambda: part_lawa_cost(args, work)),
+                      ("zero_shot", lambda: part_zero_shot(args, work)),
                       ("throughput", lambda: part_throughput(args, work, deadline))):
         t0 = time.monotonic()
         print(f"== {part}", flush=True)
@@ -422,7 +451,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     text = markdown(res)
     (out / "gpu_check.md").write_text(text)
     print(text)
-    failed = [p for p in ("correctness", "throughput", "lawa_cost") if "error" in res[p]]
+    failed = [p for p in ("correctness", "throughput", "lawa_cost", "zero_shot") if "error" in res[p]]
     bad = failed or not res["correctness"].get("ok")
     return 1 if bad else 0
 

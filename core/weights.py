@@ -1,14 +1,18 @@
 """Model weights read lazily, tensor by tensor (or row block by row block), from safetensors
 files, torch state-dict pickles and Hugging Face model folders (single or sharded with an index),
-so that tools holding several big models hold a block of each at a time, not the whole."""
+so that tools holding several big models hold a block of each at a time, not the whole; and
+safetensors written the same way, tensor by tensor, sharded as transformers shards big models."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 from typing import Any, Optional
 
 import torch
+
+from core.log import logger
 
 HF_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 HF_SINGLE = ("model.safetensors", "pytorch_model.bin")
@@ -138,3 +142,63 @@ def hf_weight_files(path: str) -> tuple[Optional[str], dict[str, str]]:
         if os.path.isfile(os.path.join(path, single)):
             return None, Weights.of_files([os.path.join(path, single)]).where
     raise WeightsError(f"{path}: no model.safetensors, pytorch_model.bin or weight index in it")
+
+
+# ---------------------------------------------------------------------------------------------
+# writing, tensor by tensor
+
+MAX_SHARD_BYTES = 5 * 10**9  # transformers' own default shard size
+SAFETENSORS_INDEX = HF_INDEXES[0]
+
+
+def _header(entries: list[tuple[str, torch.Size]], dtype: torch.dtype) -> bytes:
+    """A safetensors header: tensors laid out back to back in the order given, padded with spaces
+    to 8 bytes as the format asks."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset, size = 0, torch.empty((), dtype=dtype).element_size()
+    for name, shape in entries:
+        nbytes = size * math.prod(shape)
+        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    data = json.dumps(header, separators=(",", ":")).encode()
+    return data + b" " * (-len(data) % 8)
+
+
+def write_safetensors(source, folder: str, dtype: torch.dtype = torch.float32,
+                      max_shard_bytes: int = MAX_SHARD_BYTES) -> list[str]:
+    """Write every tensor of a TensorSource (core.zero_folder) into `folder` as safetensors, one tensor
+    in memory at a time: model.safetensors, or model-0000i-of-0000n.safetensors shards of at most
+    `max_shard_bytes` (a bigger tensor gets a shard of its own) with transformers' index file.
+    Returns the files written."""
+    size = torch.empty((), dtype=dtype).element_size()
+    shards: list[list[tuple[str, torch.Size]]] = [[]]
+    used = 0
+    for name in source.names():
+        shape = torch.Size(source.shape(name))
+        nbytes = size * math.prod(shape)
+        if shards[-1] and used + nbytes > max_shard_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append((name, shape))
+        used += nbytes
+    n = len(shards)
+    files = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    for i, (file, entries) in enumerate(zip(files, shards)):
+        header = _header(entries, dtype)
+        with open(os.path.join(folder, file), "wb") as f:
+            f.write(len(header).to_bytes(8, "little"))
+            f.write(header)
+            for name, shape in entries:
+                tensor = source.tensor(name).to(dtype).contiguous()
+                if tensor.shape != shape:
+                    raise WeightsError(f"{name}: the source said {tuple(shape)}, then gave {tuple(tensor.shape)}")
+                f.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
+                del tensor
+        if n > 1:
+            logger.info(f"wrote {file} ({i + 1} of {n}: {len(entries)} tensors)")
+    if n > 1:
+        total = size * sum(math.prod(shape) for entries in shards for _, shape in entries)
+        weight_map = {name: file for file, entries in zip(files, shards) for name, _ in entries}
+        with open(os.path.join(folder, SAFETENSORS_INDEX), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
+    return files

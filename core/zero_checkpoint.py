@@ -1,24 +1,20 @@
 """DeepSpeed's ZeRO-3 checkpoint files, tensor parallel or not: their names, the flat-partition
-layout inside them, and consolidation into one full state dict.
+layout inside them, tensor-parallel slicing, and what a committed folder records.
 
 Per (dp, tp) rank a folder holds `zero_pp_rank_{dp}_mp_rank_{tp:02d}_model_states.pt` (parameter
 shapes, buffers, shared aliases) and `..._optim_states.pt` (`fp32_flat_groups`: this rank's
-ceil(numel/dp) elements of every parameter, in `param_shapes` order). DeepSpeed's `zero_to_fp32`
-consolidates one tensor-parallel rank at a time; the mp_rank state dicts are then merged along the
+ceil(numel/dp) elements of every parameter, in `param_shapes` order). Consolidation (core.zero_folder,
+equal to DeepSpeed's `zero_to_fp32` per tensor-parallel rank) merges the mp_rank slices along the
 dimension each parameter was split on, which the launcher records (`tensor_parallel_layout`:
 {name: [dim, stride]}) in slot manifests, checkpoint run_state.json files and model-states files.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import glob
-import io
 import json
 import math
 import os
-import re
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -28,8 +24,6 @@ from core.log import rank_span
 from core.run_dir import MANIFEST, RUN_STATE, node_manifest
 
 MANIFEST_FORMAT = 2
-
-_MP_RANK = re.compile(r"_mp_rank_(\d+)_(model|optim)_states\.pt$")
 
 
 class LayoutMismatch(ValueError):
@@ -202,18 +196,7 @@ def merge_tensors(parts: list[torch.Tensor], dim: int, stride: int) -> torch.Ten
 
 
 # ---------------------------------------------------------------------------------------------
-# consolidation
-
-
-def files_by_mp_rank(folder: str) -> dict[int, list[str]]:
-    by_rank: dict[int, list[str]] = {}
-    for path in glob.glob(os.path.join(folder, "*_states.pt")):
-        match = _MP_RANK.search(os.path.basename(path))
-        if match:
-            by_rank.setdefault(int(match.group(1)), []).append(path)
-    if not by_rank:
-        raise FileNotFoundError(f"{folder} holds no DeepSpeed *_model_states.pt / *_optim_states.pt files")
-    return by_rank
+# what a folder records (consolidation itself: core.zero_folder)
 
 
 def tensor_parallel_layout_of(folder: str) -> Optional[dict[str, list[int]]]:
@@ -232,13 +215,6 @@ def tensor_parallel_layout_of(folder: str) -> Optional[dict[str, list[int]]]:
     return None
 
 
-def _zero_to_fp32(folder: str) -> dict[str, torch.Tensor]:
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    with contextlib.redirect_stdout(io.StringIO()):  # it narrates every step
-        return get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(folder), tag=os.path.basename(folder))
-
-
 def check_complete(folder: str) -> None:
     """Refuse, in one line, a node-local slot whose other ranks' files are on other nodes."""
     for place in (folder, os.path.dirname(folder)):  # a slot, or its ema/ or swa/ sub-folder
@@ -247,28 +223,3 @@ def check_complete(folder: str) -> None:
             if away:
                 raise ValueError(away)
             return
-
-
-def consolidate(folder: str) -> dict[str, torch.Tensor]:
-    """The full fp32 state dict of a slot or ZeRO-3 checkpoint tag folder."""
-    folder = os.path.abspath(folder)
-    check_complete(folder)
-    by_rank = files_by_mp_rank(folder)
-    if sorted(by_rank) == [0]:
-        return _zero_to_fp32(folder)
-    layout = tensor_parallel_layout_of(folder)
-    if layout is None:
-        raise ValueError(f"{folder} has {len(by_rank)} tensor-parallel ranks but records no tensor_parallel_layout: "
-                         "cannot tell which dimension each parameter was split on")
-    per_rank = []
-    for tp_rank in sorted(by_rank):
-        # zero_to_fp32 reads every *_states.pt in a folder: show it one mp rank's files at a time.
-        with tempfile.TemporaryDirectory() as tmp:
-            view = os.path.join(tmp, os.path.basename(folder))
-            os.makedirs(view)
-            for path in by_rank[tp_rank]:
-                name = _MP_RANK.sub(lambda m: f"_mp_rank_00_{m.group(2)}_states.pt", os.path.basename(path))
-                os.symlink(path, os.path.join(view, name))
-            per_rank.append(_zero_to_fp32(view))
-    return {name: merge_tensors([sd[name] for sd in per_rank], *layout[name]) if name in layout else per_rank[0][name]
-            for name in per_rank[0]}

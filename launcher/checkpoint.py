@@ -25,8 +25,9 @@ from core.distributed import Parallel, barrier
 from core.files import serialize, step_name, step_of, write_file_atomic, write_json_atomic
 from core.log import logger
 from core.run_dir import LATEST, RUN_STATE, RunDir, averages_file, find_run_dir
-from core.zero_checkpoint import consolidate, split_partitions, split_tensor
-from models.growth import Order, grow
+from core.zero_checkpoint import split_partitions
+from core.zero_folder import Cut, TensorSource, ZeroFolder, tp_slice
+from models.growth import Grown, Order
 from models.registry import ModelConfig, config_to_dict, read_model_config
 from models.tensor_parallel import tensor_parallel_layout
 
@@ -204,13 +205,13 @@ def initialize_from(engine, par: Parallel, source: str, keep_optimizer: bool) ->
         moments = moments_for(source)
         check_layout(moments, par, "checkpoint.init_optimizer", MOMENTS_NEED_LAYOUT)
         load(engine, moments)  # the moments (and weights, replaced next)
-        load_weights(engine, par, consolidate(source))
+        load_weights(engine, par, ZeroFolder(source))
         logger.info(f"initialised weights from {source} and optimizer state from {moments}")
         return
-    from models.hf import read_weights
+    from models.hf import weight_source
 
-    full, _, _ = read_weights(source, need_config=False)  # each tensor's shape is checked on loading
-    load_weights(engine, par, full)
+    weights, _, _ = weight_source(source, need_config=False)  # each tensor's shape is checked on loading
+    load_weights(engine, par, weights)
     logger.info(f"initialised weights from {source} (fresh optimizer state)")
 
 
@@ -273,15 +274,16 @@ def initialize_grown(engine, par: Parallel, args: GrowthArgs, model_config: Mode
     if run is None:
         raise ConfigError(f"growth.from_run: no model.json above {source}: which model is it?")
     small = read_model_config(run.model)
-    grown_state, grown = grow(consolidate(source), small, args.factor, args.order)
-    want, have = config_to_dict(grown), config_to_dict(model_config)
+    grown_weights = Grown(ZeroFolder(source), small, args.factor, args.order)
+    want, have = config_to_dict(grown_weights.config), config_to_dict(model_config)
     diff = sorted(k for k in want if want[k] != have.get(k))
     if diff:
         raise ConfigError(f"growth: {args.factor} × the source's {small.n_layer} layers gives "
                           + ", ".join(f"{k}={want[k]}" for k in diff) + "; this job's model has "
                           + ", ".join(f"{k}={have.get(k)}" for k in diff) + " (set model.* to match)")
-    load_weights(engine, par, grown_state)
-    logger.info(f"initialised by growing {source} ({small.n_layer} -> {grown.n_layer} layers, {args.order}); "
+    load_weights(engine, par, grown_weights)
+    logger.info(f"initialised by growing {source} ({small.n_layer} -> {grown_weights.config.n_layer} layers, "
+                f"{args.order}); "
                 f"fresh optimizer")
     tokens = None
     if os.path.isfile(os.path.join(source, RUN_STATE)):
@@ -292,32 +294,33 @@ def initialize_grown(engine, par: Parallel, args: GrowthArgs, model_config: Mode
 
 
 @torch.no_grad()
-def load_weights(engine, par: Parallel, full: dict[str, torch.Tensor]) -> None:
-    """Put a full (consolidated, unsplit) fp32 state dict into a ZeRO-3 engine of any layout: each
-    rank cuts its own tensor-parallel piece and data-parallel partition, into both the optimizer's
-    fp32 master partition and the model's working partition."""
+def load_weights(engine, par: Parallel, source: TensorSource) -> None:
+    """Put full (unsplit) weights into a ZeRO-3 engine of any layout, tensor by tensor: each rank
+    reads only its own cut (its tensor-parallel slice's data-parallel partition) into both the
+    optimizer's fp32 master partition and the model's working partition. From a ZeRO-3 folder of
+    the same layout that is exactly the bytes of the rank's own partition."""
     shapes = engine._get_zero_param_shapes()
     master = split_partitions(engine.optimizer.fp32_partitioned_groups_flat, shapes, par.dp)
     layout = tensor_parallel_layout(engine.module)
     params = dict(engine.module.named_parameters())
-    missing = sorted(set(master) - set(full))
+    have = set(source.names())
+    missing = sorted(set(master) - have)
     if missing:
         raise ConfigError(f"checkpoint.init_from: the source has no {missing[0]} (and {len(missing) - 1} more "
                           f"parameters): a different model?")
+    cut = Cut(par.dp_rank, par.dp, par.tp_rank, par.tp)
     for name, view in master.items():
-        tensor = full[name]
-        if name in layout:
-            tensor = split_tensor(tensor, *layout[name], par.tp)[par.tp_rank]
         p = params[name]
-        if tuple(tensor.shape) != tuple(p.ds_shape):
-            raise ConfigError(f"checkpoint.init_from: {name} is {tuple(full[name].shape)} in the source, this "
-                              f"model needs {tuple(p.ds_shape)} per tensor-parallel rank")
-        flat = tensor.reshape(-1).float()
-        part = view.numel()
-        padded = torch.zeros(part * par.dp, dtype=torch.float32)
-        padded[: flat.numel()] = flat
-        mine = padded[par.dp_rank * part: (par.dp_rank + 1) * part]
+        split = layout.get(name)
+        want = list(p.ds_shape)
+        if split is not None:
+            want[split[0]] *= par.tp
+        if list(source.shape(name)) != want:
+            raise ConfigError(f"checkpoint.init_from: {name} is {tuple(source.shape(name))} in the source, this "
+                              f"model needs {tuple(want)}")
+        mine = source.piece(name, split, cut)
         view.copy_(mine)
         p.ds_tensor.data.copy_(mine.view_as(p.ds_tensor))
-        if p.data.numel() == tensor.numel():  # gathered and kept whole (persistent): not re-gathered before use
-            p.data.copy_(tensor.view_as(p.data))
+        if p.data.numel() == p.ds_numel:  # gathered and kept whole (persistent): not re-gathered before use
+            p.data.copy_(tp_slice(source.tensor(name), split, cut).view_as(p.data))
+    source.close()

@@ -49,26 +49,42 @@ class SnapshotArgs:
 SHM = "/dev/shm"
 
 
-def shm_has_room(bytes_needed: int) -> bool:
-    return os.path.isdir(SHM) and os.access(SHM, os.W_OK) and shutil.disk_usage(SHM).free > 1.5 * bytes_needed
+def ring_room(root: str) -> int:
+    """Bytes a ring at `root` can take: its file system's free space plus what `root` already holds
+    (this run's slots from before a restart, which the ring recycles)."""
+    probe = os.path.abspath(root)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    held = 0
+    for folder, _, files in os.walk(root):
+        for name in files:
+            try:
+                held += os.path.getsize(os.path.join(folder, name))
+            except OSError:  # gone meanwhile
+                pass
+    return shutil.disk_usage(probe).free + held
 
 
-def resolve_root(args: SnapshotArgs, par: Parallel, run_dir: str, name: str, n_params: int) -> str:
+def shm_has_room(root: str, bytes_needed: int) -> bool:
+    return os.path.isdir(SHM) and os.access(SHM, os.W_OK) and ring_room(root) >= bytes_needed
+
+
+def resolve_root(args: SnapshotArgs, par: Parallel, run_dir: str, name: str, bytes_per_node: int) -> str:
     """Collective: where slots go. `snapshot.dir` if set; else node-local shared memory
     (/dev/shm/lawa/<name>-<hash of run_dir>, the same path on every node) when every node's has
-    room for its ranks' part of the ring; else the run directory."""
+    room for `bytes_per_node` (its ranks' part of the ring, every kind, with room to spare:
+    launcher/plan.py counts it); else the run directory."""
     if args.dir:
         return args.dir
-    # Each slot holds every kind written (raw, and EMA/SWA when on): count the raw one, with room to spare.
-    bytes_per_node = args.slots * 4 * n_params // par.world_size * len(par.node_ranks)
-    rooms = gather_objects(shm_has_room(bytes_per_node) if par.is_node_first else None, par.ctrl_group)
+    tag = hashlib.sha1(os.path.abspath(run_dir).encode()).hexdigest()[:8]
+    shm_root = os.path.join(SHM, "lawa", f"{name}-{tag}")
+    rooms = gather_objects(shm_has_room(shm_root, bytes_per_node) if par.is_node_first else None, par.ctrl_group)
     if all(room for room in rooms if room is not None):
-        tag = hashlib.sha1(os.path.abspath(run_dir).encode()).hexdigest()[:8]
-        return os.path.join(SHM, "lawa", f"{name}-{tag}")
+        return shm_root
     short = [par.hosts[r] for r, room in enumerate(rooms) if room is False]
-    logger.info(f"note: /dev/shm on {', '.join(short)} is missing or has less than 1.5 x the "
-                f"{bytes_per_node / 2**30:.2f} GiB the ring needs; snapshots go to {RunDir(run_dir).snapshots} "
-                f"(snapshot.dir chooses)")
+    logger.info(f"note: /dev/shm on {', '.join(short)} is missing or has less than the "
+                f"{bytes_per_node / 2**30:.2f} GiB the ring needs with room to spare; snapshots go to "
+                f"{RunDir(run_dir).snapshots} (snapshot.dir chooses)")
     return RunDir(run_dir).snapshots
 
 

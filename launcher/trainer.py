@@ -31,8 +31,9 @@ from launcher import checkpoint
 from launcher.data import Prefetcher, TokenBatches, ensure_prepared
 from launcher.metrics import MetricsLogger
 from launcher.optim import build_optimizer, full_numel
+from launcher.plan import check_at_start
 from launcher.preemption import Preemption, requeue_slurm_job
-from launcher.snapshot import SnapshotWriter, resolve_root
+from launcher.snapshot import SnapshotWriter
 from models.registry import ModelConfig, build_model, count_parameters, flops_per_token, write_model_config
 from models.tensor_parallel import tensor_parallel_layout
 
@@ -94,6 +95,7 @@ class Training:
     precision: str
     grad_accum: int
     prefetcher: Optional[Prefetcher] = None
+    snapshot_root: Optional[str] = None  # where the LAWA ring goes (None: no snapshots)
 
     @property
     def checkpoint_dir(self) -> str:
@@ -123,6 +125,9 @@ def build(job: JobConfig) -> Training:
     batches = TokenBatches(manifest, job.data.dir, [s.weight for s in job.data.sources], job.data.seq_len,
                            job.train.seed)
     model_config = job.model.resolve(batches.vocab_size, job.data.seq_len, job.parallel.tensor)
+    # What the job needs of this machine (launcher/plan.py), printed once; a snapshot ring that cannot
+    # fit where it would go is refused here, before the engine is built, not at every snapshot.
+    snapshot_root = check_at_start(job, par, model_config, run.path)
     ds_config = deepspeed_config(job.train.micro_batch_size, grad_accum, par.dp, job.train.grad_clip,
                                  job.parallel.zero_stage, bf16=precision == "bf16",
                                  hidden_size=model_config.n_embd if job.parallel.zero_buckets == "auto" else None)
@@ -151,7 +156,8 @@ def build(job: JobConfig) -> Training:
                 f"ZeRO stage {job.parallel.zero_stage}; {job.train.global_batch_size} sequences × "
                 f"{job.data.seq_len} tokens per step ({grad_accum} accumulation steps of "
                 f"{job.train.micro_batch_size} per rank)")
-    return Training(job, par, run, engine, batches, model_config, ds_config, precision, grad_accum, prefetcher)
+    return Training(job, par, run, engine, batches, model_config, ds_config, precision, grad_accum, prefetcher,
+                    snapshot_root)
 
 
 def placement(par: Parallel) -> str:
@@ -326,7 +332,7 @@ def start_lawa(t: Training, step: int, val_set: list,
     job, par, run = t.job, t.par, t.run
     if job.snapshot.every == 0:
         return None, None
-    root = resolve_root(job.snapshot, par, run.path, job.name, count_parameters(t.model_config))
+    root = t.snapshot_root
     snapshots = SnapshotWriter(job.snapshot, t.engine, par, root, resume_step=step, averages=averages)
     logger.info(f"snapshots: every {job.snapshot.every} steps into a ring of {job.snapshot.slots} slots in {root}")
     # What the sidecar needs, so that it can also be started by hand on this run directory.

@@ -136,8 +136,10 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(config, tp_group) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        """idx (B, T) token ids -> (logits (B, T, V/tp) for this rank's vocab slice, mean loss or None)."""
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, keep: torch.Tensor | None = None):
+        """idx (B, T) token ids -> (logits (B, T, V/tp) for this rank's vocab slice, mean loss or None).
+        keep (B, T) bool: only those positions go through the output head, logits (N, V/tp) in
+        row-major order (scoring needs a few positions, and the head is a large share of the work)."""
         T = idx.shape[1]
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")
@@ -146,6 +148,8 @@ class GPT(nn.Module):
             # Activation checkpointing: keep only each block's input, recompute the rest in backward.
             x = checkpoint(block, x, use_reentrant=False) if self.checkpoint_blocks and self.training else block(x)
         x = self.ln_f(x)  # (B, T, C)
+        if keep is not None:
+            x = x[keep]  # (N, C)
         # The output head is the token embedding, transposed (tied weights).
         logits = F.linear(copy_to_parallel(x, self.tp_group), self.wte.weight)  # (B, T, V/tp)
         if targets is None:

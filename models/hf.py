@@ -1,5 +1,6 @@
 """Hugging Face `transformers` format: our GPT-2 / GPT-NeoX state dicts to and from
-`GPT2LMHeadModel` / `GPTNeoXForCausalLM` folders (config.json + model.safetensors).
+`GPT2LMHeadModel` / `GPTNeoXForCausalLM` folders (config.json + model.safetensors, or shards of it
+with transformers' model.safetensors.index.json), written and read tensor by tensor.
 
 The mapping is a table of names per family; the only reshaping is GPT-2's Conv1D, whose weights
 are stored transposed (in, out). Biases our config leaves out are exported as zeros (both HF
@@ -23,8 +24,8 @@ import torch
 from core.files import staged
 from core.run_dir import MODEL, RunDir, find_run_dir
 from core.tokenizer import load_tokenizer
-from core.weights import Weights
-from core.zero_checkpoint import consolidate
+from core.weights import MAX_SHARD_BYTES, Weights, write_safetensors
+from core.zero_folder import StateDictSource, TensorSource, ZeroFolder
 from models.gpt import GPTConfig
 from models.neox import NeoXConfig
 from models.registry import ModelConfig, config_to_dict, read_model_config
@@ -90,33 +91,69 @@ def _bias_shape(name: str, config: ModelConfig) -> tuple[int, ...]:
     return {"qkv": (3 * C,), "up": (4 * C,)}.get(name.split(".")[-2], (C,))
 
 
-def to_hf_state_dict(state_dict: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
-    out = {}
-    for ours, theirs in name_map(config).items():
-        if ours in state_dict:
-            tensor = state_dict[ours]
-        elif ours.endswith(".bias") and not config.bias:
-            tensor = torch.zeros(_bias_shape(ours, config))
-        else:
-            raise KeyError(f"the state dict has no {ours}: not a {config.family} model of this shape?")
-        if config.family == "gpt2" and GPT2_CONV1D.search(theirs):
-            tensor = tensor.t()
-        out[theirs] = tensor.detach().contiguous()
-    return out
+def is_conv1d(config: ModelConfig, hf_name: str) -> bool:
+    return config.family == "gpt2" and bool(GPT2_CONV1D.search(hf_name))
 
 
-def from_hf_state_dict(hf: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
-    out = {}
-    for ours, theirs in name_map(config).items():
-        if theirs not in hf:
-            if ours.endswith(".bias") and not config.bias:
-                continue
-            raise KeyError(f"the Hugging Face weights have no {theirs}")
-        tensor = hf[theirs]
-        if config.family == "gpt2" and GPT2_CONV1D.search(theirs):
-            tensor = tensor.t()
-        out[ours] = tensor.contiguous()
-    return out
+class HFView(TensorSource):
+    """Our weights under HF names, tensor by tensor: GPT-2's Conv1D weights transposed, biases our
+    config leaves out as zeros."""
+
+    def __init__(self, ours: TensorSource, config: ModelConfig):
+        self.ours, self.config = ours, config
+        self.map = {theirs: name for name, theirs in name_map(config).items()}
+        have = set(ours.names())
+        for name in self.map.values():
+            if name not in have and not (name.endswith(".bias") and not config.bias):
+                raise KeyError(f"the state dict has no {name}: not a {config.family} model of this shape?")
+        self.present = have
+
+    def names(self) -> list[str]:
+        return list(self.map)
+
+    def shape(self, name: str) -> torch.Size:
+        ours = self.map[name]
+        if ours not in self.present:
+            return torch.Size(_bias_shape(ours, self.config))
+        shape = self.ours.shape(ours)
+        return torch.Size(reversed(shape)) if is_conv1d(self.config, name) else shape
+
+    def tensor(self, name: str) -> torch.Tensor:
+        ours = self.map[name]
+        if ours not in self.present:
+            return torch.zeros(_bias_shape(ours, self.config))
+        tensor = self.ours.tensor(ours)
+        return tensor.t().contiguous() if is_conv1d(self.config, name) else tensor
+
+
+class HFFolder(TensorSource):
+    """An HF GPT-2/GPT-NeoX folder's weights under our names, tensor by tensor (safetensors files
+    are mapped, so a tensor is read when asked for), in the dtype stored."""
+
+    def __init__(self, path: str):
+        with open(os.path.join(path, "config.json")) as f:
+            self.config = config_from_hf(json.load(f))
+        self.weights = Weights.of_hf_folder(path)
+        self.map = {}
+        for ours, theirs in name_map(self.config).items():
+            if theirs in self.weights.where:
+                self.map[ours] = theirs
+            elif not (ours.endswith(".bias") and not self.config.bias):
+                raise KeyError(f"the Hugging Face weights have no {theirs}")
+
+    def names(self) -> list[str]:
+        return list(self.map)
+
+    def shape(self, name: str) -> torch.Size:
+        shape = torch.Size(self.weights.meta(self.map[name])[0])
+        return torch.Size(reversed(shape)) if is_conv1d(self.config, self.map[name]) else shape
+
+    def tensor(self, name: str) -> torch.Tensor:
+        tensor = self.weights.rows(self.map[name])
+        return tensor.t().contiguous() if is_conv1d(self.config, self.map[name]) else tensor.contiguous()
+
+    def close(self) -> None:
+        self.weights.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,26 +212,27 @@ def config_from_hf(data: dict[str, Any]) -> ModelConfig:
 # folders
 
 
-def export(state_dict: dict[str, torch.Tensor], config: ModelConfig, out_dir: str,
-           tokenizer: Optional[str] = None, dtype: torch.dtype = torch.float32) -> list[str]:
-    """Write an HF model folder (staged, then renamed: never half written); returns notes (e.g.
-    why no usable tokenizer was written). `tokenizer`: a tokenizer file or a folder holding one."""
-    from safetensors.torch import save_file
-
+def export(weights: TensorSource | dict[str, torch.Tensor], config: ModelConfig, out_dir: str,
+           tokenizer: Optional[str] = None, dtype: torch.dtype = torch.float32,
+           max_shard_bytes: int = MAX_SHARD_BYTES) -> list[str]:
+    """Write an HF model folder (staged, then renamed: never half written), tensor by tensor into
+    safetensors shards of at most `max_shard_bytes` with transformers' index (one model.safetensors
+    when it fits in one); returns notes (e.g. why no usable tokenizer was written). `weights`: a state
+    dict or any TensorSource (a ZeroFolder streams); `tokenizer`: a file or a folder holding one."""
+    source = StateDictSource(weights) if isinstance(weights, dict) else weights
     tok = load_tokenizer(tokenizer) if tokenizer is not None else None
-    source = None if tokenizer is None else tokenizer if os.path.isdir(tokenizer) else os.path.dirname(tokenizer)
+    tokenizer_dir = None if tokenizer is None else tokenizer if os.path.isdir(tokenizer) else os.path.dirname(tokenizer)
     notes = []
     with staged(out_dir) as tmp:
         os.makedirs(tmp)
-        tensors = {k: v.to(dtype) for k, v in to_hf_state_dict(state_dict, config).items()}
-        save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        write_safetensors(HFView(source, config), tmp, dtype, max_shard_bytes)
         hf_config(config, tok.eos_id if tok is not None else None).save_pretrained(tmp)
         if tok is None:
             notes.append("no tokenizer given: the folder holds the model only")
         elif tok.kind == "huggingface":
-            for name in os.listdir(source):
+            for name in os.listdir(tokenizer_dir):
                 if name in HF_TOKENIZER_FILES:
-                    shutil.copy(os.path.join(source, name), os.path.join(tmp, name))
+                    shutil.copy(os.path.join(tokenizer_dir, name), os.path.join(tmp, name))
         else:
             notes.append(f"the tokenizer is a sentencepiece model, which transformers cannot load as a GPT-2/NeoX "
                          f"tokenizer: it was copied as {tok.file_name} for reference only")
@@ -204,33 +242,29 @@ def export(state_dict: dict[str, torch.Tensor], config: ModelConfig, out_dir: st
 
 def read_folder(path: str) -> tuple[dict[str, torch.Tensor], ModelConfig]:
     """Weights and config of an HF model folder (safetensors or .bin, sharded or not), in our names."""
-    with open(os.path.join(path, "config.json")) as f:
-        config = config_from_hf(json.load(f))
-    weights = Weights.of_hf_folder(path)
-    wanted = set(name_map(config).values())
-    hf = {key: weights.rows(key) for key in weights.where if key in wanted}
-    return from_hf_state_dict(hf, config), config
+    source = HFFolder(path)
+    return source.state_dict(), source.config
 
 
 def is_hf_folder(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "config.json"))
 
 
-def read_weights(folder: str, run_dir: Optional[str] = None,
-                 need_config: bool = True) -> tuple[dict[str, torch.Tensor], Optional[ModelConfig], Optional[str]]:
-    """Full weights, in our names, of a Hugging Face folder or of anything that consolidates (a
-    checkpoint, slot, ema/ or swa/ folder, an average), with the model config (from config.json, or
-    the run's model.json found above the folder) and the run directory."""
+def weight_source(folder: str, run_dir: Optional[str] = None,
+                  need_config: bool = True) -> tuple[TensorSource, Optional[ModelConfig], Optional[str]]:
+    """The weights, in our names and read tensor by tensor, of a Hugging Face folder or of a folder of
+    ZeRO-3 files (a checkpoint, slot, ema/ or swa/ folder, an average), with the model config (from
+    config.json, or the run's model.json found above the folder) and the run directory."""
     if is_hf_folder(folder):
-        state_dict, config = read_folder(folder)
-        return state_dict, config, run_dir
+        source = HFFolder(folder)
+        return source, source.config, run_dir
     if run_dir is None:
         found = find_run_dir(folder)
         run_dir = found.path if found is not None else None
     has_config = run_dir is not None and os.path.isfile(RunDir(run_dir).model)
     if need_config and not has_config:
         raise ValueError(f"no {MODEL} found above {folder}: pass --run-dir RUN_DIR")
-    return consolidate(folder), read_model_config(RunDir(run_dir).model) if has_config else None, run_dir
+    return ZeroFolder(folder), read_model_config(RunDir(run_dir).model) if has_config else None, run_dir
 
 
 def run_tokenizer(run_dir: str) -> Optional[str]:
@@ -251,15 +285,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     ex.add_argument("--out", required=True)
     ex.add_argument("--run-dir", default=None, help="the run it came from (default: found above FOLDER)")
     ex.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
+    ex.add_argument("--max-shard-gb", type=float, default=MAX_SHARD_BYTES / 1e9,
+                    help="largest safetensors file; bigger models get several and an index (default %(default)s)")
     im = sub.add_parser("import", help="a Hugging Face GPT-2/GPT-NeoX folder -> our state dict and config")
     im.add_argument("folder")
     im.add_argument("--out", required=True, help="a .pt file holding {'model': config, 'state_dict': ...}")
     args = parser.parse_args(argv)
     try:
         if args.command == "export":
-            state_dict, config, run_dir = read_weights(args.folder, args.run_dir)
+            source, config, run_dir = weight_source(args.folder, args.run_dir)
             dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-            notes = export(state_dict, config, args.out, run_tokenizer(run_dir) if run_dir else None, dtype)
+            notes = export(source, config, args.out, run_tokenizer(run_dir) if run_dir else None, dtype,
+                           int(args.max_shard_gb * 1e9))
             for note in notes:
                 print(f"note: {note}")
             print(f"wrote {args.out} ({config.family}, {config.n_layer} layers): "

@@ -166,8 +166,9 @@ class NeoX(nn.Module):
         # Untied output head, split over the vocabulary like the embedding.
         self.head = ColumnParallelLinear(config.n_embd, config.vocab_size, False, config.init_std, tp_group)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        """idx (B, T) token ids -> (logits (B, T, V/tp) for this rank's vocab slice, mean loss or None)."""
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, keep: torch.Tensor | None = None):
+        """idx (B, T) token ids -> (logits (B, T, V/tp) for this rank's vocab slice, mean loss or None).
+        keep (B, T) bool: only those positions go through the output head, logits (N, V/tp)."""
         T = idx.shape[1]
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")
@@ -175,7 +176,8 @@ class NeoX(nn.Module):
         for block in self.blocks:
             # Activation checkpointing: keep only each block's input, recompute the rest in backward.
             x = checkpoint(block, x, use_reentrant=False) if self.checkpoint_blocks and self.training else block(x)
-        logits = self.head(self.ln_f(x))  # (B, T, V/tp)
+        x = self.ln_f(x)  # (B, T, C)
+        logits = self.head(x if keep is None else x[keep])  # (B, T, V/tp), or (N, V/tp)
         if targets is None:
             return logits, None
         loss = vocab_parallel_cross_entropy(logits, targets, self.wte.vocab_start, self.tp_group)

@@ -14,7 +14,7 @@ from averaging.ema_swa import ema_decay, ema_reference
 from averaging.lawa import average_state_dicts
 from averaging.sidecar.protocol import read_eval_log
 from conftest import BIN, REPO, read_metrics, run_launcher, torchrun
-from core.zero_checkpoint import consolidate
+from core.zero_folder import consolidate
 from test_lawa_distributed import single_process_val_loss, smoke
 
 pytestmark = pytest.mark.distributed
@@ -97,6 +97,11 @@ def test_continual_run_starts_from_another_runs_weights_on_another_layout(averag
     assert "initialised weights from" in proc.stdout
     source = consolidate(str(averaged_run / "checkpoints" / "step_00000012"))
     assert max_diff(consolidate(str(run / "checkpoints" / "step_00000001")), source) <= 1e-6
+    # Our tensor-by-tensor reading of DeepSpeed's own files (padding uninitialised) is its zero_to_fp32, exactly.
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    reference = get_fp32_state_dict_from_zero_checkpoint(str(averaged_run / "checkpoints"), tag="step_00000012")
+    assert list(source) == list(reference) and all(torch.equal(source[k], reference[k]) for k in reference)
     # Keeping the optimizer state needs the same layout; the warmup restarts from step 0.
     kept = tmp_path / "kept"
     proc = torchrun(2, *smoke(pydoc_data, kept, f"checkpoint.init_from={averaged_run / 'checkpoints'}",

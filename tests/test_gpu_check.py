@@ -30,4 +30,6 @@ def test_gpu_check_dry_run(tmp_path):
     assert row["best"] in ("default", "zero_buckets", "compile", "checkpointing")
     lc = res["lawa_cost"]
     assert lc["stall_per_snapshot_s"] > 0 and 0 < lc["ratio_on_off"] <= 1.5
+    zs = res["zero_shot"]
+    assert zs["choice"]["metrics_equal"] and zs["last_word"]["metrics_equal"] and zs["choice"]["after_s"] > 0
     assert "## 2. Throughput" in (tmp_path / "gpu_check.md").read_text()

@@ -69,7 +69,7 @@ def test_lm_eval_scores_an_exported_model_like_our_scorer(tmp_path):
 
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-    from averaging.zero_shot import evaluate_task, full_log_probs, load_task, summarize
+    from averaging.zero_shot import evaluate_task, full_logits, load_task, summarize
     from core.tokenizer import load_tokenizer
 
     texts = [t for t in topics.values() if len(t.split()) >= 16]
@@ -114,7 +114,7 @@ def test_lm_eval_scores_an_exported_model_like_our_scorer(tmp_path):
     task = load_task(str(data))
     encode = load_tokenizer(str(tmp_path / "hf" / "tokenizer.json")).encode
     with torch.no_grad():
-        ours = summarize(task, evaluate_task(task, full_log_probs(model), encode, 64, torch.device("cpu")))
+        ours = summarize(task, evaluate_task(task, full_logits(model), encode, 64, torch.device("cpu")))
     assert theirs["acc,none"] == pytest.approx(ours["acc"]) and theirs["acc_norm,none"] == pytest.approx(ours["acc_norm"])
 
 

@@ -12,7 +12,7 @@ from averaging import slots
 from averaging.evaluate import hf_held_out_loss
 from averaging.sidecar.protocol import read_eval_log
 from conftest import BIN, REPO, read_metrics, torchrun
-from core.zero_checkpoint import consolidate
+from core.zero_folder import consolidate
 from models.hf import read_folder
 from test_lawa_distributed import smoke
 

@@ -10,7 +10,7 @@ import torch
 from averaging import slots
 from conftest import BIN, read_metrics, run_launcher, torchrun
 from core.files import step_name
-from core.zero_checkpoint import consolidate
+from core.zero_folder import consolidate
 
 pytestmark = pytest.mark.distributed
 

@@ -41,7 +41,8 @@ from core.distributed import build_parallel, gather_objects, pick_device
 from core.engine import build_engine, inference_config, use_deepspeed
 from core.log import logger, setup_logging
 from core.run_dir import RunDir
-from core.zero_checkpoint import LayoutMismatch, consolidate, split_partitions
+from core.zero_checkpoint import LayoutMismatch, split_partitions
+from core.zero_folder import ZeroFolder
 from models.registry import build_model, read_model_config
 
 
@@ -286,13 +287,13 @@ class Sidecar:
         return max(set.intersection(*(set(v) for v in views)) - self.bad_steps, default=step) > step
 
     def export_best(self) -> None:
-        """The best LAWA average as a Hugging Face folder (consolidated by the main rank)."""
+        """The best LAWA average as a Hugging Face folder (streamed tensor by tensor by the main rank)."""
         if self.is_main:
             from models.hf import export, run_tokenizer
 
             best = slots.committed_steps(self.paths.lawa_best)
             if best:
-                export(consolidate(slots.slot_path(self.paths.lawa_best, best[-1])), self.model_config,
+                export(ZeroFolder(slots.slot_path(self.paths.lawa_best, best[-1])), self.model_config,
                        self.paths.lawa_best_hf, run_tokenizer(self.run_dir))
                 logger.info(f"exported the best LAWA average (step {best[-1]}) to {self.paths.lawa_best_hf}")
         dist.barrier(group=self.par.ctrl_group)
@@ -303,19 +304,19 @@ class Sidecar:
             return {}
         from averaging.zero_shot import evaluate_task, summarize
 
-        def log_probs(x: torch.Tensor) -> torch.Tensor:
-            logits, _ = self.engine(x)  # (1, T, V/tp): this rank's slice of the vocabulary
+        def full_logits(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+            logits, _ = self.engine(x, keep=keep)  # (N, V/tp): this rank's slice of the vocabulary
             if self.par.tp > 1:
                 parts = [torch.empty_like(logits) for _ in range(self.par.tp)]
                 dist.all_gather(parts, logits.contiguous(), group=self.par.tp_group)
                 logits = torch.cat(parts, dim=-1)
-            return torch.log_softmax(logits.float(), dim=-1)
+            return logits  # (N, V)
 
         scores = {}
         self.engine.eval()
         with torch.no_grad():
             for task in self.tasks:
-                sums = evaluate_task(task, log_probs, self.encode, self.model_config.block_size, self.device,
+                sums = evaluate_task(task, full_logits, self.encode, self.model_config.block_size, self.device,
                                      (self.par.dp_rank, self.par.dp))
                 # Tensor-parallel ranks of one data-parallel rank scored the same examples: count once.
                 gathered = self._gather(sums if self.par.tp_rank == 0 else None)

@@ -1,0 +1,442 @@
+"""Will a job fit a cluster? GPU memory per rank, host memory and /dev/shm per node, from the job
+alone, and the same block at the start of every run with the machine's own figures.
+
+    python -m launcher.plan --job JOB [overrides] --nodes N --gpus-per-node G \\
+        [--gpu-mem-gb M] [--host-mem-gb H] [--shm-gb S]
+
+Exit status 0 when everything fits, 1 when something does not (its line names the knobs that
+would make it fit, each one tried), 2 for a bad job or flag (one line naming it). Every term and
+its source: docs/training.md, "Will it fit". The ring's bytes are exact; the GPU and host figures
+are estimates (DeepSpeed's own estimator, a published activation formula, stated allowances).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Optional
+
+import torch
+
+from averaging.lawa import slots_needed
+from core.config import ConfigError, need
+from core.distributed import gather_objects
+from core.log import logger
+from launcher.data.prepare import MANIFEST
+from launcher.snapshot import SHM, is_node_local, resolve_root, ring_room, root_is_shared
+from models.registry import ModelConfig, build_model
+
+if TYPE_CHECKING:
+    from core.distributed import Parallel
+    from launcher.config import JobConfig
+
+GiB = 2**30
+# Allowances, not measurements: a CUDA process holds its context, NCCL's buffers and the caching
+# allocator's slack on the GPU, and torch + CUDA + DeepSpeed resident in host memory, before its
+# first tensor. Each trainer and each sidecar rank is such a process.
+CUDA_OVERHEAD = 2 * GiB
+PROCESS_HOST = 2 * GiB
+# The ring may fill this share of its storage: NCCL's shared-memory transport and other jobs also
+# write to /dev/shm, and a full tmpfs fails their writes too, not just the next snapshot.
+RING_SHARE = 0.9
+
+
+def size(n: float) -> str:
+    if n >= 10 * GiB:
+        return f"{n / GiB:.1f} GiB"
+    return f"{n / GiB:.2f} GiB" if n >= GiB / 10 or n == 0 else f"{n / 2**20:.1f} MiB"
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A model as the plan sees it: each module's own parameters, as (elements, split by tensor
+    parallelism); DeepSpeed's "largest layer" is the largest module."""
+
+    config: ModelConfig
+    modules: tuple[tuple[tuple[int, bool], ...], ...]
+
+    @property
+    def params(self) -> int:
+        return sum(n for module in self.modules for n, _ in module)
+
+    def local(self, tp: int) -> int:
+        """Parameters one tensor-parallel rank holds: 1/tp of each split one, all replicated ones."""
+        return sum(n // tp if split else n for module in self.modules for n, split in module)
+
+    def largest_layer(self, tp: int) -> int:
+        return max(sum(n // tp if split else n for n, split in module) for module in self.modules)
+
+    def partition(self, tp: int, dp: int) -> int:
+        """fp32 elements of one rank's ZeRO-3 partition: ceil(numel/dp) of each parameter (padding included)."""
+        return sum(-(-(n // tp if split else n) // dp) for module in self.modules for n, split in module)
+
+
+def model_shape(config: ModelConfig) -> Shape:
+    """The model's own modules built on the meta device (shapes, no memory), so the counts are the
+    code's and not a second formula: the split marks are what models/tensor_parallel.py sets."""
+    with torch.device("meta"):
+        model = build_model(config)
+    seen: set[int] = set()
+    modules = []
+    for module in model.modules():
+        own = [p for p in module.parameters(recurse=False) if id(p) not in seen]  # a tied head counts once
+        seen.update(id(p) for p in own)
+        modules.append(tuple((p.numel(), hasattr(p, "tensor_parallel_dim")) for p in own))
+    return Shape(config, tuple(modules))
+
+
+@dataclass(frozen=True)
+class Cluster:
+    nodes: int
+    gpus_per_node: int  # training ranks per node
+    gpu_mem: Optional[float]  # bytes per GPU (None: not known)
+    host_mem: float  # bytes per node
+    ring_room: Optional[float]  # bytes the ring's storage offers per node (None: not checked)
+    ring_place: str = SHM  # where the ring goes
+    ring_shared: bool = False  # one storage seen by every node: the ring's bytes add up over nodes
+    device: str = "cuda"  # what the trainers run on
+    world: Optional[int] = None  # None: nodes × gpus_per_node
+
+    @property
+    def ring_in_ram(self) -> bool:
+        return is_node_local(self.ring_place) or os.path.abspath(self.ring_place) == SHM
+
+
+@dataclass(frozen=True)
+class Resource:
+    name: str  # gpu, host, shm (ring, when it is not in /dev/shm)
+    where: str  # per rank, per node, ...
+    parts: tuple[tuple[str, float], ...]  # what makes up the need, in bytes
+    have: Optional[float]  # None: not checked
+    share: float = 1.0  # the part of `have` that may be used
+    advice: tuple[str, ...] = ()  # the knobs, when it does not fit
+    note: str = ""  # said instead of a verdict when there is nothing to check
+
+    @property
+    def need(self) -> float:
+        return sum(b for _, b in self.parts)
+
+    @property
+    def fits(self) -> bool:
+        return self.have is None or self.need <= self.share * self.have
+
+    def breakdown(self) -> str:
+        terms = self.parts[0][0] if len(self.parts) == 1 else " + ".join(f"{label} {size(b)}" for label, b in self.parts)
+        return f"{self.name} {self.where}: {terms} = {size(self.need)}"
+
+    def verdict(self) -> str:
+        if self.have is None:
+            return f"{self.name}: {self.note}" if not self.parts else f"{self.name}: {size(self.need)} {self.where} — {self.note}"
+        share = f" (it may use {self.share:.0%})" if self.share < 1 else ""
+        head = f"{self.name}: {size(self.need)} of {size(self.have)} {self.where}{share}"
+        return f"{head} — fits" if self.fits else f"{head} — does not fit: {', or '.join(self.advice)}"
+
+
+@dataclass(frozen=True)
+class Plan:
+    header: tuple[str, ...]
+    gpu: Resource
+    host: Resource
+    ring: Resource
+    notes: tuple[str, ...] = ()
+
+    @property
+    def fits(self) -> bool:
+        return self.gpu.fits and self.host.fits and self.ring.fits
+
+    def lines(self) -> list[str]:
+        resources = (self.gpu, self.host, self.ring)
+        return [*self.header, *(f"  {r.breakdown()}" for r in resources if r.parts),
+                *(r.verdict() for r in resources), *self.notes]
+
+
+def zero3_estimate(params: int, largest_layer: int, gpus_per_node: float, nodes: int) -> tuple[float, float]:
+    """DeepSpeed's own ZeRO-3 estimate for our setup (no offload; zero.Init, as the trainer builds the
+    model): (host bytes per node, GPU bytes per rank) = (4·largest·G·1.5, 4·largest + 18·params/(G·nodes))."""
+    from core.engine import use_deepspeed
+
+    use_deepspeed("cuda" if torch.cuda.is_available() else "cpu")  # never guess the accelerator with a warning
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
+        params, largest_layer, num_gpus_per_node=gpus_per_node, num_nodes=nodes, cpu_offload=False,
+        cpu_offload_params=False, zero_init=True, additional_buffer_factor=1.5)
+    return cpu, gpu
+
+
+def _resources(job: JobConfig, shape: Shape, cl: Cluster) -> tuple[dict[str, Resource], dict]:
+    """The arithmetic (docs/training.md, "Will it fit"), without advice; ConfigError for a layout
+    that cannot run."""
+    c, t, tp, R = shape.config, job.train, job.parallel.tensor, cl.gpus_per_node
+    dp = job.parallel.data_parallel(cl.world or cl.nodes * R)
+    accum = t.accumulation_steps(dp)
+    E = 4 * shape.partition(tp, dp)  # bytes of one rank's fp32 partition
+    precision = t.resolved_precision(cl.device)
+    width = 2 if precision == "bf16" else 4  # bytes of a weight, gradient or activation
+    snap = job.snapshot.every > 0
+    kinds = ["raw", *(k for k, on in (("ema", job.ema.enabled), ("swa", job.swa.enabled)) if on)] if snap else []
+    sidecar = snap and job.sidecar.enabled
+    sidecar_gpu = sidecar and cl.device == "cuda" and job.sidecar.device != "cpu"
+
+    # DeepSpeed's estimator knows nothing of tensor parallelism: each tensor-parallel slice is its own
+    # ZeRO-3 model, partitioned over the dp ranks that hold that slice, G/tp of them on each node.
+    states_host, states = zero3_estimate(shape.local(tp), shape.largest_layer(tp), R / tp, cl.nodes)
+    if width == 4:  # the estimator counts 16-bit weights and gradients: fp32 ones take 2 + 2 bytes more
+        states += E
+    # Activations, Korthikanti et al. 2022 eq. 2 (tensor parallel, no sequence parallelism):
+    # s·b·h·(10 + 24/t + 5·a·s/(h·t)) bytes per layer in 16-bit. The last term (attention scores,
+    # softmax, its dropout: s² per head) is left out: F.scaled_dot_product_attention's fused GPU
+    # kernels never store it. Checkpointing keeps each block's input, plus one block recomputed.
+    b, s, h = t.micro_batch_size, job.data.seq_len, c.n_embd
+    layer = s * b * h * (10 + 24 / tp) * width / 2
+    acts = c.n_layer * s * b * h * width + layer if t.activation_checkpointing else c.n_layer * layer
+    logits = b * s * c.vocab_size / tp * (width + 4)  # the step's 16-bit logits + their fp32 copy in the loss
+    device = [("model states", states), ("activations", acts), ("logits", logits)]
+    if job.ema.enabled and not job.ema.offload:
+        device.append(("EMA", E))  # shard-local fp32 copies beside the weights (averaging/ema_swa.py)
+    if job.swa.enabled:
+        device.append(("SWA", E))
+    # The sidecar's own ZeRO-3 engine: 16-bit partitions, one gathered layer and one prefetched,
+    # a forward (no grad) at the micro-batch.
+    side = width * E / 4 + 2 * width * shape.largest_layer(tp) + layer + logits if sidecar else 0.0
+
+    host = []
+    if snap:  # pinned copies of the partition the background thread writes from, one per kind
+        host.append(("snapshot buffers", R * E * len(kinds)))
+    if job.ema.enabled and job.ema.offload:
+        host.append(("EMA (ema.offload)", R * E))
+    if sidecar:
+        # A running fp32 sum per merge; the shards it reads (raw, EMA, SWA) are mapped from the slot
+        # files (averaging/slots.py), pages the ring already holds.
+        host.append(("sidecar sums", R * E * len(job.merges())))
+    host.append(("DeepSpeed zero.Init", states_host * tp))  # the estimator's figure is per slice
+    host.append(("processes", R * PROCESS_HOST * (2 if sidecar else 1)))
+    if cl.device == "cpu":  # no GPU: the trainers' tensors are host memory too (and the sidecar's, below)
+        host.append(("trainers' tensors (cpu)", R * sum(n for _, n in device)))
+    if side and not sidecar_gpu:
+        host.append(("sidecar engine", R * side))
+    gpu_parts = (*device, *((("sidecar", side + CUDA_OVERHEAD),) if sidecar_gpu else ()), ("CUDA", CUDA_OVERHEAD))
+
+    ring = R * E * len(kinds) * job.snapshot.slots * (cl.nodes if cl.ring_shared else 1)
+    if ring and cl.ring_in_ram:
+        host.append(("the ring (/dev/shm is RAM)", ring))
+    label = (f"{job.snapshot.slots} slots × {len(kinds)} ({' + '.join(kinds)}) × {size(R * E)} (a node's {R} "
+             f"partition{'s' if R > 1 else ''})" + (f" × {cl.nodes} nodes" if cl.ring_shared else ""))
+    where = ("in all" if cl.ring_shared else "per node") + ("" if cl.ring_in_ram else f" in {cl.ring_place}")
+    unchecked = "not checked here (snapshot.dir): the launcher checks its free space at start"
+    resources = {
+        "gpu": Resource("gpu", "per rank", gpu_parts, cl.gpu_mem) if cl.device == "cuda" else
+        Resource("gpu", "per rank", (), None, note="none: training on cpu, its tensors are counted in host memory"),
+        "host": Resource("host", "per node", tuple(host), cl.host_mem),
+        "ring": Resource("shm" if cl.ring_in_ram else "ring", where, ((label, ring),) if ring else (),
+                         cl.ring_room if ring else None, RING_SHARE, note=unchecked if ring else "not used (snapshot.every=0)"),
+    }
+    return resources, dict(dp=dp, accum=accum, E=E, kinds=kinds, precision=precision, sidecar=sidecar)
+
+
+def _fits(job: JobConfig, cl: Cluster, shape: Shape, name: str) -> bool:
+    try:
+        shape.config.check(job.parallel.tensor)
+        return _resources(job, shape, cl)[0][name].fits
+    except (ConfigError, ValueError):  # a variant that cannot run at all does not fit either
+        return False
+
+
+def _with(job: JobConfig, section: str, **changes) -> JobConfig:
+    return replace(job, **{section: replace(getattr(job, section), **changes)})
+
+
+def _advice(job: JobConfig, shape: Shape, cl: Cluster, name: str) -> tuple[str, ...]:
+    """Every single knob that alone makes resource `name` fit, each tried on the same arithmetic."""
+    out: list[str] = []
+    t, snap, R = job.train, job.snapshot, cl.gpus_per_node
+
+    def first(label: str, candidates, variant) -> None:  # variant(x) -> (job, cluster)
+        found = next((x for x in candidates if _fits(*variant(x), shape, name)), None)
+        if found is not None:
+            out.append(label.format(found))
+
+    def one(label: str, j: JobConfig = job, c: Cluster = cl) -> None:
+        first(label, [True], lambda _: (j, c))
+
+    if name == "gpu":
+        first("lower train.micro_batch_size to {}", range(t.micro_batch_size - 1, 0, -1),
+              lambda m: (_with(job, "train", micro_batch_size=m), cl))
+        if not t.activation_checkpointing:
+            one("set train.activation_checkpointing=true", _with(job, "train", activation_checkpointing=True))
+        first("raise parallel.tensor to {}", [n for n in range(job.parallel.tensor + 1, R + 1) if R % n == 0],
+              lambda n: (_with(job, "parallel", tensor=n), cl))
+        if job.ema.enabled and not job.ema.offload:
+            one("set ema.offload=true", _with(job, "ema", offload=True))
+        if snap.every and job.sidecar.enabled and job.sidecar.device != "cpu":
+            one("set sidecar.device=cpu", _with(job, "sidecar", device="cpu"))
+    elif snap.every:  # host or ring
+        least = max([2, *(slots_needed(m, snap.every) for m in job.merges())])  # what the merges need
+        first("lower snapshot.slots to {}", range(snap.slots - 1, least - 1, -1),
+              lambda n: (_with(job, "snapshot", slots=n), cl))
+        if name == "ring":  # unset, the launcher falls back to the run directory by itself (resolve_root)
+            out.append("set snapshot.dir to a disk with room" + (
+                f" (left unset, the launcher puts it in {job.resolved_run_dir}/snapshots)"
+                if cl.ring_in_ram and not snap.dir else ""))
+        elif cl.ring_in_ram:
+            one("set snapshot.dir to a disk", c=replace(cl, ring_place="disk", ring_room=None))
+        for kind in ("ema", "swa"):
+            if getattr(job, kind).enabled:
+                one(f"turn {kind.upper()} off ({kind}.enabled=false)", _with(job, kind, enabled=False))
+        if name == "host" and job.sidecar.enabled and len(job.merges()) > 1:
+            one("score fewer merges (lawa.merges)", _with(job, "lawa", merges=job.lawa.merges[:1]))
+    # More nodes: smaller partitions on each (not for a ring on storage every node shares).
+    first("use {} nodes", range(cl.nodes + 1, 8 * cl.nodes + 1), lambda n: (job, replace(cl, nodes=n, world=None)))
+    return tuple(out) or ("no single knob is enough: combine train.micro_batch_size, train.activation_checkpointing, "
+                          "parallel.tensor or more nodes",)
+
+
+def plan(job: JobConfig, config: ModelConfig, cl: Cluster, shape: Optional[Shape] = None) -> Plan:
+    """What the job needs of the cluster, resource by resource, with the knobs for what does not fit."""
+    shape = shape or model_shape(config)
+    resources, k = _resources(job, shape, cl)
+    resources = {name: r if r.fits else replace(r, advice=_advice(job, shape, cl, name)) for name, r in resources.items()}
+    c, t = config, job.train
+    count = f"{shape.params / 1e9:.2f}B" if shape.params >= 1e9 else f"{shape.params / 1e6:.2f}M"
+    header = [
+        f"plan: {job.name}, {job.model.size} ({c.n_layer} layers × {c.n_embd} wide, {c.n_head} heads, vocab "
+        f"{c.vocab_size}): {count} parameters, an fp32 copy {size(4 * shape.params)}",
+        f"layout: {cl.nodes} node{'s' if cl.nodes > 1 else ''} × {cl.gpus_per_node} "
+        f"{'GPU' if cl.device == 'cuda' else 'rank'}{'s' if cl.gpus_per_node > 1 else ''} = tensor {job.parallel.tensor} × data {k['dp']}; "
+        f"{k['precision']}; {t.micro_batch_size} × {job.data.seq_len} tokens per micro-batch, {k['accum']} "
+        f"accumulation steps{'; activation checkpointing' if t.activation_checkpointing else ''}",
+        f"partition: {k['E'] / 4 / 1e6:.2f}M fp32 elements per rank = {size(k['E'])}, "
+        f"{size(cl.gpus_per_node * k['E'])} per node",
+    ]
+    notes = []
+    keeping = [m for m in job.merges() if m.keep_best] if k["sidecar"] else []
+    if keeping:  # lawa_best/ and merges/<name>/ live in the shared run directory, not in /dev/shm
+        notes.append(f"note: the sidecar keeps each merge's best ({', '.join(m.name for m in keeping)}) as one fp32 "
+                     f"copy, {size(4 * shape.params)} each, in the run directory (shared storage, not /dev/shm)")
+    return Plan(tuple(header), resources["gpu"], resources["host"], resources["ring"], tuple(notes))
+
+
+# ---------------------------------------------------------------------------------------------
+# at the start of a run
+
+
+def host_memory() -> int:
+    """This node's memory: physical, or the container's cgroup limit when lower."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as f:
+                total = min(total, int(f.read().strip()))
+        except (OSError, ValueError):  # no such cgroup, or "max"
+            pass
+    return total
+
+
+def check_at_start(job: JobConfig, par: Parallel, config: ModelConfig, run_dir: str) -> Optional[str]:
+    """Collective, before the engine is built: where the ring goes (None: no snapshots) and this
+    machine's figures in the plan, printed once as one block. A ring that cannot fit where it would
+    go is refused here (one line, exit status 2) rather than failing at every snapshot of the run.
+
+    GPU and host verdicts are only said: they are estimates, and CUDA's own out-of-memory error is
+    exact. Where the ring goes: a job that names snapshot.dir meant that place, so a place without
+    room is an error naming the knobs; a job that leaves it unset asked for "/dev/shm if it has
+    room", and gets the run directory instead (resolve_root's note), unless that lacks room too."""
+    shape = model_shape(config)
+    hosts = list(dict.fromkeys(par.hosts))
+    base = Cluster(len(hosts), max(len(par.ranks_on(host)) for host in hosts), None, 0, None,
+                   device=par.device.type, world=par.world_size)
+    root = shared = None
+    if job.snapshot.every > 0:
+        ring = _resources(job, shape, base)[0]["ring"].need
+        root = resolve_root(job.snapshot, par, run_dir, job.name, int(ring / RING_SHARE))
+        shared = not is_node_local(root) and root_is_shared(root, par)
+    mine = None
+    if par.is_node_first:
+        gpu = torch.cuda.get_device_properties(par.device).total_memory if par.device.type == "cuda" else None
+        mine = (par.host, gpu, host_memory(), ring_room(root) if root else None)
+    seen = [m for m in gather_objects(mine, par.ctrl_group) if m is not None]
+    rooms = {host: room for host, _, _, room in seen}
+    cl = replace(base, gpu_mem=min((g for _, g, _, _ in seen if g is not None), default=None),
+                 host_mem=min(h for _, _, h, _ in seen), ring_room=min(rooms.values()) if root else None,
+                 ring_place=root or SHM, ring_shared=bool(shared) and len(hosts) > 1)
+    result = plan(job, config, cl, shape)
+    logger.info("\n".join(result.lines()))
+    ring = result.ring
+    if root is not None and not ring.fits:
+        short = [host for host, room in rooms.items() if RING_SHARE * room < ring.need]
+        place = f"snapshot.dir={root}" if job.snapshot.dir else f"{root} (/dev/shm lacked room and snapshot.dir is unset)"
+        raise ConfigError(
+            f"the snapshot ring cannot fit: it needs {size(ring.need)} {ring.where.split(' in ')[0]} "
+            f"({ring.parts[0][0]}) but {place} has room for {size(min(rooms.values()))} on {', '.join(short)} "
+            f"(free space plus this run's slots there; the ring may use {RING_SHARE:.0%}): {', or '.join(ring.advice)}")
+    return root
+
+
+# ---------------------------------------------------------------------------------------------
+# the command
+
+
+def vocab_of(job: JobConfig) -> int:
+    """The tokenizer's vocabulary as training will see it: model.vocab_size, else the prepared
+    data's manifest, else data.tokenizer's, else the size data preparation trains."""
+    if job.model.vocab_size is not None:
+        return job.model.vocab_size
+    manifest = os.path.join(job.data.dir, MANIFEST)
+    if os.path.isfile(manifest):
+        with open(manifest) as f:
+            return int(json.load(f)["vocab_size"])
+    if job.data.tokenizer is not None:
+        from core.tokenizer import load_tokenizer
+
+        try:
+            return load_tokenizer(job.data.tokenizer).vocab_size
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"data.tokenizer: cannot read it ({e}); or set model.vocab_size") from None
+    return job.data.vocab_size
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, like a config error, not argparse's usage block
+        print(f"error: {message} (python -m launcher.plan --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = _Parser(prog="python -m launcher.plan", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--job", default=None, help="job YAML file (default: jobs/tiny_cpu.yaml)")
+    parser.add_argument("--nodes", type=int, required=True)
+    parser.add_argument("--gpus-per-node", type=int, required=True, help="GPUs per node: training ranks per node")
+    parser.add_argument("--gpu-mem-gb", type=float, default=80.0,
+                        help="one GPU's memory in GiB (default 80: an A100/H100 80GB, which torch sees as 79.3-79.6)")
+    parser.add_argument("--host-mem-gb", type=float, default=1024.0,
+                        help="host memory per node in GiB (default 1024, common on 8-GPU nodes)")
+    parser.add_argument("--shm-gb", type=float, default=None,
+                        help="room in /dev/shm per node in GiB (default: half of --host-mem-gb, Linux's default "
+                             "tmpfs size; `df -h /dev/shm` on a node says)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, as for training")
+    cli = parser.parse_intermixed_args(argv)
+    shm = cli.host_mem_gb / 2 if cli.shm_gb is None else cli.shm_gb
+    try:
+        for flag, value in (("--nodes", cli.nodes), ("--gpus-per-node", cli.gpus_per_node),
+                            ("--gpu-mem-gb", cli.gpu_mem_gb), ("--host-mem-gb", cli.host_mem_gb), ("--shm-gb", shm)):
+            need(value > 0, f"{flag}: must be positive, got {value}")
+        from launcher.config import load_job
+
+        job = load_job(cli.job, cli.overrides)
+        config = job.model.resolve(vocab_of(job), job.data.seq_len, job.parallel.tensor)
+        place = job.snapshot.dir or SHM
+        cl = Cluster(cli.nodes, cli.gpus_per_node, cli.gpu_mem_gb * GiB, cli.host_mem_gb * GiB,
+                     shm * GiB if place == SHM or is_node_local(place) else None, ring_place=place)
+        result = plan(job, config, cl)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    print("\n".join(result.lines()))
+    return 0 if result.fits else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
