@@ -22,7 +22,8 @@ from averaging.lawa import average_state_dicts
 from averaging.sidecar.protocol import read_eval_log
 from conftest import BIN, REPO, launcher_env, read_metrics, torchrun
 from core.files import step_name
-from core.zero_checkpoint import consolidate, shapes_from_json, split_partitions
+from core.zero_checkpoint import shapes_from_json, split_partitions
+from core.zero_folder import consolidate
 from test_hf_distributed import hf_val_loss
 from test_lawa_distributed import wait_for
 
