@@ -86,8 +86,10 @@ def test_two_node_job_preempted_requeued_and_resumed_exactly(cluster, pydoc_data
     assert all(got[s] == pytest.approx(expected[s], rel=1e-6, abs=1e-6) for s in expected)
     a = {r["step"]: r for r in read_eval_log(str(whole))}
     b = {r["step"]: r for r in read_eval_log(str(run))}
+    # Which steps a sidecar scores depends on how fast it keeps up (it scores the newest when behind);
+    # the last step is scored in both runs, since the trainers wait for it.
     common = sorted(set(a) & set(b))
-    assert len(common) >= 2, (sorted(a), sorted(b))
+    assert steps in common, (sorted(a), sorted(b))
     for s in common:
         assert b[s]["raw_val_loss"] == pytest.approx(a[s]["raw_val_loss"], rel=1e-6)
         if a[s]["steps_averaged"] == b[s]["steps_averaged"]:
