@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import pickle
 import re
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
@@ -156,7 +157,10 @@ def release_pages(tensor: torch.Tensor) -> None:
 
 
 def _load_mapped(path: str) -> Any:
-    return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:  # truncated, or not a torch.save zip
+        raise ValueError(f"cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
 class ZeroFolder(TensorSource):

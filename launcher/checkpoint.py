@@ -9,6 +9,7 @@ ignores, and `latest` still names the previous complete checkpoint.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -152,10 +153,24 @@ def restore(engine, par: Parallel, ckpt_dir: str, args: CheckpointArgs, growth: 
     if args.branch_from is not None:
         return continue_from(engine, par, args.branch_from, averages, "branched")
     if growth.from_run is not None:
-        return Start(grown_from=initialize_grown(engine, par, growth, model_config))
+        with unreadable_as_config_error("growth.from_run"):
+            return Start(grown_from=initialize_grown(engine, par, growth, model_config))
     if args.init_from is not None:
-        initialize_from(engine, par, init_source(args.init_from), args.init_optimizer)
+        with unreadable_as_config_error("checkpoint.init_from"):
+            initialize_from(engine, par, init_source(args.init_from), args.init_optimizer)
     return Start()
+
+
+@contextlib.contextmanager
+def unreadable_as_config_error(key: str):
+    """A source whose files cannot be read (missing, truncated, not DeepSpeed's) is a bad input: one
+    line naming the key and the file, not a traceback from the reader."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except (ValueError, KeyError, OSError) as e:
+        raise ConfigError(f"{key}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
 def continue_from(engine, par: Parallel, checkpoint: str, averages: ShardAverages, verb: str) -> Start:

@@ -89,6 +89,13 @@ def test_each_ranks_piece_is_its_cut_of_the_full_tensor(state, tmp_path, source_
                         assert torch.equal(source.piece(name, layout.get(name), cut), want), (name, cut)
 
 
+def test_an_unreadable_file_is_named_in_one_line(state, tmp_path):
+    folder = write_folder(tmp_path / "f", state, 2, 1)
+    os.truncate(os.path.join(folder, slots.optim_states_file(1, 0)), 100)
+    with pytest.raises(ValueError, match=r"cannot read .*zero_pp_rank_1_mp_rank_00_optim_states.pt"):
+        consolidate(folder)
+
+
 def test_growth_as_a_view_equals_growing_the_state_dict(state, tmp_path):
     grown_state, grown_config = grow(state, CONFIG, 3, "interpolate")
     view = Grown(ZeroFolder(write_folder(tmp_path / "f", state, 2, 1)), CONFIG, 3, "interpolate")
