@@ -26,6 +26,7 @@ from models.tensor_parallel import (
     check_split,
     copy_to_parallel,
     group_size,
+    init_normal,
     vocab_parallel_cross_entropy,
 )
 
@@ -117,7 +118,7 @@ class PositionEmbedding(nn.Module):
     def __init__(self, block_size: int, n_embd: int, init_std: float):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(block_size, n_embd))
-        nn.init.normal_(self.weight, mean=0.0, std=init_std)
+        init_normal(self.weight, init_std)
 
     def forward(self, T: int) -> torch.Tensor:
         return self.weight[:T]  # (T, C)

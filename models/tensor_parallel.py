@@ -92,6 +92,13 @@ def tensor_parallel_layout(model: nn.Module) -> dict[str, list[int]]:
             if hasattr(p, "tensor_parallel_dim")}
 
 
+def init_normal(weight: torch.Tensor, std: float) -> None:
+    """N(0, std) in place; nothing on the meta device, where a model is built for its shapes alone
+    (launcher/plan.py at every start) and torch's meta normal_ would first import its compiler (seconds)."""
+    if weight.device.type != "meta":
+        nn.init.normal_(weight, mean=0.0, std=std)
+
+
 class ColumnParallelLinear(nn.Module):
     """y = x W^T + b, W split along its output features: each rank computes out_features/N outputs."""
 
@@ -103,7 +110,7 @@ class ColumnParallelLinear(nn.Module):
             raise ValueError(f"{out_features} output features do not split over {size} tensor-parallel ranks")
         self.tp_group = tp_group
         full = torch.empty(out_features, in_features)
-        nn.init.normal_(full, mean=0.0, std=init_std)
+        init_normal(full, init_std)
         self.weight = nn.Parameter(_local_slice(full, 0, stride, tp_group))  # (out/N, in)
         _mark_split(self.weight, 0, stride)
         if bias:
@@ -128,7 +135,7 @@ class RowParallelLinear(nn.Module):
             raise ValueError(f"{in_features} input features do not split over {size} tensor-parallel ranks")
         self.tp_group = tp_group
         full = torch.empty(out_features, in_features)
-        nn.init.normal_(full, mean=0.0, std=init_std)
+        init_normal(full, init_std)
         self.weight = nn.Parameter(_local_slice(full, 1, 1, tp_group))  # (out, in/N)
         _mark_split(self.weight, 1)
         # The bias is added once, after the reduction, so it is replicated on every rank.
@@ -151,7 +158,7 @@ class VocabParallelEmbedding(nn.Module):
         self.vocab_start = group_rank(tp_group) * (num_embeddings // size)
         self.vocab_end = self.vocab_start + num_embeddings // size
         full = torch.empty(num_embeddings, embedding_dim)
-        nn.init.normal_(full, mean=0.0, std=init_std)
+        init_normal(full, init_std)
         self.weight = nn.Parameter(_local_slice(full, 0, 1, tp_group))  # (V/N, C)
         _mark_split(self.weight, 0)
 
