@@ -9,7 +9,8 @@ own compile caches). OUT/gpu_check.json holds every figure with the device, vers
 OUT/gpu_check.md the tables. A part that fails records its error and the rest still run.
 
 1. correctness: the smoke job on one device (NCCL, bf16 on a GPU), snapshots and the sidecar on the
-   same device, EMA and SWA; a run stopped at step 6 and resumed has the uninterrupted run's losses;
+   same device, EMA and SWA; a run stopped at step 6 and resumed has the uninterrupted run's losses
+   (not in --dry: the suite's resume tests check it on CPU);
    the sidecar's best average, exported to Hugging Face, is scored by transformers as it logged.
 2. throughput, at seq 1024 (dry: 64), per model size: the launcher's training step (default, and
    with each candidate speed-up: ZeRO-3 buckets sized from the model, torch.compile of the blocks,
@@ -86,9 +87,11 @@ def max_rel(a: dict, b: dict) -> float:
 def part_correctness(args, work: Path) -> dict[str, Any]:
     whole, parts = work / "whole", work / "parts"
     wall = launch(args, gpu_job(args, whole), work / "whole.log")
-    launch(args, gpu_job(args, parts, "train.stop_at=6"), work / "parts_1.log")
-    launch(args, gpu_job(args, parts), work / "parts_2.log")
-    resumed_rel = max_rel(losses(parts), losses(whole))
+    resumed_rel = None
+    if not args.dry:  # on CPU the suite's own resume tests check this (tests/test_train_distributed.py)
+        launch(args, gpu_job(args, parts, "train.stop_at=6"), work / "parts_1.log")
+        launch(args, gpu_job(args, parts), work / "parts_2.log")
+        resumed_rel = max_rel(losses(parts), losses(whole))
     from averaging.evaluate import hf_held_out_loss
     from averaging.sidecar.protocol import read_eval_log
 
@@ -109,7 +112,7 @@ def part_correctness(args, work: Path) -> dict[str, Any]:
     # bf16 on a GPU: kernels that accumulate with atomics (the embedding's backward) are not bitwise
     # repeatable, and the sidecar scores in bf16 while transformers scores in fp32.
     tol_resume, tol_hf = (1e-6, 1e-4) if args.dry else (2e-2, 2e-2)
-    out["ok"] = resumed_rel <= tol_resume and out["hf_rel_diff"] <= tol_hf and \
+    out["ok"] = (resumed_rel is None or resumed_rel <= tol_resume) and out["hf_rel_diff"] <= tol_hf and \
         {"raw_val_loss", "lawa_val_loss", "ema_val_loss", "swa_val_loss"} <= set(out["sidecar_kinds"])
     return out
 
@@ -342,7 +345,9 @@ def markdown(res: dict[str, Any]) -> str:
         lines.append(f"FAILED: {c['error']}")
     else:
         lines += ["| check | value | ok |", "|---|---|---|",
-                  f"| stop at step 6 + resume vs uninterrupted, max rel loss diff | {c['resumed_max_rel_loss_diff']:.2e} | |",
+                  "| stop at step 6 + resume vs uninterrupted, max rel loss diff | "
+                  + ("not run (dry)" if c["resumed_max_rel_loss_diff"] is None else f"{c['resumed_max_rel_loss_diff']:.2e}")
+                  + " | |",
                   f"| sidecar evaluations (kinds) | {c['sidecar_evals']} ({', '.join(c['sidecar_kinds'])}) | |",
                   f"| best LAWA (step {c['lawa_best_step']}): sidecar vs transformers | {c['lawa_best_loss']:.4f} vs "
                   f"{c['transformers_loss']:.4f} (rel {c['hf_rel_diff']:.1e}) | |",
