@@ -12,6 +12,7 @@ tensor is assembled once, cut and dropped. Pages already consumed are given back
 """
 from __future__ import annotations
 
+import abc
 import ctypes
 import os
 import pickle
@@ -62,29 +63,27 @@ def dp_partition(flat: torch.Tensor, cut: Cut) -> torch.Tensor:
     return out
 
 
-class TensorSource:
+class TensorSource(abc.ABC):
     """Full tensors by name, one at a time (in the dtype stored: fp32 for ZeRO-3 folders).
     Subclasses give `names`, `shape` and `tensor`; `piece` cuts a tensor for one rank, in fp32
     (readers that can do better, e.g. ZeroFolder, override it)."""
 
-    def names(self) -> list[str]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def names(self) -> list[str]: ...
 
-    def shape(self, name: str) -> torch.Size:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def shape(self, name: str) -> torch.Size: ...
 
-    def tensor(self, name: str) -> torch.Tensor:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def tensor(self, name: str) -> torch.Tensor: ...
 
     def piece(self, name: str, split: Optional[list[int]], cut: Cut) -> torch.Tensor:
         """One rank's cut of tensor `name`: its partition of its tensor-parallel slice (1-D fp32)."""
         return dp_partition(tp_slice(self.tensor(name), split, cut).reshape(-1), cut)
 
     def close(self) -> None:
-        pass
-
-    def __contains__(self, name: str) -> bool:
-        return name in set(self.names())
+        """Drop what the reader holds open (maps, file handles); readers that hold none keep this."""
+        return None
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self.names():
