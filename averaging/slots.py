@@ -92,6 +92,19 @@ def write_shard(slot_dir: str, dp_rank: int, tp_rank: int, flat_groups: list[tor
     return written
 
 
+def model_states_metadata(param_shapes: list[dict[str, Any]], dp: int, tp: int, layout: dict[str, list[int]],
+                          module: Optional[dict] = None, buffer_names: Optional[list[str]] = None,
+                          shared_params: Optional[dict] = None) -> dict[str, Any]:
+    """The model-states part of a DeepSpeed ZeRO-3 checkpoint, which zero_to_fp32 needs to rebuild
+    parameters from flat groups, plus ours: which dimension each split parameter is split along."""
+    import deepspeed
+
+    return {"module": module or {}, "buffer_names": buffer_names or [], "param_shapes": param_shapes,
+            "frozen_param_shapes": None, "frozen_param_fragments": None, "shared_params": shared_params or {},
+            "dp_world_size": dp, "mp_world_size": tp, "ds_version": deepspeed.__version__,
+            "tensor_parallel_layout": layout}
+
+
 def write_weights(slot_dir: str, source: TensorSource, dp: int, tp: int, layout: dict[str, list[int]],
                   groups: Optional[list[list[str]]] = None) -> dict[str, dict]:
     """Cut full weights into every rank's files of a data × tensor layout (DeepSpeed's ZeRO-3
@@ -99,8 +112,6 @@ def write_weights(slot_dir: str, source: TensorSource, dp: int, tp: int, layout:
     `layout`: {name: [dim, stride]} of the tensor-parallel splits; `groups`: the parameter names of
     each flat group, in order (default: one group of every tensor of the source).
     Returns {file name: {"bytes", "xxh3"}} for the manifest."""
-    import deepspeed
-
     groups = groups or [source.names()]
     files: dict[str, dict] = {}
     for tp_rank in range(tp):
@@ -118,9 +129,7 @@ def write_weights(slot_dir: str, source: TensorSource, dp: int, tp: int, layout:
                     full[dim] //= tp
                 shape[name] = torch.Size(full)
             shapes.append(shape)
-        model_states = {"module": {}, "buffer_names": [], "param_shapes": shapes, "frozen_param_shapes": None,
-                        "frozen_param_fragments": None, "shared_params": {}, "dp_world_size": dp,
-                        "mp_world_size": tp, "ds_version": deepspeed.__version__, "tensor_parallel_layout": layout}
+        model_states = model_states_metadata(shapes, dp, tp, layout)
         for cut in cuts:
             flat = [torch.cat([source.piece(name, layout.get(name), cut) for name in group]) for group in groups]
             files.update(write_shard(slot_dir, cut.dp_rank, tp_rank, flat, model_states))

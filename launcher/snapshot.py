@@ -109,24 +109,13 @@ def root_is_shared(root: str, par: Parallel) -> bool:
 
 
 def model_states_metadata(engine, par: Parallel) -> dict[str, Any]:
-    """The model-states part of a DeepSpeed ZeRO-3 checkpoint, which zero_to_fp32 needs to rebuild
-    parameters from flat groups. Built once (collective); these DeepSpeed engine helpers are the
-    ones its own save_checkpoint uses (deepspeed is pinned in requirements.txt)."""
-    import deepspeed
-
-    return {
-        "module": engine.module_state_dict(),
-        "buffer_names": engine._get_buffer_names(),
-        "param_shapes": engine._get_zero_param_shapes(),
-        "frozen_param_shapes": None,
-        "frozen_param_fragments": None,
-        "shared_params": engine._get_shared_params(),
-        "dp_world_size": par.dp,
-        "mp_world_size": par.tp,
-        "ds_version": deepspeed.__version__,
-        # Ours: which dimension each split parameter is split along, for merging mp_rank files.
-        "tensor_parallel_layout": tensor_parallel_layout(engine.module),
-    }
+    """The engine's model-states metadata for its slot files. Built once (collective); these
+    DeepSpeed engine helpers are the ones its own save_checkpoint uses (deepspeed is pinned in
+    requirements.txt)."""
+    return slots.model_states_metadata(engine._get_zero_param_shapes(), par.dp, par.tp,
+                                       tensor_parallel_layout(engine.module), module=engine.module_state_dict(),
+                                       buffer_names=engine._get_buffer_names(),
+                                       shared_params=engine._get_shared_params())
 
 
 class SnapshotWriter:
