@@ -26,22 +26,49 @@ class EvalArgs:
         need(self.task_limit >= 0, f"eval.task_limit: must be >= 0, got {self.task_limit}")
 
 
+@dataclass
+class HeldOut:
+    """One data-parallel rank's held-out batches, source by source (every rank holds the same number
+    of each source's batches). The windows depend on the data only: runs of any mixture or seed on
+    the same data dir are scored on the same tokens."""
+    names: list[str]  # the sources' names
+    weights: list[float]  # the run's mixture (sums to 1): the overall loss is this mean of the sources'
+    batches: list[list[tuple[torch.Tensor, torch.Tensor]]]  # per source: (B, T) inputs, (B, T) targets
+
+
+@dataclass
+class HeldOutLoss:
+    overall: float  # the mixture's held-out loss: the sources' losses weighted by the run's mixture
+    by_source: dict[str, float]  # empty for a single source (it is the overall loss)
+
+
+def mixture_mean(by_source: list[float], weights: list[float]) -> float:
+    """The sources' losses weighted by the mixture (a source held out only, weight 0, counts nowhere)."""
+    inside = [(loss, w) for loss, w in zip(by_source, weights) if w > 0]
+    return sum(loss * w for loss, w in inside) / sum(w for _, w in inside)
+
+
 @torch.no_grad()
-def validation_loss(model, batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
-                    dp_group: dist.ProcessGroup, dp_size: int) -> float:
-    """Mean loss over this rank's batches, averaged over the data-parallel group (every rank holds
-    the same number of batches). Collective over the group; `model` may be a DeepSpeed engine."""
+def validation_loss(model, held_out: HeldOut, device: torch.device, dp_group: dist.ProcessGroup,
+                    dp_size: int) -> HeldOutLoss:
+    """Each source's mean loss over its batches, averaged over the data-parallel group, and their
+    mixture-weighted mean. Collective over the group; `model` may be a DeepSpeed engine."""
     was_training = model.training
     model.eval()
-    total = 0.0
-    for x, y in batches:
-        _, loss = model(x.to(device, torch.long), y.to(device, torch.long))
-        total += loss.item()
+    means = []
+    for batches in held_out.batches:
+        total = 0.0
+        for x, y in batches:
+            _, loss = model(x.to(device, torch.long), y.to(device, torch.long))
+            total += loss.item()
+        means.append(total / len(batches))
     if was_training:
         model.train()
-    mean = torch.tensor([total / len(batches)], dtype=torch.float64, device=device)
+    mean = torch.tensor(means, dtype=torch.float64, device=device)
     dist.all_reduce(mean, group=dp_group)
-    return mean.item() / dp_size
+    by_source = [v / dp_size for v in mean.tolist()]
+    return HeldOutLoss(mixture_mean(by_source, held_out.weights),
+                       dict(zip(held_out.names, by_source)) if len(by_source) > 1 else {})
 
 
 @torch.no_grad()
@@ -58,8 +85,13 @@ def hf_held_out_loss(run_dir: str, folder: str) -> float:
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     per_rank, dp_rank = [], 0
     while os.path.isfile(RunDir(run_dir).val_batches(dp_rank)):
-        batches = read_val_batches(run_dir, dp_rank)
-        losses = [F.cross_entropy(model(x.long()).logits.flatten(0, 1), y.long().flatten()).item() for x, y in batches]
-        per_rank.append(sum(losses) / len(losses))
+        held_out = read_val_batches(run_dir, dp_rank)
+        sources = []
+        for batches in held_out.batches:
+            losses = [F.cross_entropy(model(x.long()).logits.flatten(0, 1), y.long().flatten()).item()
+                      for x, y in batches]
+            sources.append(sum(losses) / len(losses))
+        per_rank.append(sources)
         dp_rank += 1
-    return sum(per_rank) / len(per_rank)
+    by_source = [sum(rank[i] for rank in per_rank) / len(per_rank) for i in range(len(held_out.names))]
+    return mixture_mean(by_source, held_out.weights)

@@ -50,6 +50,9 @@ class MetricsLogger:
             for key, value in record.items():
                 if key not in ("step", "time") and isinstance(value, (int, float)):
                     self._tb.add_scalar(key, value, record["step"])
+                elif key == "val_loss_by_source":  # one chart per source
+                    for source, loss in value.items():
+                        self._tb.add_scalar(f"{key}/{source}/trainer", loss, record["step"])
 
     def close(self) -> None:
         if self._file is not None:

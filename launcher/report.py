@@ -7,7 +7,8 @@ cooldown branches (launcher/cooldown.py) beside the merges at their branch point
 
 Reads each run directory's `eval.jsonl` (the sidecar's scores, all on one held-out set),
 `metrics.jsonl` (learning rate, throughput) and `sidecar/spec.json` (layout); writes
-`report.png` (one column per run, or `--overlay` for one set of axes) and `report.md`: each
+`report.png` (one column per run, or `--overlay` for one set of axes), for a run on several sources
+`sources.png` (a panel per source, every method in it), and `report.md`: each
 method's best and final loss, and the steps, tokens and device-hours its averaged model saves to
 reach the raw model's final loss (the LAWA paper's headline metric), at the resolution of the
 sidecar's evaluations; for each cooldown branch, the cooldown's loss beside every method at the
@@ -343,6 +344,61 @@ def figure(runs: list[Run], out_png: str, overlay: bool) -> None:
     plt.close(fig)
 
 
+def sources_of(runs: list[Run]) -> list[str]:
+    """The sources scored one by one (val_loss_by_source), in the order the runs list them."""
+    names: list[str] = []
+    for run in runs:
+        for r in run.evals:
+            names += [n for n in r.get("val_loss_by_source", {}).get("raw", {}) if n not in names]
+    return names
+
+
+def source_table(runs: list[Run], sources: list[str]) -> list[str]:
+    """Each source's held-out loss at each run's final step, per method, and the method minus raw."""
+    lines = ["### Per source: held-out loss at the final step (method − raw)", "",
+             "| run | method | " + " | ".join(sources) + " |", "|---|---|" + "---:|" * len(sources)]
+    for run in runs:
+        final = run.evals[-1].get("val_loss_by_source", {})
+        for method in run.methods():
+            cells = []
+            for source in sources:
+                value, raw = final.get(method, {}).get(source), final.get("raw", {}).get(source)
+                gap = f" ({value - raw:+.4f})" if method != "raw" and value is not None and raw is not None else ""
+                cells.append("–" if value is None else f"{value:.4f}{gap}")
+            lines.append(f"| {run.name} | {label(method)} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def source_figure(runs: list[Run], sources: list[str], out_png: str) -> None:
+    """A panel per source: every method's held-out loss on that source against steps (runs by line style)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(sources), figsize=(5.2 * len(sources), 4.2), squeeze=False)
+    for col, source in enumerate(sources):
+        ax = axes[0][col]
+        for i, run in enumerate(runs):
+            methods = run.methods()
+            for method in methods:
+                points = [(r["step"], r["val_loss_by_source"][method][source]) for r in run.evals
+                          if source in r.get("val_loss_by_source", {}).get(method, {})]
+                if points:
+                    suffix = f" ({run.name})" if len(runs) > 1 else ""
+                    ax.plot([p[0] for p in points], [p[1] for p in points], RUN_STYLES[i % len(RUN_STYLES)],
+                            color=color(method, methods), label=label(method) + suffix, lw=1.5,
+                            marker="." if len(points) < 40 else None)
+        ax.set_title(f"{source}: held-out loss")
+        ax.set_xlabel("step")
+        ax.set_ylabel("validation loss")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+
+
 def default_out(run_dirs: list[str]) -> str:
     if len(run_dirs) == 1:
         return os.path.join(run_dirs[0], "report")
@@ -365,10 +421,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     os.makedirs(out, exist_ok=True)
     figure(runs, os.path.join(out, "report.png"), args.overlay)
     text = markdown(runs)
+    sources = sources_of(runs)
+    if sources:
+        source_figure(runs, sources, os.path.join(out, "sources.png"))
+        text += "\n![held-out loss per source](sources.png)\n\n" + "\n".join(source_table(runs, sources))
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write("# Raw vs the merges, EMA and SWA\n\n![validation loss and learning rate](report.png)\n\n" + text)
     print(text)
-    print(f"wrote {os.path.join(out, 'report.png')} and {os.path.join(out, 'report.md')}")
+    print(f"wrote {os.path.join(out, 'report.png')}{' and sources.png' if sources else ''} and "
+          f"{os.path.join(out, 'report.md')}")
     return 0
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from averaging.ema_swa import ShardAverages
-from averaging.evaluate import validation_loss
+from averaging.evaluate import HeldOut, validation_loss
 from averaging.sidecar import protocol
 from averaging.sidecar.supervisor import SidecarSupervisor
 from core.config import ConfigError, dump_yaml, need
@@ -28,7 +28,7 @@ from core.run_dir import RunDir
 from core.tokenizer import load_tokenizer
 from core.watchdog import PeerWatchdog, lost_peer_message
 from launcher import checkpoint
-from launcher.data import Prefetcher, TokenBatches, ensure_prepared
+from launcher.data import Prefetcher, TokenBatches, describe_mixture, ensure_prepared, job_batches
 from launcher.metrics import MetricsLogger
 from launcher.optim import build_optimizer, full_numel
 from launcher.plan import check_at_start
@@ -120,10 +120,11 @@ def build(job: JobConfig) -> Training:
 
     try:
         manifest = ensure_prepared(job.data, par.is_main, barrier)
+        batches = job_batches(job.data, manifest, job.train.seed)
     except (ValueError, FileNotFoundError) as e:  # the data module's errors name the data.* key
         raise ConfigError(str(e)) from None
-    batches = TokenBatches(manifest, job.data.dir, [s.weight for s in job.data.sources], job.data.seq_len,
-                           job.train.seed)
+    if len(batches.names) > 1:
+        logger.info(describe_mixture(batches.names, batches.probs.tolist(), job.data.mixture))
     model_config = job.model.resolve(batches.vocab_size, job.data.seq_len, job.parallel.tensor)
     # What the job needs of this machine (launcher/plan.py), printed once; a snapshot ring that cannot
     # fit where it would go is refused here, before the engine is built, not at every snapshot.
@@ -251,7 +252,10 @@ def run_training(t: Training) -> dict:
         metrics.log({"event": "resume", "step": step})
     if start.grown_from is not None:  # the report counts the small run's tokens into this run's budget
         metrics.log({"event": "growth", "step": 0, **start.grown_from})
-    val_set = t.batches.val_batches(par.dp_rank, par.dp, job.eval.batches, job.train.micro_batch_size)
+    val_set = held_out_set(t)
+    if len(t.batches.names) > 1:  # the mixture this run samples, for the law fits (launcher/mixture.py)
+        metrics.log({"event": "mixture", "step": step, "mixture": job.data.mixture,
+                     "weights": dict(zip(t.batches.names, t.batches.probs.tolist()))})
     snapshots, sidecar = start_lawa(t, step, val_set, averages if averages.enabled else None)
     evals = protocol.follow_eval_log(run.path)  # the trainer prints the sidecar's lines as they come
     tokens_per_step = job.tokens_per_step
@@ -301,9 +305,12 @@ def run_training(t: Training) -> dict:
         # Evaluation and checkpoint time is kept out of tokens/s.
         pause_start = time.perf_counter()
         if (job.eval.every and step % job.eval.every == 0) or (at_end and not preempted):
-            val_loss = validation_loss(engine, val_set, par.device, par.dp_group, par.dp)
-            result = {**result, "val_loss": val_loss}
-            metrics.log({"step": step, "tokens": tokens, "val_loss": val_loss}, f"step {step} | val loss {val_loss:.4f}")
+            held_out = validation_loss(engine, val_set, par.device, par.dp_group, par.dp)
+            result = {**result, "val_loss": held_out.overall}
+            by_source = {"val_loss_by_source": held_out.by_source} if held_out.by_source else {}
+            sources = ", ".join(f"{n} {v:.4f}" for n, v in held_out.by_source.items())
+            metrics.log({"step": step, "tokens": tokens, "val_loss": held_out.overall, **by_source},
+                        f"step {step} | val loss {held_out.overall:.4f}" + (f" ({sources})" if sources else ""))
         if step % job.checkpoint.every == 0 or at_end:
             state = checkpoint.RunState(step=step, tokens=tokens, dp=par.dp, tp=par.tp, tensor_parallel_layout=tp_layout)
             tag = checkpoint.save(engine, t.checkpoint_dir, state, job.checkpoint.keep, par.is_main, averages, par)
@@ -326,7 +333,16 @@ def run_training(t: Training) -> dict:
     return result
 
 
-def start_lawa(t: Training, step: int, val_set: list,
+def held_out_set(t: Training) -> HeldOut:
+    """This rank's held-out batches of every scored source (the trainer's and the sidecar's)."""
+    b, par, job = t.batches, t.par, t.job
+    scored = b.held_out_sources()
+    return HeldOut([b.names[i] for i in scored], [float(b.probs[i]) for i in scored],
+                   [b.val_batches(i, par.dp_rank, par.dp, job.eval.batches, job.train.micro_batch_size)
+                    for i in scored])
+
+
+def start_lawa(t: Training, step: int, val_set: HeldOut,
                averages: Optional[ShardAverages]) -> tuple[Optional[SnapshotWriter], Optional[SidecarSupervisor]]:
     """Collective: the snapshot ring buffer, the sidecar's spec and held-out set, and the sidecar."""
     job, par, run = t.job, t.par, t.run

@@ -71,6 +71,9 @@ def test_overrides_reach_typed_fields():
     ("growth.at_tokens=100", "growth.at_tokens needs growth.from_run"),
     ("eval.tasks=[/no/such.jsonl]", "eval.tasks[0]: no such file: /no/such.jsonl"),
     ("data.sources=[{path: a, weight: 0}]", "data.sources: at least one weight must be positive"),
+    ("data.mixture=optimal", "data.mixture: must be one of weights, natural, entropy, got 'optimal'"),
+    ("data.sources=[{path: a, name: 'my web'}]", "data.sources[0].name: 'my web' must be letters"),
+    ("data.sources=[{path: a, name: x}, {path: b, name: x}]", "data.sources[*].name: names must differ"),
     ("model.block_size=64", "data.seq_len=128 exceeds model.block_size=64"),
 ])
 def test_mistakes_are_one_line_errors_naming_the_key(override, message):

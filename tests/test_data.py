@@ -277,33 +277,36 @@ def test_weighted_mixture(pydoc, tmp_path):
             TokenBatches(m, args.dir, bad, SEQ, seed=1)
 
 
-def test_val_batches_fixed_disjoint_and_equal_in_number(pydoc, tmp_path):
+def test_val_batches_per_source_fixed_disjoint_equal_in_number_and_free_of_the_mixture(pydoc, tmp_path):
     args, m = two_source_dir(pydoc, tmp_path)
     tb = TokenBatches(m, args.dir, [1.0, 1.0], SEQ, seed=1)
-    other_seed = TokenBatches(m, args.dir, [1.0, 1.0], SEQ, seed=99)
-    val_tiles = set()
-    for s in m["sources"]:
-        tokens = shard_tokens(args.dir, s["val_shards"])
-        val_tiles |= {tuple(t) for t in tokens[: len(tokens) // (SEQ + 1) * (SEQ + 1)].reshape(-1, SEQ + 1)}
-    available = tb.val_windows()
-    assert available == len(val_tiles) >= 8
+    # Another seed and another mixture (the second source held out only): the same held-out windows.
+    others = [TokenBatches(m, args.dir, [1.0, 1.0], SEQ, seed=99), TokenBatches(m, args.dir, [3.0, 0.0], SEQ, seed=1)]
+    assert tb.held_out_sources() == [0, 1] == others[1].held_out_sources()
+    tok = load_tokenizer(args.dir)
 
     def rows(batches):
         return [tuple(r) for x, y in batches for r in torch.cat([x, y[:, -1:]], 1).tolist()]
 
-    per_rank = [tb.val_batches(r, 2, 2, 2) for r in range(2)]
-    assert [len(b) for b in per_rank] == [2, 2] and all(x.shape == (2, SEQ) for b in per_rank for x, _ in b)
-    r0, r1 = rows(per_rank[0]), rows(per_rank[1])
-    assert set(r0).isdisjoint(r1) and len(set(r0 + r1)) == 8 and set(r0 + r1) <= val_tiles
-    assert rows(tb.val_batches(0, 2, 2, 2)) == r0 == rows(other_seed.val_batches(0, 2, 2, 2))
-    assert set(rows(tb.val_batches(0, 1, 4, 2))) == set(r0 + r1)  # same set, whatever the rank count
-    # both sources are represented when weighted equally
-    assert any(any(c in "abc" for c in load_tokenizer(args.dir).decode(list(r))) for r in r0 + r1)
-
-    # More windows asked for than exist: wrap around, same count on every rank.
-    many = [tb.val_batches(r, 3, available, 2) for r in range(3)]
-    assert [len(b) for b in many] == [available] * 3
-    assert set(sum((rows(b) for b in many), [])) == val_tiles
+    total = 0
+    for source, s in enumerate(m["sources"]):
+        tokens = shard_tokens(args.dir, s["val_shards"])
+        val_tiles = {tuple(t) for t in tokens[: len(tokens) // (SEQ + 1) * (SEQ + 1)].reshape(-1, SEQ + 1)}
+        assert len(val_tiles) >= 8
+        total += len(val_tiles)
+        per_rank = [tb.val_batches(source, r, 2, 2, 2) for r in range(2)]
+        assert [len(b) for b in per_rank] == [2, 2] and all(x.shape == (2, SEQ) for b in per_rank for x, _ in b)
+        r0, r1 = rows(per_rank[0]), rows(per_rank[1])
+        assert set(r0).isdisjoint(r1) and len(set(r0 + r1)) == 8 and set(r0 + r1) <= val_tiles
+        assert all(rows(o.val_batches(source, 0, 2, 2, 2)) == r0 for o in others)
+        assert set(rows(tb.val_batches(source, 0, 1, 4, 2))) == set(r0 + r1)  # same set, whatever the rank count
+        text = tok.decode([t for r in r0 for t in r])
+        assert any(c.isdigit() for c in text) == (source == 1)  # each set holds its own source only
+        # More windows asked for than exist: wrap around, same count on every rank.
+        many = [tb.val_batches(source, r, 3, len(val_tiles), 2) for r in range(3)]
+        assert [len(b) for b in many] == [len(val_tiles)] * 3
+        assert set(sum((rows(b) for b in many), [])) == val_tiles
+    assert tb.val_windows() == total
 
 
 def test_seq_len_too_large(pydoc):

@@ -13,7 +13,7 @@ import torch
 from averaging.ema_swa import ema_decay, ema_reference
 from averaging.lawa import average_state_dicts
 from averaging.sidecar.protocol import read_eval_log
-from conftest import BIN, REPO, read_metrics, run_launcher, torchrun
+from conftest import BIN, REPO, read_metrics, torchrun
 from core.zero_folder import consolidate
 from test_lawa_distributed import single_process_val_loss, smoke
 
@@ -35,14 +35,13 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 @pytest.fixture(scope="module")
 def averaged_run(pydoc_data, tmp_path_factory) -> Path:
-    """12 steps with a stop and resume at step 6, then the sidecar once over the result."""
+    """12 steps with a stop and resume at step 6; the resumed half runs the sidecar, which scores
+    the final snapshot before the trainers leave."""
     run = tmp_path_factory.mktemp("averages") / "run"
     first = torchrun(2, *smoke(pydoc_data, run, *AVERAGES, "train.stop_at=6"))
     assert "stopped at step 6" in first.stdout
-    second = torchrun(2, *smoke(pydoc_data, run, *AVERAGES))
+    second = torchrun(2, *smoke(pydoc_data, run, *AVERAGES, "sidecar.enabled=true"))
     assert "resumed from" in second.stdout and "holds no EMA/SWA state" not in second.stdout
-    run_launcher([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "averaging.sidecar",
-                  "--run-dir", str(run), "--once"])
     return run
 
 

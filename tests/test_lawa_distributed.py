@@ -39,8 +39,11 @@ def consolidate(parent: Path, step: int) -> dict[str, torch.Tensor]:
     return get_fp32_state_dict_from_zero_checkpoint(str(parent), tag=step_name(step))
 
 
-def single_process_val_loss(run_dir: Path, state_dict: dict[str, torch.Tensor]) -> float:
-    """The reference: the consolidated model in one process, on the same held-out windows."""
+def single_process_val_losses(run_dir: Path, state_dict: dict[str, torch.Tensor]) -> tuple[float, dict[str, float]]:
+    """The reference: the consolidated model in one process, on the same held-out windows: the
+    mixture's loss and each source's."""
+    from averaging.evaluate import mixture_mean
+    from averaging.sidecar.protocol import read_val_batches
     from models.registry import build_model, read_model_config
 
     spec = json.loads((run_dir / "sidecar/spec.json").read_text())
@@ -49,9 +52,15 @@ def single_process_val_loss(run_dir: Path, state_dict: dict[str, torch.Tensor]) 
     per_rank = []
     with torch.no_grad():
         for dp_rank in range(spec["dp"]):
-            batches = torch.load(run_dir / f"sidecar/val_dp{dp_rank}.pt")
-            per_rank.append(sum(model(x.long(), y.long())[1].item() for x, y in batches) / len(batches))
-    return sum(per_rank) / len(per_rank)
+            held_out = read_val_batches(str(run_dir), dp_rank)
+            per_rank.append([sum(model(x.long(), y.long())[1].item() for x, y in batches) / len(batches)
+                             for batches in held_out.batches])
+    by_source = [sum(rank[i] for rank in per_rank) / len(per_rank) for i in range(len(held_out.names))]
+    return mixture_mean(by_source, held_out.weights), dict(zip(held_out.names, by_source))
+
+
+def single_process_val_loss(run_dir: Path, state_dict: dict[str, torch.Tensor]) -> float:
+    return single_process_val_losses(run_dir, state_dict)[0]
 
 
 def step_losses(run_dir: Path) -> dict[int, float]:

@@ -1,7 +1,7 @@
 """The files the trainers and the sidecar share, each written and read here and nowhere else.
 
   sidecar/spec.json            SidecarSpec: what the sidecar needs to know of the run (trainer writes)
-  sidecar/val_dp{d}.pt         the trainer's held-out batches of data-parallel rank d (trainer writes)
+  sidecar/val_dp{d}.pt         HeldOut: data-parallel rank d's held-out batches per source (trainer writes)
   sidecar/training_done.json   TrainingDone: the last snapshot is committed (trainer writes)
   eval.jsonl                   one record per evaluated snapshot (sidecar writes; trainer, report read)
 
@@ -19,6 +19,7 @@ from typing import Any, Optional
 import torch
 
 from averaging.ema_swa import KINDS
+from averaging.evaluate import HeldOut
 from averaging.lawa import Merge
 from core.files import JsonlTail, append_jsonl, read_jsonl, serialize, write_file_atomic, write_json_atomic
 from core.run_dir import RunDir
@@ -61,15 +62,19 @@ class SidecarSpec:
         return self.training_device if self.device == "auto" else self.device
 
 
-def write_val_batches(run_dir: str, dp_rank: int, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+def write_val_batches(run_dir: str, dp_rank: int, held_out: HeldOut) -> None:
     run = RunDir(run_dir)
     os.makedirs(run.sidecar, exist_ok=True)
-    tensors = [(x.to(torch.int32), y.to(torch.int32)) for x, y in batches]
-    write_file_atomic(run.val_batches(dp_rank), serialize(tensors))
+    batches = [[(x.to(torch.int32), y.to(torch.int32)) for x, y in source] for source in held_out.batches]
+    write_file_atomic(run.val_batches(dp_rank), serialize(
+        {"names": held_out.names, "weights": held_out.weights, "batches": batches}))
 
 
-def read_val_batches(run_dir: str, dp_rank: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return torch.load(RunDir(run_dir).val_batches(dp_rank), weights_only=True)
+def read_val_batches(run_dir: str, dp_rank: int) -> HeldOut:
+    saved = torch.load(RunDir(run_dir).val_batches(dp_rank), weights_only=True)
+    if isinstance(saved, list):  # a run directory from before per-source scoring: one unnamed set
+        return HeldOut(["all"], [1.0], [saved])
+    return HeldOut(saved["names"], saved["weights"], saved["batches"])
 
 
 @dataclass

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from averaging import slots
-from averaging.evaluate import validation_loss
+from averaging.evaluate import HeldOutLoss, validation_loss
 from averaging.lawa import add_weighted
 from averaging.sidecar.protocol import (
     SidecarSpec,
@@ -218,10 +218,12 @@ class Sidecar:
         shapes = newest.shapes()
         task_scores = {}
         losses: dict[str, float] = {}
+        by_source: dict[str, dict[str, float]] = {}
 
         def score(name: str, flat: list[torch.Tensor]) -> None:
             load_partitions(self.params, flat, shapes, newest.dp)
-            losses[name] = self._loss()
+            held_out = self._loss()
+            losses[name], by_source[name] = held_out.overall, held_out.by_source
             task_scores[name] = self._task_scores()
 
         score("raw", raw)
@@ -230,6 +232,7 @@ class Sidecar:
         def score_merge(merge) -> None:
             if selected[merge.name] == [newest_step]:  # one snapshot: the raw model itself
                 losses[merge.name], task_scores[merge.name] = losses["raw"], task_scores["raw"]
+                by_source[merge.name] = by_source["raw"]
             else:
                 score(merge.name, sums[merge.name])
 
@@ -267,6 +270,7 @@ class Sidecar:
             "k": len(selected[headline.name]),
             "steps_averaged": selected[headline.name][::-1], "merges": merges_record, "averages": newest.averages,
             **({"tasks": task_scores} if self.tasks else {}),
+            **({"val_loss_by_source": by_source} if by_source["raw"] else {}),
             "best": merges_record[headline.name]["best"], "skipped": skipped, "read_s": read_s,
             "average_s": average_s, "bytes_averaged": bytes_read,
         }
@@ -277,6 +281,8 @@ class Sidecar:
                     self.tb.add_scalar(f"val_loss/{name}", loss, record["step"])
                     if name != "raw":
                         self.tb.add_scalar(f"val_loss_minus_raw/{name}", loss - losses["raw"], record["step"])
+                    for source, value in by_source[name].items():  # a panel per source, every method in it
+                        self.tb.add_scalar(f"val_loss_by_source/{source}/{name}", value, record["step"])
                 self.tb.flush()
             logger.info(format_eval_line(record))
         return True
@@ -324,7 +330,7 @@ class Sidecar:
                 scores[task.name] = summarize(task, total)
         return scores
 
-    def _loss(self) -> float:
+    def _loss(self) -> HeldOutLoss:
         return validation_loss(self.engine, self.val, self.device, self.par.dp_group, self.par.dp)
 
     def _save_best(self, merge, headline: bool, averaged: list[torch.Tensor], model_states: dict,

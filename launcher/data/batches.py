@@ -1,15 +1,16 @@
 """Deterministic batches from a prepared data dir: memory-mapped token shards, batches drawn as a
 pure function of (seed, step, data-parallel rank, micro-batch), so a resumed or re-sharded run sees
-exactly the batches it would have seen; and one fixed held-out set."""
+exactly the batches it would have seen; and a fixed held-out set per source."""
 from __future__ import annotations
 
-import math
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Optional
 
 import numpy as np
 import torch
+
+from launcher.data.mixture import mixture_weights
 
 # The held-out windows are visited in a shuffled order that depends on the data only, never on
 # the run's seed, so runs with different seeds are evaluated on the same text.
@@ -77,7 +78,8 @@ def _as_tensors(rows: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
 class TokenBatches:
     """Deterministic (x, y) batches of `seq_len` tokens from a prepared data dir."""
 
-    def __init__(self, manifest: dict, data_dir: str, weights: list[float], seq_len: int, seed: int):
+    def __init__(self, manifest: dict, data_dir: str, weights: list[float], seq_len: int, seed: int,
+                 names: Optional[list[str]] = None):
         if seq_len < 1:
             raise ValueError(f"data.seq_len={seq_len}: must be positive")
         if seed < 0:
@@ -85,6 +87,7 @@ class TokenBatches:
         self.manifest, self.seq_len, self.seed = manifest, seq_len, int(seed)
         self.sources = manifest["sources"]
         self.probs = _normalised_weights(weights, len(self.sources))
+        self.names = names or [f"source{i}" for i in range(len(self.sources))]
         dtype = np.dtype(manifest["dtype"])
         window = seq_len + 1
         self._train = [_Split(data_dir, s["train_shards"], dtype, window) for s in self.sources]
@@ -117,50 +120,40 @@ class TokenBatches:
         starts = rng.integers(0, self._num_starts[sources])
         return _as_tensors([self._train[s].window_at(int(k)) for s, k in zip(sources, starts)])
 
-    def _val_order(self, count: int) -> tuple[np.ndarray, np.ndarray]:
-        """The first `count` windows of the held-out sequence, as (source, tile index) arrays.
+    def held_out_sources(self) -> list[int]:
+        """The sources scored on held-out windows: those sampled, and any held out only (weight 0)
+        whose val split holds a window."""
+        return [i for i, v in enumerate(self._val) if self.probs[i] > 0 or v.num_tiles > 0]
 
-        Each source's tiles are visited in a fixed shuffled order (wrapping around when used up);
-        the sources are merged so that source s supplies its k-th window at "time" (k + 1/2) / p_s,
-        which interleaves them in proportion to weight. The sequence depends only on the data and
-        the weights, so any prefix of it is the same whenever and on whichever rank it is built.
-        """
-        active = np.flatnonzero(self.probs > 0)
-        times, owners, nth = [], [], []
-        for s in active:
-            # Enough entries per source that the merged prefix of length `count` never runs short.
-            k = np.arange(math.ceil(count * self.probs[s] + len(active) / 2 + 1))
-            times.append((k + 0.5) / self.probs[s])
-            owners.append(np.full(len(k), s))
-            nth.append(k)
-        times, owners, nth = (np.concatenate(a) for a in (times, owners, nth))
-        order = np.lexsort((owners, times))[:count]  # by time, ties by source index
-        owners, nth = owners[order], nth[order]
-        tiles = np.empty(count, dtype=np.int64)
-        for s in active:
-            mine = owners == s
-            n = self._val[s].num_tiles
-            shuffled = np.random.default_rng([VAL_ORDER_SEED, int(s)]).permutation(n)
-            tiles[mine] = shuffled[nth[mine] % n]
-        return owners, tiles
-
-    def val_batches(self, dp_rank: int, dp_size: int, num_batches: int, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The held-out set: `dp_size * num_batches * batch_size` windows, the same on every call;
-        rank r takes every dp_size-th of them starting at r, so ranks get disjoint windows (while
-        there are enough) and exactly `num_batches` batches each."""
+    def val_batches(self, source: int, dp_rank: int, dp_size: int, num_batches: int,
+                    batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """One source's held-out set: `dp_size * num_batches * batch_size` of its val windows in a
+        fixed shuffled order (wrapping around when used up) that depends on the data only, never on
+        the mixture or the seed, so runs of any mixture are scored on the same windows; rank r takes
+        every dp_size-th of them starting at r (disjoint while there are enough), `num_batches` each."""
         if dp_size < 1 or not 0 <= dp_rank < dp_size or num_batches < 0 or batch_size < 1:
             raise ValueError(f"val_batches(dp_rank={dp_rank}, dp_size={dp_size}, num_batches="
                              f"{num_batches}, batch_size={batch_size}): invalid arguments")
+        split = self._val[source]
+        if split.num_tiles == 0:
+            raise ValueError(f"data.sources[{source}] ({self.sources[source]['path']!r}) has no held-out window "
+                             f"of {self.seq_len + 1} tokens")
         rows = num_batches * batch_size
-        owners, tiles = self._val_order(rows * dp_size)
-        mine = slice(dp_rank, rows * dp_size, dp_size)
-        windows = [self._val[s].tile(int(k)) for s, k in zip(owners[mine], tiles[mine])]
+        order = np.random.default_rng([VAL_ORDER_SEED, int(source)]).permutation(split.num_tiles)
+        mine = order[np.arange(dp_rank, rows * dp_size, dp_size) % split.num_tiles]
+        windows = [split.tile(int(k)) for k in mine]
         return [_as_tensors(windows[b * batch_size:(b + 1) * batch_size]) for b in range(num_batches)]
 
     def val_windows(self) -> int:
-        """How many distinct held-out windows the sampled sources have."""
-        return sum(v.num_tiles for v, p in zip(self._val, self.probs) if p > 0)
+        """How many distinct held-out windows the scored sources have."""
+        return sum(self._val[i].num_tiles for i in self.held_out_sources())
 
+
+
+def job_batches(data, manifest: dict, seed: int) -> TokenBatches:
+    """The batches of a job's `data` section (DataArgs), its mixture resolved against the manifest."""
+    weights = mixture_weights(data.mixture, [s.weight for s in data.sources], manifest)
+    return TokenBatches(manifest, data.dir, weights, data.seq_len, seed, names=data.source_names())
 
 
 class Prefetcher:

@@ -24,6 +24,7 @@ import numpy as np
 from core.files import write_file_atomic
 from core.log import logger
 from core.tokenizer import TOKENIZER_FILES, Tokenizer, load_tokenizer
+from launcher.data.mixture import entropy_weights, shard_entropy
 from launcher.data.sources import BUILTIN_CORPORA, DataArgs, datasets_module, is_document, load_source, resolve_source, texts
 
 MANIFEST = "manifest.json"
@@ -294,10 +295,15 @@ def prepare(args: DataArgs, progress: bool = True) -> dict:
             say(f"tokenizing source {i} ({args.sources[i].path}): {len(ds)} records ...")
             entry = _write_source(_tokenize(ds, tok, i, tmp, progress), i, args, dtype)
             shards = len(entry["train_shards"]) + len(entry["val_shards"])
+            # Of the train split only: the mixture rule never sees held-out text.
+            entry["conditional_entropy"] = shard_entropy(args.dir, entry["train_shards"], dtype, tok.vocab_size)
             say(f"  wrote {entry['train_tokens'] + entry['val_tokens']} tokens in {shards} shards "
                 f"({entry['documents']} documents; {entry['train_tokens']} train, "
-                f"{entry['val_tokens']} val)")
+                f"{entry['val_tokens']} val); conditional entropy {entry['conditional_entropy']:.4f} nats")
             written.append(entry)
+        entropy_mix = entropy_weights([s["conditional_entropy"] for s in written])
+        say("entropy-driven weights (data.mixture=entropy, all sources in): " + ", ".join(
+            f"{name} {w:.3f}" for name, w in zip(args.source_names(), entropy_mix)))
 
     manifest = {
         "format": FORMAT_VERSION,
@@ -310,6 +316,7 @@ def prepare(args: DataArgs, progress: bool = True) -> dict:
         "seq_len": args.seq_len,  # informational: any seq_len the shards can hold may be used
         "shard_tokens": args.shard_tokens,
         "sources": written,
+        "entropy_weights": entropy_mix,  # BiMix's softmax of the entropies, every source in the mixture
     }
     write_file_atomic(os.path.join(args.dir, MANIFEST), json.dumps(manifest, indent=2) + "\n")
     total = sum(s["train_tokens"] + s["val_tokens"] for s in written)

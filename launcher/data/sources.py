@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 from core.config import need
+from launcher.data.mixture import MIXTURES
 
 # Nothing in preparation may reach the network (compute nodes have none); `datasets` and
 # `transformers` read these when they are first imported, which happens lazily below.
@@ -16,13 +18,26 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 BUILTIN_PYDOC = "builtin:pydoc"  # CPython's bundled documentation topics: ~120k tokens
 BUILTIN_STDLIB = "builtin:stdlib"  # the standard library's own .py sources (tests excluded): ~12 MB
+BUILTIN_ARITHMETIC = "builtin:arithmetic"  # generated sums and products, the same on every machine: ~1.3 MB
 TEXT_SUFFIXES = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+SOURCE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 @dataclass
 class DataSource:
-    path: str  # a file, a directory of files, a glob, a saved `datasets` dataset, builtin:pydoc or builtin:stdlib
-    weight: float = 1.0
+    path: str  # a file, a directory of files, a glob, a saved `datasets` dataset, or builtin:pydoc|stdlib|arithmetic
+    weight: float = 1.0  # data.mixture=weights: its share; natural/entropy: > 0 in the mixture, 0 held out only
+    name: Optional[str] = None  # in per-source losses; None: from the path (builtin:pydoc -> pydoc, a/b.jsonl -> b)
+
+    def default_name(self) -> str:
+        if self.path.startswith("builtin:"):
+            return self.path.split(":", 1)[1]
+        parts = [p for p in os.path.normpath(os.path.expanduser(self.path)).split(os.sep)
+                 if p and not glob.has_magic(p)]
+        base = os.path.splitext(parts[-1])[0] if parts else "source"
+        return re.sub(r"[^A-Za-z0-9_.-]", "_", base).lstrip("._-") or "source"
 
 
 @dataclass
@@ -36,18 +51,40 @@ class DataArgs:
     text_field: str = "text"
     shard_tokens: int = 1 << 27
     prefetch: bool = True  # build the next step's batches in a background thread while this one runs
+    mixture: str = "weights"  # weights | natural (by train tokens) | entropy (BiMix): launcher/data/mixture.py
 
     def validate(self) -> None:
         need(len(self.sources) > 0, "data.sources: at least one source is needed")
         for i, src in enumerate(self.sources):
             need(src.weight >= 0, f"data.sources[{i}].weight: must be >= 0, got {src.weight}")
         need(any(src.weight > 0 for src in self.sources), "data.sources: at least one weight must be positive")
+        for i, src in enumerate(self.sources):
+            need(src.name is None or bool(SOURCE_NAME.match(src.name)),
+                 f"data.sources[{i}].name: {src.name!r} must be letters, digits, '_', '.', '-'")
+        names = [src.name for src in self.sources if src.name is not None]
+        need(len(names) == len(set(names)), f"data.sources[*].name: names must differ, got {names}")
+        need(self.mixture in MIXTURES, f"data.mixture: must be one of {', '.join(MIXTURES)}, got {self.mixture!r}")
         need(0.0 < self.val_fraction < 1.0, f"data.val_fraction: must be in (0, 1), got {self.val_fraction}")
         need(self.seq_len > 0, f"data.seq_len: must be positive, got {self.seq_len}")
         need(self.shard_tokens >= self.seq_len + 1,
              f"data.shard_tokens={self.shard_tokens}: must be at least data.seq_len+1 ({self.seq_len + 1}), "
              f"since a window never spans two shards")
         need(self.tokenizer is not None or self.vocab_size >= 1, f"data.vocab_size: must be positive, got {self.vocab_size}")
+
+
+    def source_names(self) -> list[str]:
+        """Each source's name in per-source losses: its own, or one from its path (made unique)."""
+        taken = {src.name for src in self.sources if src.name is not None}
+        names = []
+        for i, src in enumerate(self.sources):
+            name = src.name
+            if name is None:
+                base, k = src.default_name(), i
+                name = base
+                while name in taken or name in names:
+                    name, k = f"{base}_{k}", k + 1
+            names.append(name)
+        return names
 
 
 def datasets_module():
@@ -121,8 +158,26 @@ def _stdlib_documents() -> list[str]:
     return documents
 
 
-# Corpora that ship with Python itself: they need no download and no path.
-BUILTIN_CORPORA = {BUILTIN_PYDOC: _pydoc_documents, BUILTIN_STDLIB: _stdlib_documents}
+def _arithmetic_documents(count: int = 3000, lines: int = 20) -> list[str]:
+    """Integer arithmetic, `a op b = c`, from a fixed seed: a third kind of text beside prose and
+    code for mixtures (rigid format, digits nearly random, the results learnable)."""
+    import random
+
+    rng = random.Random(0)
+    ops = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+    documents = []
+    for _ in range(count):
+        rows = []
+        for _ in range(lines):
+            a, b, op = rng.randrange(10_000), rng.randrange(10_000), rng.choice("+-*")
+            rows.append(f"{a} {op} {b} = {ops[op](a, b)}")
+        documents.append("\n".join(rows))
+    return documents
+
+
+# Corpora that need no download and no path: two ship with Python itself, one is generated.
+BUILTIN_CORPORA = {BUILTIN_PYDOC: _pydoc_documents, BUILTIN_STDLIB: _stdlib_documents,
+                   BUILTIN_ARITHMETIC: _arithmetic_documents}
 
 
 def load_source(args: DataArgs, i: int, cache_dir: str):
