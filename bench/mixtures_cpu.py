@@ -6,13 +6,16 @@ mixture the law calls best trained too and set beside its prediction.
     python bench/mixtures_cpu.py --out docs/results/mixtures_cpu        # about 30 minutes on 2 cores
 
 A finished run (its run dir holds the last validation) is not run again: the script can be resumed.
-Writes OUT/results.md (every table) and OUT/fit.json (the law, its errors and predictions).
+Writes OUT/results.md (every table), OUT/losses.png (a panel per source) and OUT/fit.json (the
+law, its errors and predictions).
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import json
+import os
+import shlex
 import statistics
 import sys
 from pathlib import Path
@@ -31,14 +34,21 @@ def last_validation(run_dir: Path) -> dict | None:
     return records[-1] if records else None
 
 
+def shown(path: Path) -> str:
+    return os.path.relpath(path, REPO)
+
+
 def train(name: str, extra: list[str], steps: int, runs: Path, logs: Path, commands: list[str]) -> Path:
     run_dir = runs / name
+    cmd = ["torchrun", "--standalone", "--nproc_per_node", "2", "launcher/train.py", "--job", JOB,
+           f"run_dir={shown(run_dir)}", *extra]
     done = last_validation(run_dir)
     if done is not None and done["step"] == steps:
+        commands.append(shlex.join(cmd))
         print(f"  {name}: done before, kept", flush=True)
         return run_dir
-    wall = run_logged(torchrun_cmd("launcher/train.py", "--job", JOB, f"run_dir={run_dir}", *extra),
-                      logs / f"{name}.log", commands)
+    wall = run_logged(torchrun_cmd(*cmd[4:]), logs / f"{name}.log", [])
+    commands.append(shlex.join(cmd))
     print(f"  {name}: {wall:.0f} s", flush=True)
     return run_dir
 
@@ -70,6 +80,39 @@ def table(groups: dict[str, list[Path]], sources: list[str]) -> list[str]:
     return lines, means
 
 
+def figure(groups: dict[str, list[Path]], sources: list[str], out_png: Path) -> None:
+    """A panel per source and one for their mean: held-out loss against tokens, each mixture the
+    mean of its seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from core.files import read_jsonl
+
+    fig, axes = plt.subplots(1, len(sources) + 1, figsize=(4.6 * (len(sources) + 1), 4.0), squeeze=False)
+    for mixture, run_dirs in groups.items():
+        curves = [{r["tokens"]: r["val_loss_by_source"] for r in read_jsonl(str(d / "metrics.jsonl"))
+                   if "val_loss_by_source" in r} for d in run_dirs]
+        tokens = sorted(set.intersection(*(set(c) for c in curves)))
+        for col, source in enumerate([*sources, "mean of sources"]):
+            picked = [{t: statistics.mean(c[t][s] for s in sources) if source == "mean of sources" else c[t][source]
+                       for t in tokens} for c in curves]
+            axes[0][col].plot([t / 1e3 for t in tokens], [statistics.mean(p[t] for p in picked) for t in tokens], marker=".",
+                              label=mixture, lw=1.5)
+    for col, source in enumerate([*sources, "mean of sources"]):
+        ax = axes[0][col]
+        ax.set_title(f"{source}: held-out loss")
+        ax.set_xlabel("thousand tokens trained")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        low = min(line.get_ydata()[-1] for line in ax.get_lines())
+        ax.set_ylim(low - 0.15, low + 1.0)  # the first evaluations are far above: keep the end readable
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="docs/results/mixtures_cpu")
@@ -92,23 +135,25 @@ def main() -> int:
             groups.setdefault(mixture, []).append(
                 train(f"mixtures_cpu_{mixture}_s{seed}", [*extra, *common, f"train.seed={seed}"], args.steps, runs,
                       logs, commands))
-    proxies = [str(d) for ds in groups.values() for d in ds]
+    proxies = [shown(d) for ds in groups.values() for d in ds]
     fit_json = out / "fit.json"
-    fit_cmd = [sys.executable, "-m", "launcher.mixture", "fit", *proxies, "--optimize", "--min-step", "100",
-               "--json", str(fit_json)]
-    run_logged(fit_cmd, logs / "fit.log", commands)
+    fit_cmd = ["python", "-m", "launcher.mixture", "fit", *proxies, "--optimize", "--min-step", "100",
+               "--json", shown(fit_json.resolve())]
+    run_logged([sys.executable, *fit_cmd[1:]], logs / "fit.log", [])
+    commands.append(shlex.join(fit_cmd))
     fit = json.loads(fit_json.read_text())
     sources = list(fit["sources"])
 
     if not args.no_optimum:
         best = fit["optimal"]["shares"]
-        shares = ", ".join(f"{{path: '{p}', name: {n}, weight: {best[n]:.4f}}}" for n, p in
+        shares = ", ".join(f'{{path: "{p}", name: {n}, weight: {best[n]:.4f}}}' for n, p in
                            zip(sources, ("builtin:pydoc", "builtin:stdlib", "builtin:arithmetic")))
         for seed in seeds:
             groups.setdefault("BiMix optimum", []).append(
                 train(f"mixtures_cpu_optimum_s{seed}", [f"data.sources=[{shares}]", "data.mixture=weights", *common,
                                                          f"train.seed={seed}"], args.steps, runs, logs, commands))
 
+    figure(groups, sources, out / "losses.png")
     lines, means = table(groups, sources)
     proxies_only = {m: v for m, v in means.items() if m in MIXTURES}
     winner = min(proxies_only, key=lambda m: proxies_only[m][len(sources)])
@@ -117,7 +162,7 @@ def main() -> int:
             f"torch {machine.get('torch', '?')})",
             "", f"Final held-out loss (step {args.steps}) per source, each on its own fixed held-out windows (the same "
             "for every run); \"mean of sources\" weighs the sources equally (BiMix's average loss), the last column "
-            "weighs them by the run's own mixture.", "", *lines, "",
+            "weighs them by the run's own mixture.", "", "![held-out loss per source](losses.png)", "", *lines, "",
             f"Lowest mean of sources among the three proxy mixtures: **{winner}**.", ""]
     left = fit["left_out"]
     text += ["BiMix fitted on the proxy runs (validations from step 100 on); each share predicted with every run at "
@@ -139,7 +184,8 @@ def main() -> int:
         text += [f"| {n} | {predicted[n]:.4f} | {measured[n]:.4f} | {abs(predicted[n] - measured[n]) / measured[n]:.2%} |"
                  for n in sources]
         text += [f"| mean | {fit['optimal']['mean']:.4f} | {statistics.mean(measured.values()):.4f} | |"]
-    text += ["", "Commands (from the repository root):", "", "```", *commands, "```", ""]
+    text += ["", "Commands (from the repository root, with `OMP_NUM_THREADS=1`; or all of it: "
+             f"`python bench/mixtures_cpu.py --out {shown(out.resolve())}`):", "", "```", *commands, "```", ""]
     (out / "results.md").write_text("\n".join(text))
     print("\n".join(text))
     return 0
