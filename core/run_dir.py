@@ -7,6 +7,7 @@
              metrics.jsonl             the trainer's records (step, loss, lr, tokens/s, val loss, events)
              eval.jsonl                the sidecar's records (raw vs averaged losses per snapshot)
              tensorboard/              TensorBoard events (the sidecar's under tensorboard/sidecar)
+             wandb/, wandb_id          Weights & Biases' local files, and the run's W&B id (a resume continues it)
              checkpoints/step_N/       full DeepSpeed checkpoints (+ run_state.json once complete)
              lawa_best/step_N/         the best of the headline merge (the first of lawa.merges), a committed slot
              merges/<name>/step_N/     the best of every other merge
@@ -33,6 +34,8 @@ TOKENIZER = "tokenizer"
 METRICS = "metrics.jsonl"
 EVAL = "eval.jsonl"
 TENSORBOARD = "tensorboard"
+WANDB = "wandb"
+WANDB_ID = "wandb_id"
 CHECKPOINTS = "checkpoints"
 LAWA_BEST = "lawa_best"
 LAWA_BEST_HF = "lawa_best_hf"
@@ -96,6 +99,14 @@ class RunDir:
     @property
     def tensorboard(self) -> str:
         return self.join(TENSORBOARD)
+
+    @property
+    def wandb(self) -> str:
+        return self.join(WANDB)
+
+    @property
+    def wandb_id(self) -> str:
+        return self.join(WANDB_ID)
 
     @property
     def checkpoints(self) -> str:

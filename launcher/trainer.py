@@ -7,6 +7,7 @@ snapshots, until the end, a stop step, or a preemption signal.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass
@@ -247,7 +248,7 @@ def run_training(t: Training) -> dict:
         return {}
 
     tp_layout = tensor_parallel_layout(engine.module)
-    metrics = MetricsLogger(run.path, par.is_main, job.logging.tensorboard)
+    metrics = MetricsLogger(run.path, par.is_main, job.logging, job.name, dataclasses.asdict(job))
     if step > 0:
         metrics.log({"event": "resume", "step": step})
     if start.grown_from is not None:  # the report counts the small run's tokens into this run's budget
@@ -299,7 +300,7 @@ def run_training(t: Training) -> dict:
                                 f"{tok_s / 1e3:.1f}k tok/s | grad norm {norm_text}")
             if sidecar is not None:
                 sidecar.check()
-            show_new_evals(evals, par.is_main)
+            show_new_evals(evals, par.is_main, metrics)
             window = Window()
 
         # Evaluation and checkpoint time is kept out of tokens/s.
@@ -322,12 +323,12 @@ def run_training(t: Training) -> dict:
                     f"checkpoint written; the same command resumes the run")
     elif job.train.stop_at is not None and step < job.train.steps:
         logger.info(f"stopped at step {step} (train.stop_at); the same command resumes the run")
-    metrics.close()
     if snapshots is not None:
         # A preempted job has a short grace period: the sidecar gets a bounded time to finish, and
         # the requeued job's sidecar evaluates whatever it missed.
-        finish_lawa(snapshots, sidecar, par, run.path, step, evals, finished=step == job.train.steps,
+        finish_lawa(snapshots, sidecar, par, run.path, step, evals, metrics, finished=step == job.train.steps,
                     wait_s=min(job.sidecar.exit_timeout_s, 60.0) if preempted else job.sidecar.exit_timeout_s)
+    metrics.close()
     if preempted and job.checkpoint.requeue and par.is_main:
         requeue_slurm_job()
     return result
@@ -372,10 +373,11 @@ def start_lawa(t: Training, step: int, val_set: HeldOut,
     return snapshots, sidecar
 
 
-def show_new_evals(evals, is_main: bool) -> None:
+def show_new_evals(evals, is_main: bool, metrics: MetricsLogger) -> None:
     if is_main:
         for record in evals.read():
             logger.info(protocol.format_eval_line(record))
+            metrics.log_sidecar(record)
 
 
 def show_eval_table(run_dir: str, is_main: bool) -> None:
@@ -385,7 +387,7 @@ def show_eval_table(run_dir: str, is_main: bool) -> None:
 
 
 def finish_lawa(snapshots: SnapshotWriter, sidecar: Optional[SidecarSupervisor], par: Parallel, run_dir: str,
-                step: int, evals, finished: bool, wait_s: float) -> None:
+                step: int, evals, metrics: MetricsLogger, finished: bool, wait_s: float) -> None:
     """Collective: commit the last snapshot, let the sidecar evaluate it, and show the results."""
     snapshots.finish()
     if par.is_main:
@@ -394,7 +396,7 @@ def finish_lawa(snapshots: SnapshotWriter, sidecar: Optional[SidecarSupervisor],
         logger.info("waiting for the sidecar to evaluate the last snapshot ...")
         sidecar.wait(wait_s)
     barrier()
-    show_new_evals(evals, par.is_main)
+    show_new_evals(evals, par.is_main, metrics)
     show_eval_table(run_dir, par.is_main)
     if finished:
         snapshots.cleanup()

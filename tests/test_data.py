@@ -136,6 +136,64 @@ def test_file_sources(pydoc, tmp_path, kind):
     assert [d.strip("\n") for d in decoded] == docs
 
 
+def decoded_documents(args, m, source=0):
+    tok = load_tokenizer(args.dir)
+    src = m["sources"][source]
+    stream = np.concatenate([shard_tokens(args.dir, src["train_shards"]), shard_tokens(args.dir, src["val_shards"])])
+    return [tok.decode(d) for d in np.split(stream, np.flatnonzero(stream == tok.eos_id) + 1)[:-1]]
+
+
+@pytest.mark.parametrize("split, expected", [
+    # WikiText's raw files hold a space on their "empty" lines: those separate documents too
+    ("blank-line", ["= Title =", "first paragraph\nstill first", "second", "= = Part = =\nthird"]),
+    ("line", ["= Title =", "first paragraph", "still first", "second", "= = Part = =", "third"]),
+    ("whole-file", [" = Title =\n \nfirst paragraph\nstill first\n \n\nsecond\n \n= = Part = =\nthird"]),
+    ("regex:=( =)? \\w+ (= )?=", [" \nfirst paragraph\nstill first\n \n\nsecond\n ", "third"]),
+])
+def test_text_split_rules(pydoc, tmp_path, split, expected):
+    path = tmp_path / "wiki.txt"
+    path.write_text("= Title =\n \nfirst paragraph\nstill first\n \n\nsecond\n \n= = Part = =\nthird\n")
+    if split == "whole-file":
+        path.write_text(" " + path.read_text().removesuffix("\n"))
+    args = DataArgs(sources=[DataSource(str(path), split=split)], dir=str(tmp_path / "out"),
+                    tokenizer=tokenizer_of(pydoc), seq_len=2, val_fraction=0.3)
+    m = prepare(args, progress=False)
+    assert decoded_documents(args, m) == expected
+    assert m["sources"][0]["documents"] == len(expected)
+
+
+def test_a_long_text_without_blank_lines_is_streamed_in_pieces_and_stays_whole(pydoc, tmp_path, monkeypatch):
+    """A document is handed on in pieces (here of 200 characters): EOS only at its end, and its
+    text comes back exactly; the pieces never hold it whole."""
+    import launcher.data.text as text
+
+    monkeypatch.setattr(text, "PIECE_CHARS", 200)
+    monkeypatch.setattr(text, "READ_CHARS", 64)
+    lines = [f"line {i} of one long document, with no blank line anywhere" for i in range(300)]
+    lines[150] = "x" * 1000  # one line longer than a piece
+    (tmp_path / "long.txt").write_text("\n".join(lines) + "\n")
+    pieces = list(text.text_pieces([str(tmp_path / "long.txt")], "blank-line"))
+    assert len(pieces) > 50 and max(len(p["text"]) for p in pieces) < 200 + 64
+    assert [p["last"] for p in pieces] == [False] * (len(pieces) - 1) + [True]
+    args = DataArgs(sources=[DataSource(str(tmp_path / "long.txt"))], dir=str(tmp_path / "out"),
+                    tokenizer=tokenizer_of(pydoc), seq_len=SEQ)
+    m = prepare(args, progress=False)
+    assert decoded_documents(args, m) == ["\n".join(lines)] and m["sources"][0]["documents"] == 1
+
+
+def test_the_split_rule_is_part_of_what_was_prepared(pydoc, tmp_path):
+    path = write_source("txt", tmp_path / "s", documents(20))
+    args = DataArgs(sources=[DataSource(path)], dir=str(tmp_path / "out"), tokenizer=tokenizer_of(pydoc), seq_len=SEQ)
+    ensure_prepared(args, is_main=True, barrier=lambda: None)
+    args.sources[0].split = "line"
+    with pytest.raises(ValueError, match=r"differs in: sources"):
+        ensure_prepared(args, is_main=True, barrier=lambda: None)
+    jsonl = DataArgs(sources=[DataSource(write_source("jsonl", tmp_path / "j", documents(20)), split="line")],
+                     dir=str(tmp_path / "o2"), tokenizer=tokenizer_of(pydoc), seq_len=SEQ)
+    with pytest.raises(ValueError, match=r"data.sources\[0\].split: applies to .txt files"):
+        prepare(jsonl, progress=False)
+
+
 def test_missing_text_column_is_named(pydoc, tmp_path):
     with open(tmp_path / "a.jsonl", "w") as f:
         f.write(json.dumps({"content": "hello"}) + "\n")

@@ -1,12 +1,17 @@
 """EMA and SWA kept shard-local by 2 ZeRO-3 trainer ranks, checked against references computed from
 the consolidated raw snapshots; resume keeps them; the sidecar scores them; the report draws them;
-and a continual-pretraining run starts from another run's weights on another layout."""
+and a continual-pretraining run starts from another run's weights on another layout. The run trains
+on an entropy-driven mixture of two sources plus one held out only, with W&B offline: per-source
+held-out losses from the trainer and the sidecar (against a single process), TensorBoard's and the
+report's per-source charts, and one W&B run across the resume."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,7 +20,8 @@ from averaging.lawa import average_state_dicts
 from averaging.sidecar.protocol import read_eval_log
 from conftest import BIN, REPO, read_metrics, torchrun
 from core.zero_folder import consolidate
-from test_lawa_distributed import single_process_val_loss, smoke
+from test_lawa_distributed import single_process_val_loss, single_process_val_losses, smoke
+from wandb_files import history, offline_runs, step_metrics
 
 pytestmark = pytest.mark.distributed
 
@@ -36,12 +42,24 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 @pytest.fixture(scope="module")
 def averaged_run(pydoc_data, tmp_path_factory) -> Path:
     """12 steps with a stop and resume at step 6; the resumed half runs the sidecar, which scores
-    the final snapshot before the trainers leave."""
-    run = tmp_path_factory.mktemp("averages") / "run"
-    first = torchrun(2, *smoke(pydoc_data, run, *AVERAGES, "train.stop_at=6"))
+    the final snapshot before the trainers leave. The launches' output is kept as launch{1,2}.out."""
+    root = tmp_path_factory.mktemp("averages")
+    rng = np.random.default_rng(0)
+    (root / "digits.jsonl").write_text("".join(json.dumps(
+        {"text": " ".join(f"{a} + {b} = {a + b}" for a, b in rng.integers(0, 999, (40, 2)))}) + "\n" for _ in range(60)))
+    (root / "abab.txt").write_text("\n\n".join("ab " * 200 for _ in range(30)))
+    sources = (f"data.sources=[{{path: 'builtin:pydoc'}}, {{path: {root / 'digits.jsonl'}, name: sums}}, "
+               f"{{path: {root / 'abab.txt'}, weight: 0}}]")
+    run = root / "run"
+    # The pydoc data's tokenizer: the continual-pretraining test below loads these weights on that data.
+    job = [*smoke(str(root / "data"), run, *AVERAGES), sources, "data.mixture=entropy",
+           f"data.tokenizer={pydoc_data}/tokenizer.model", "logging.wandb.mode=offline", "logging.wandb.project=tests"]
+    first = torchrun(2, *job, "train.stop_at=6")
     assert "stopped at step 6" in first.stdout
-    second = torchrun(2, *smoke(pydoc_data, run, *AVERAGES, "sidecar.enabled=true"))
+    second = torchrun(2, *job, "sidecar.enabled=true")
     assert "resumed from" in second.stdout and "holds no EMA/SWA state" not in second.stdout
+    (run / "launch1.out").write_text(first.stdout)
+    (run / "launch2.out").write_text(second.stdout)
     return run
 
 
@@ -112,3 +130,68 @@ def test_continual_run_starts_from_another_runs_weights_on_another_layout(averag
                                "checkpoint.init_optimizer=true", "train.steps=2"), check=False)
     assert wrong.returncode != 0 and "only between equal layouts" in wrong.stderr
     assert "[rank0]: Traceback" not in wrong.stderr  # a one-line error from the worker (torchrun adds its own)
+
+
+def test_per_source_losses_from_the_trainer_and_the_sidecar_and_one_wandb_run(averaged_run, tmp_path):
+    run = averaged_run
+    manifest = json.loads((run.parent / "data" / "manifest.json").read_text())
+    h = [s["conditional_entropy"] for s in manifest["sources"][:2]]
+    share = math.exp(h[0]) / (math.exp(h[0]) + math.exp(h[1]))
+    assert f"mixture (entropy): pydoc {share:.3f}, sums {1 - share:.3f}; held out only: abab" in (run / "launch1.out").read_text()
+
+    mixture = next(r for r in read_metrics(run) if r.get("event") == "mixture")
+    assert mixture["weights"] == pytest.approx({"pydoc": share, "sums": 1 - share, "abab": 0.0})
+    trainer = {r["step"]: r for r in read_metrics(run) if "val_loss" in r}
+    assert sorted(trainer) == [6, 12]
+    for r in trainer.values():
+        by = r["val_loss_by_source"]
+        assert set(by) == {"pydoc", "sums", "abab"} and len(set(by.values())) == 3
+        assert r["val_loss"] == pytest.approx(share * by["pydoc"] + (1 - share) * by["sums"], rel=1e-12)
+    assert "(pydoc " in (run / "launch2.out").read_text() and ", abab " in (run / "launch2.out").read_text()  # the console line names each source
+    evals = read_eval_log(str(run))
+
+    final = read_eval_log(str(run))[-1]
+    assert final["step"] == 12 and set(final["val_loss_by_source"]) == {"raw", "lawa", "ema", "swa"}
+    # raw in the sidecar = the trainer's weights at that step, on the same windows
+    for source, loss in trainer[12]["val_loss_by_source"].items():
+        assert final["val_loss_by_source"]["raw"][source] == pytest.approx(loss, rel=1e-6)
+    # LAWA per source = the consolidated average scored by one process
+    average = average_state_dicts([consolidate(slot(run, s)) for s in final["steps_averaged"]])
+    overall, by_source = single_process_val_losses(run, average)
+    assert final["lawa_val_loss"] == pytest.approx(overall, rel=1e-5)
+    assert final["val_loss_by_source"]["lawa"] == pytest.approx(by_source, rel=1e-5)
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = set()
+    for events in (run / "tensorboard").rglob("events.*"):
+        tags |= set(EventAccumulator(str(events)).Reload().Tags()["scalars"])
+    assert {"val_loss_by_source/abab/trainer", "val_loss_by_source/sums/lawa", "val_loss_by_source/pydoc/ema"} <= tags
+
+    # W&B, offline: both launches in one run (the id kept in the run dir), every row on the training
+    # step axis, the sidecar's rows (read by the trainer after later steps) at their own step.
+    runs = offline_runs(run)
+    run_id = (run / "wandb_id").read_text().strip()
+    assert len(runs) == 2 and all(p.name == f"run-{run_id}.wandb" for p in runs)
+    assert step_metrics(runs[0])["*"] == "step"
+    rows = [row for p in runs for row in history(p)]
+    train = {r["step"]: r for r in rows if "loss" in r}
+    assert sorted(train) == [2, 4, 6, 8, 10, 12] and train[12]["loss"] == next(
+        r["loss"] for r in read_metrics(run) if r.get("step") == 12 and "loss" in r)
+    vals = {r["step"]: r for r in rows if "val_loss" in r}
+    assert vals[12]["val_loss_by_source/sums"] == trainer[12]["val_loss_by_source"]["sums"]
+    sidecar = {r["step"]: r for r in rows if "sidecar/raw_val_loss" in r}
+    assert set(sidecar) == {r["step"] for r in evals} and sidecar[12]["tokens"] == 12 * 512
+    assert sidecar[12]["sidecar/lawa_val_loss"] == final["lawa_val_loss"]
+    assert sidecar[12]["sidecar/val_loss_by_source/abab/swa"] == final["val_loss_by_source"]["swa"]["abab"]
+    for p in runs:  # W&B's own row counter only grows; our `step` axis is what places each row
+        counters = [r["_step"] for r in history(p)]
+        assert counters == sorted(counters)
+
+    out = tmp_path / "report"
+    report = subprocess.run([str(BIN / "python"), "-m", "launcher.report", str(run), "--out", str(out)], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert report.returncode == 0, report.stderr
+    assert (out / "sources.png").stat().st_size > 20_000
+    row = next(line for line in (out / "report.md").read_text().splitlines() if line.startswith("| run | LAWA |"))
+    assert f"{final['val_loss_by_source']['lawa']['sums']:.4f}" in row

@@ -22,9 +22,13 @@ def step_losses(run_dir: Path) -> dict[int, float]:
 
 
 def test_two_rank_zero3_run_learns_and_leaves_a_complete_run_dir(pydoc_data, tmp_path):
+    """Started as users start it: the front command checks the job, then becomes torchrun."""
     run = tmp_path / "run"
-    proc = torchrun(2, *smoke_args(pydoc_data, run, "train.steps=30", "eval.every=10", "checkpoint.every=10",
-                                   "checkpoint.keep=2"))
+    proc = run_launcher([sys.executable, "-m", "launcher.run", "--nproc-per-node", "2",
+                         *smoke_args(pydoc_data, run, "train.steps=30", "eval.every=10", "checkpoint.every=10",
+                                     "checkpoint.keep=2")])
+    assert "job ok: smoke: world 2 = tensor 1 × data 2, 2 accumulation steps" in proc.stdout
+    assert "--standalone --nproc-per-node=2" in proc.stdout
     losses = step_losses(run)
     assert sorted(losses) == list(range(1, 31))
     assert losses[30] < losses[1] - 1.0, losses  # it learns, not just wiggles

@@ -25,7 +25,15 @@ from core.files import write_file_atomic
 from core.log import logger
 from core.tokenizer import TOKENIZER_FILES, Tokenizer, load_tokenizer
 from launcher.data.mixture import entropy_weights, shard_entropy
-from launcher.data.sources import BUILTIN_CORPORA, DataArgs, datasets_module, is_document, load_source, resolve_source, texts
+from launcher.data.sources import (
+    BUILTIN_CORPORA,
+    DataArgs,
+    datasets_module,
+    is_document,
+    load_source,
+    resolve_source,
+    texts,
+)
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -40,6 +48,9 @@ SPM_TRAIN_MAX_CHARS = 50_000_000
 SPM_SENTENCE_CHARS = 4096
 # Above this much Arrow data per source, tokenization is spread over processes.
 PARALLEL_MAP_BYTES = 256 << 20
+# Characters of text per tokenization batch, and token ids per batch written to the shards.
+MAP_BATCH_CHARS = 4 << 20
+WRITE_BATCH_TOKENS = 16 << 20
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -199,15 +210,24 @@ def _tokenize(ds, tok: Tokenizer, i: int, cache_dir: str, progress: bool):
     threads = 1 if num_proc else 0
 
     def encode(batch):
-        ids = tok.encode_batch([t for t in batch["text"] if is_document(t)], threads)
-        for doc in ids:
-            doc.append(eos)
-        return {"ids": ids}
+        if "last" in batch:  # a .txt source in pieces (text_pieces left blank documents out): EOS at each end
+            texts, ends = batch["text"], batch["last"]
+        else:  # a record is a document; blank ones are dropped
+            texts = [t for t in batch["text"] if is_document(t)]
+            ends = [True] * len(texts)
+        ids = tok.encode_batch(texts, threads)
+        for doc, last in zip(ids, ends):
+            if last:
+                doc.append(eos)
+        return {"ids": ids, "last": ends}
 
     value = "int32" if tok.vocab_size < 1 << 31 else "int64"
+    # Batches of about MAP_BATCH_CHARS characters: token lists are Python objects, many bytes a token.
+    mean_chars = ds.data.nbytes / max(1, len(ds))
     return ds.map(
-        encode, batched=True, remove_columns=ds.column_names, num_proc=num_proc,
-        features=datasets.Features({"ids": datasets.List(datasets.Value(value))}),
+        encode, batched=True, batch_size=max(1, min(1000, int(MAP_BATCH_CHARS / max(mean_chars, 1)))),
+        remove_columns=ds.column_names, num_proc=num_proc,
+        features=datasets.Features({"ids": datasets.List(datasets.Value(value)), "last": datasets.Value("bool")}),
         cache_file_name=os.path.join(cache_dir, f"tokens_{i}.arrow"),
         load_from_cache_file=False, new_fingerprint=f"tokens-{i}-{os.getpid()}-{time.time_ns()}",
         desc=f"tokenizing source {i}" if progress else None,
@@ -219,16 +239,22 @@ def _write_source(tokens, i: int, args: DataArgs, dtype: np.dtype) -> dict:
 
     what = f"data.sources[{i}] ({args.sources[i].path!r})"
     tables = tokens.with_format("arrow")
-    doc_tokens = np.concatenate(
-        [pc.list_value_length(b.column("ids")).to_numpy(zero_copy_only=False)
-         for b in tables.iter(batch_size=100_000)] or [np.zeros(0, np.int64)])
-    if len(doc_tokens) == 0:
+    # Records are documents, or for a .txt source pieces of them: the split may fall between two
+    # pieces of one long document, as it may fall inside a single-document source.
+    lengths, ends_doc = [], []
+    for b in tables.iter(batch_size=100_000):
+        lengths.append(pc.list_value_length(b.column("ids")).to_numpy(zero_copy_only=False))
+        ends_doc.append(b.column("last").to_numpy(zero_copy_only=False))
+    doc_tokens = np.concatenate(lengths or [np.zeros(0, np.int64)])
+    last = np.concatenate(ends_doc or [np.zeros(0, bool)]).astype(bool)
+    document_of = np.cumsum(last) - last  # each record's document
+    if len(doc_tokens) == 0 or not doc_tokens.any():
         raise ValueError(f"{what} holds no (non-blank) documents")
     n_train = _train_token_count(doc_tokens, args.val_fraction, args.seq_len + 1, what)
     train = _ShardWriter(args.dir, f"{i}_train", dtype, args.shard_tokens)
     val = _ShardWriter(args.dir, f"{i}_val", dtype, args.shard_tokens)
     written = 0
-    for batch in tables.iter(batch_size=10_000):
+    for batch in tables.iter(batch_size=max(1, int(WRITE_BATCH_TOKENS / max(1.0, float(doc_tokens.mean()))))):
         flat = pc.list_flatten(batch.column("ids")).to_numpy(zero_copy_only=False)
         head = flat[: max(0, n_train - written)]
         train.write(head)
@@ -238,10 +264,10 @@ def _write_source(tokens, i: int, args: DataArgs, dtype: np.dtype) -> dict:
     return {
         "path": args.sources[i].path,
         "weight": args.sources[i].weight,
-        "documents": len(doc_tokens),
+        "documents": int(last.sum()),
         # A document cut at the split counts in both.
-        "train_documents": int(np.searchsorted(ends, n_train, side="left")) + 1,
-        "val_documents": len(doc_tokens) - int(np.searchsorted(ends, n_train, side="right")),
+        "train_documents": int(document_of[np.searchsorted(ends, n_train, side="left")]) + 1,
+        "val_documents": int(last.sum()) - int(document_of[min(len(ends) - 1, np.searchsorted(ends, n_train, side="right"))]),
         "train_tokens": n_train,
         "val_tokens": written - n_train,
         "train_shards": train.close(),
@@ -350,7 +376,10 @@ def _fingerprint_inputs(args: DataArgs) -> dict:
         if kind == "saved":
             files = [f for f in glob.glob(os.path.join(files[0], "**", "*"), recursive=True)
                      if os.path.isfile(f)]
-        sources.append({"path": source.path, "files": _file_stats(files)})
+        entry = {"path": source.path, "files": _file_stats(files)}
+        if kind == "text":  # how a text file is cut into documents decides its tokens
+            entry["split"] = source.split
+        sources.append(entry)
     if args.tokenizer is None:
         tokenizer = {"train": "sentencepiece-bpe", "vocab_size": args.vocab_size}
     else:

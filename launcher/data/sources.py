@@ -8,8 +8,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
-from core.config import need
+from core.config import ConfigError, need
 from launcher.data.mixture import MIXTURES
+from launcher.data.text import check_split, text_pieces
 
 # Nothing in preparation may reach the network (compute nodes have none); `datasets` and
 # `transformers` read these when they are first imported, which happens lazily below.
@@ -20,6 +21,7 @@ BUILTIN_PYDOC = "builtin:pydoc"  # CPython's bundled documentation topics: ~120k
 BUILTIN_STDLIB = "builtin:stdlib"  # the standard library's own .py sources (tests excluded): ~12 MB
 BUILTIN_ARITHMETIC = "builtin:arithmetic"  # generated sums and products, the same on every machine: ~1.3 MB
 TEXT_SUFFIXES = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+TEXT_WRITER_BATCH = 64  # pieces of up to 64k characters per Arrow write: a few MB in memory at once
 
 
 SOURCE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -30,6 +32,7 @@ class DataSource:
     path: str  # a file, a directory of files, a glob, a saved `datasets` dataset, or builtin:pydoc|stdlib|arithmetic
     weight: float = 1.0  # data.mixture=weights: its share; natural/entropy: > 0 in the mixture, 0 held out only
     name: Optional[str] = None  # in per-source losses; None: from the path (builtin:pydoc -> pydoc, a/b.jsonl -> b)
+    split: str = "blank-line"  # .txt files: blank-line | line | whole-file | regex:PATTERN (launcher/data/text.py)
 
     def default_name(self) -> str:
         if self.path.startswith("builtin:"):
@@ -61,6 +64,11 @@ class DataArgs:
         for i, src in enumerate(self.sources):
             need(src.name is None or bool(SOURCE_NAME.match(src.name)),
                  f"data.sources[{i}].name: {src.name!r} must be letters, digits, '_', '.', '-'")
+        for i, src in enumerate(self.sources):
+            try:
+                check_split(src.split)
+            except ValueError as e:
+                raise ConfigError(f"data.sources[{i}].split: {e}") from None
         names = [src.name for src in self.sources if src.name is not None]
         need(len(names) == len(set(names)), f"data.sources[*].name: names must differ, got {names}")
         need(self.mixture in MIXTURES, f"data.mixture: must be one of {', '.join(MIXTURES)}, got {self.mixture!r}")
@@ -181,19 +189,25 @@ BUILTIN_CORPORA = {BUILTIN_PYDOC: _pydoc_documents, BUILTIN_STDLIB: _stdlib_docu
 
 
 def load_source(args: DataArgs, i: int, cache_dir: str):
-    """The source as a `datasets.Dataset` with one string column, "text"."""
+    """The source as a `datasets.Dataset` with a string column "text" (and for .txt files a bool
+    column "last": the record ends its document; without it every record is a document)."""
     datasets = datasets_module()
     path = args.sources[i].path
     kind, files = resolve_source(i, path)
+    if kind != "text" and args.sources[i].split != DataSource.split:
+        raise ValueError(f"data.sources[{i}].split: applies to .txt files; {path!r} is read as {kind}")
     if kind == "builtin":
         return datasets.Dataset.from_dict({"text": BUILTIN_CORPORA[path]()})
     try:
         if kind == "saved":
             ds = datasets.load_from_disk(files[0])
+        elif kind == "text":  # streamed in pieces, written to Arrow on disk as they come: bounded memory
+            return datasets.Dataset.from_generator(
+                text_pieces, gen_kwargs={"files": files, "split": args.sources[i].split}, cache_dir=cache_dir,
+                features=datasets.Features({"text": datasets.Value("string"), "last": datasets.Value("bool")}),
+                writer_batch_size=TEXT_WRITER_BATCH)
         else:
-            extra = {"sample_by": "paragraph"} if kind == "text" else {}
-            ds = datasets.load_dataset(kind, data_files=files, split="train", cache_dir=cache_dir,
-                                       **extra)
+            ds = datasets.load_dataset(kind, data_files=files, split="train", cache_dir=cache_dir)
     except (OSError, ValueError, datasets.exceptions.DatasetGenerationError) as e:
         raise ValueError(f"{_source_key(i)}: could not read {path!r}: {e}") from e
     if isinstance(ds, datasets.DatasetDict):
