@@ -43,8 +43,9 @@ def check(job, world_size: Optional[int]) -> str:
         need(path is None or os.path.exists(os.path.expanduser(path)), f"{key}: no such file or directory: {path!r}")
     if world_size is None:
         return f"{job.name}: layout checked by the ranks (an elastic node count)"
+    accumulation = job.train.accumulation_steps(world_size // job.parallel.tensor)
     return (f"{job.name}: world {world_size} = tensor {job.parallel.tensor} × data {world_size // job.parallel.tensor}, "
-            f"{job.train.accumulation_steps(world_size // job.parallel.tensor)} accumulation steps")
+            f"{accumulation} accumulation step{'s' if accumulation != 1 else ''}")
 
 
 def launch_command(launcher: str, nproc: int, nnodes: str, passthrough: list[str], job: Optional[str],
