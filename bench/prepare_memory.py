@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from whole_model_memory import status_kb
+
 from common import REPO, child_env
 
 
@@ -64,15 +66,9 @@ def tree_memory(pid: int) -> tuple[int, int]:
     while todo:
         p = todo.pop()
         todo += children.get(p, [])
-        try:
-            with open(f"/proc/{p}/status") as f:
-                for line in f:
-                    if line.startswith("VmRSS:"):
-                        rss += int(line.split()[1]) * 1024
-                    elif line.startswith("RssAnon:"):
-                        anon += int(line.split()[1]) * 1024
-        except OSError:
-            pass
+        status = status_kb(p)
+        rss += status.get("VmRSS", 0) * 1024
+        anon += status.get("RssAnon", 0) * 1024
     return rss, anon
 
 

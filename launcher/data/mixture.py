@@ -14,7 +14,6 @@ and kept in the manifest; `python -m launcher.mixture weights` prints them for a
 from __future__ import annotations
 
 import math
-import os
 from typing import Iterable
 
 import numpy as np
@@ -71,12 +70,6 @@ def conditional_entropy(pieces: Iterable[np.ndarray], vocab_size: int) -> float:
     for tokens in pieces:
         counts.add(tokens)
     return counts.conditional_entropy()
-
-
-def shard_entropy(data_dir: str, shards: list[dict], dtype: np.dtype, vocab_size: int) -> float:
-    """The conditional entropy of a split's token shards (read memory-mapped, chunk by chunk)."""
-    return conditional_entropy((np.memmap(os.path.join(data_dir, s["file"]), dtype=dtype, mode="r",
-                                          shape=(s["tokens"],)) for s in shards if s["tokens"]), vocab_size)
 
 
 def entropy_weights(entropies: list[float]) -> list[float]:

@@ -24,7 +24,7 @@ import numpy as np
 from core.files import write_file_atomic
 from core.log import logger
 from core.tokenizer import TOKENIZER_FILES, Tokenizer, load_tokenizer
-from launcher.data.mixture import entropy_weights, shard_entropy
+from launcher.data.mixture import BigramCounts, entropy_weights
 from launcher.data.sources import (
     BUILTIN_CORPORA,
     DataArgs,
@@ -234,7 +234,7 @@ def _tokenize(ds, tok: Tokenizer, i: int, cache_dir: str, progress: bool):
     )
 
 
-def _write_source(tokens, i: int, args: DataArgs, dtype: np.dtype) -> dict:
+def _write_source(tokens, i: int, args: DataArgs, dtype: np.dtype, vocab_size: int) -> dict:
     import pyarrow.compute as pc
 
     what = f"data.sources[{i}] ({args.sources[i].path!r})"
@@ -253,11 +253,13 @@ def _write_source(tokens, i: int, args: DataArgs, dtype: np.dtype) -> dict:
     n_train = _train_token_count(doc_tokens, args.val_fraction, args.seq_len + 1, what)
     train = _ShardWriter(args.dir, f"{i}_train", dtype, args.shard_tokens)
     val = _ShardWriter(args.dir, f"{i}_val", dtype, args.shard_tokens)
+    pairs = BigramCounts(vocab_size)  # of the train split only: the mixture rule never sees held-out text
     written = 0
     for batch in tables.iter(batch_size=max(1, int(WRITE_BATCH_TOKENS / max(1.0, float(doc_tokens.mean()))))):
         flat = pc.list_flatten(batch.column("ids")).to_numpy(zero_copy_only=False)
         head = flat[: max(0, n_train - written)]
         train.write(head)
+        pairs.add(head)
         val.write(flat[len(head):])
         written += len(flat)
     ends = np.cumsum(doc_tokens)
@@ -270,6 +272,7 @@ def _write_source(tokens, i: int, args: DataArgs, dtype: np.dtype) -> dict:
         "val_documents": int(last.sum()) - int(document_of[min(len(ends) - 1, np.searchsorted(ends, n_train, side="right"))]),
         "train_tokens": n_train,
         "val_tokens": written - n_train,
+        "conditional_entropy": pairs.conditional_entropy(),
         "train_shards": train.close(),
         "val_shards": val.close(),
     }
@@ -319,10 +322,8 @@ def prepare(args: DataArgs, progress: bool = True) -> dict:
         written = []
         for i, ds in enumerate(sources):
             say(f"tokenizing source {i} ({args.sources[i].path}): {len(ds)} records ...")
-            entry = _write_source(_tokenize(ds, tok, i, tmp, progress), i, args, dtype)
+            entry = _write_source(_tokenize(ds, tok, i, tmp, progress), i, args, dtype, tok.vocab_size)
             shards = len(entry["train_shards"]) + len(entry["val_shards"])
-            # Of the train split only: the mixture rule never sees held-out text.
-            entry["conditional_entropy"] = shard_entropy(args.dir, entry["train_shards"], dtype, tok.vocab_size)
             say(f"  wrote {entry['train_tokens'] + entry['val_tokens']} tokens in {shards} shards "
                 f"({entry['documents']} documents; {entry['train_tokens']} train, "
                 f"{entry['val_tokens']} val); conditional entropy {entry['conditional_entropy']:.4f} nats")
