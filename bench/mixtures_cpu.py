@@ -54,9 +54,9 @@ def train(name: str, extra: list[str], steps: int, runs: Path, logs: Path, comma
 
 
 def mixture_of(run_dir: Path) -> dict[str, float]:
-    from core.files import read_jsonl
+    from launcher.mixture import run_mixture
 
-    return next(r for r in read_jsonl(str(run_dir / "metrics.jsonl")) if r.get("event") == "mixture")["weights"]
+    return run_mixture(str(run_dir))[0]["weights"]
 
 
 def table(groups: dict[str, list[Path]], sources: list[str]) -> list[str]:

@@ -47,14 +47,20 @@ def weights_table(job) -> str:
     return "\n".join(lines)
 
 
-def run_points(run_dir: str, min_step: int) -> list[bimix.Point]:
-    """(share, tokens, loss) of every source in the mixture at each of the run's validations."""
+def run_mixture(run_dir: str) -> tuple[dict, list[dict]]:
+    """The mixture a run sampled (its last `mixture` event) and all its metrics.jsonl records."""
     records = read_jsonl(RunDir(run_dir).metrics)
     if not records:
         raise ValueError(f"{run_dir}: no {RunDir(run_dir).metrics}")
     mixture = next((r for r in reversed(records) if r.get("event") == "mixture"), None)
     if mixture is None:
         raise ValueError(f"{run_dir}: its metrics.jsonl has no mixture record (a run on one source has no mixture)")
+    return mixture, records
+
+
+def run_points(run_dir: str, min_step: int) -> list[bimix.Point]:
+    """(share, tokens, loss) of every source in the mixture at each of the run's validations."""
+    mixture, records = run_mixture(run_dir)
     by_step = {r["step"]: r for r in records if "val_loss_by_source" in r and r["step"] >= max(min_step, 1)}
     points = [bimix.Point(run_dir, source, mixture["weights"][source], r["tokens"], loss)
               for r in by_step.values() for source, loss in r["val_loss_by_source"].items()
