@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 
+from core import pickles
 from core.files import staged
 from core.weights import MAX_SHARD_BYTES, write_safetensors
 from core.zero_folder import ZeroFolder
@@ -27,20 +28,22 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--out", required=True, help="a folder for safetensors files, or a .pt file")
     parser.add_argument("--max-shard-gb", type=float, default=MAX_SHARD_BYTES / 1e9,
                         help="largest safetensors file (default %(default)s)")
+    pickles.add_trust_option(parser)
     args = parser.parse_args(argv)
     try:
-        source = ZeroFolder(args.folder)
-    except (FileNotFoundError, ValueError) as e:
+        with pickles.trusting(args.trust_pickle):
+            source = ZeroFolder(args.folder)
+            values = sum(source.shape(name).numel() for name in source.names()) / 1e6
+            if args.out.endswith(".pt"):
+                torch.save(source.state_dict(), args.out)
+                print(f"wrote {args.out}: {len(source.names())} tensors, {values:.2f}M values")
+                return 0
+            with staged(args.out) as tmp:
+                os.makedirs(tmp)
+                files = write_safetensors(source, tmp, torch.float32, int(args.max_shard_gb * 1e9))
+    except (FileNotFoundError, ValueError) as e:  # unreadable, unsafe or not matching its checksums: one line
         print(f"error: {e}", file=sys.stderr)
         return 2
-    values = sum(source.shape(name).numel() for name in source.names()) / 1e6
-    if args.out.endswith(".pt"):
-        torch.save(source.state_dict(), args.out)
-        print(f"wrote {args.out}: {len(source.names())} tensors, {values:.2f}M values")
-        return 0
-    with staged(args.out) as tmp:
-        os.makedirs(tmp)
-        files = write_safetensors(source, tmp, torch.float32, int(args.max_shard_gb * 1e9))
     print(f"wrote {args.out}: {len(source.names())} tensors, {values:.2f}M values, in {len(files)} safetensors "
           f"file{'s' if len(files) > 1 else ''}")
     return 0

@@ -8,14 +8,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from core.config import need
+from core.config import FilePath, need
 
 
 @dataclass
 class EvalArgs:
     every: int = 100  # validation loss every this many steps, and at the end; 0: only at the end
     batches: int = 8  # micro-batches of held-out data per data-parallel rank
-    tasks: list[str] = field(default_factory=list)  # zero-shot task files the sidecar scores at each commit
+    tasks: list[FilePath] = field(default_factory=list)  # zero-shot task files the sidecar scores at each commit
     task_limit: int = 0  # first N examples of each task; 0: all
 
     def validate(self) -> None:
@@ -72,26 +72,23 @@ def validation_loss(model, held_out: HeldOut, device: torch.device, dp_group: di
 
 
 @torch.no_grad()
-def hf_held_out_loss(run_dir: str, folder: str) -> float:
+def hf_held_out_loss(held_out_by_rank: list[HeldOut], folder: str) -> float:
     """The held-out loss transformers computes for an exported Hugging Face folder, on the sidecar's
-    held-out batches and averaged as the sidecar averages (per data-parallel rank, then the mean):
-    the check that an export computes what the sidecar scored."""
+    held-out batches (every data-parallel rank's: averaging.sidecar.protocol.read_every_val_batches)
+    and averaged as the sidecar averages (per rank, then the mean): the check that an export computes
+    what the sidecar scored."""
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
 
-    from averaging.sidecar.protocol import read_val_batches
-    from core.run_dir import RunDir
-
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    per_rank, dp_rank = [], 0
-    while os.path.isfile(RunDir(run_dir).val_batches(dp_rank)):
-        held_out = read_val_batches(run_dir, dp_rank)
+    per_rank = []
+    for held_out in held_out_by_rank:
         sources = []
         for batches in held_out.batches:
             losses = [F.cross_entropy(model(x.long()).logits.flatten(0, 1), y.long().flatten()).item()
                       for x, y in batches]
             sources.append(sum(losses) / len(losses))
         per_rank.append(sources)
-        dp_rank += 1
-    by_source = [sum(rank[i] for rank in per_rank) / len(per_rank) for i in range(len(held_out.names))]
-    return mixture_mean(by_source, held_out.weights)
+    names, weights = held_out_by_rank[0].names, held_out_by_rank[0].weights
+    by_source = [sum(rank[i] for rank in per_rank) / len(per_rank) for i in range(len(names))]
+    return mixture_mean(by_source, weights)

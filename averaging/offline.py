@@ -23,8 +23,9 @@ checkpoint-N name); when some input has no step, the last one on the command lin
 taken in fp32 and cast back to each tensor's dtype; non-floating tensors come from the newest.
 --from-dir picks from DIR's step-named subfolders (committed ones only for slots, complete ones
 only for the launcher's checkpoints) the newest k spaced at least --spacing steps apart.
-DeepSpeed checkpoints are unpickled in full (they hold Python objects): only average checkpoints
-you trust. OUT is written into a hidden sibling and renamed at the end: a crash leaves no OUT.
+Every torch file is unpickled weights-only (tensors and DeepSpeed's plain types; anything else is
+refused, naming the file) unless --trust-pickle says you trust the inputs; files of our own slots
+and checkpoints are verified against their folder's checksums first. OUT is written into a hidden sibling and renamed at the end: a crash leaves no OUT.
 """
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ import torch
 from tqdm import tqdm
 
 from averaging import lawa, slots
+from core import pickles
 from core.files import OutputExists, any_step_of, staged, write_file_atomic
 from core.log import logger, setup_logging
 from core.run_dir import LATEST, MANIFEST, RUN_STATE
@@ -50,12 +52,10 @@ from core.weights import (
     HF_INDEXES,
     HF_SINGLE,
     Weights,
-    WeightsError,
     hf_weight_files,
-    load_pickle,
     state_dict_in,
 )
-from core.zero_checkpoint import LayoutMismatch, zero_padding
+from core.zero_checkpoint import LayoutMismatch, load_recorded, recorded_files, zero_padding
 
 # Tensors are averaged in row blocks of at most this many elements: with k inputs, about k + 2
 # such blocks are in memory at a time, whatever the size of the model.
@@ -198,7 +198,7 @@ def ds_files(path: str) -> tuple[list[str], list[str]]:
 def ds_stage(path: str, optim_names: list[str]) -> int:
     if not optim_names:
         return 0  # ZeRO off: the optimizer lives in the model-states file
-    inner = load_pickle(os.path.join(path, optim_names[0]), weights_only=False)["optimizer_state_dict"]
+    inner = load_recorded(os.path.join(path, optim_names[0]), recorded_files(path))["optimizer_state_dict"]
     return int(inner["zero_stage"])
 
 
@@ -239,8 +239,9 @@ def zero_stage3_padding(groups: list[torch.Tensor], param_shapes: list[dict], dp
     return groups
 
 
-def average_ds_optim(inputs: list[str], name: str, param_shapes: Optional[list[dict]]) -> dict:
-    states = [load_pickle(os.path.join(p, name), weights_only=False) for p in inputs]
+def average_ds_optim(inputs: list[str], name: str, param_shapes: Optional[list[dict]],
+                     records: dict[str, Optional[dict]]) -> dict:
+    states = [load_recorded(os.path.join(p, name), records[p]) for p in inputs]
     inners = [s["optimizer_state_dict"] for s in states]
     stage = int(inners[-1]["zero_stage"])
     key = "fp32_flat_groups" if stage == 3 else "single_partition_of_fp32_groups"
@@ -276,11 +277,12 @@ def average_deepspeed(inputs: list[str], tmp: str) -> str:
     for path, stage in zip(inputs[:-1], stages[:-1]):
         if stage != stages[-1]:
             raise mismatch(path, inputs[-1], f"ZeRO stage {stage} vs {stages[-1]}")
+    records = {p: recorded_files(p) for p in inputs}  # our checkpoints' files are verified against them
     os.makedirs(tmp)
     total, done = len(model_names) + len(optim_names), 0
     rank_shapes: dict[tuple[int, int], list[dict]] = {}
     for name in model_names:
-        states = [load_pickle(os.path.join(p, name), weights_only=False) for p in inputs]
+        states = [load_recorded(os.path.join(p, name), records[p]) for p in inputs]
         check_param_shapes(states, inputs, name)
         out = {**states[-1], "module": average_module(states, inputs, name)}
         if out.get("optimizer") is not None:
@@ -297,7 +299,7 @@ def average_deepspeed(inputs: list[str], tmp: str) -> str:
         shapes = rank_shapes.get((int(match.group(1)), int(match.group(2)))) if match else None
         if stages[-1] == 3 and shapes is None:
             raise UsageError(f"{inputs[-1]}: no model-states file with param_shapes for {name}")
-        out = average_ds_optim(inputs, name, shapes)
+        out = average_ds_optim(inputs, name, shapes, records)
         torch.save(out, os.path.join(tmp, name))
         done += 1
         key = "fp32_flat_groups" if stages[-1] == 3 else "single_partition_of_fp32_groups"
@@ -421,7 +423,7 @@ def average_files(inputs: list[str], out_tmp: str) -> str:
     check_same_tensors(weights, inputs, list(weights[-1].where))
     container, dropped = None, []
     if not inputs[-1].endswith(".safetensors"):
-        outer = load_pickle(inputs[-1], weights_only=True)
+        outer = pickles.load(inputs[-1])
         key = state_dict_in(outer, inputs[-1])[0]
         container = (key, outer)
         dropped = [k for k in outer if "optim" in k.lower()] if key is not None else []
@@ -483,6 +485,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--spacing", type=int, default=0,
                         help="with --from-dir: minimum steps between picked checkpoints (0: consecutive)")
     parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    pickles.add_trust_option(parser)
     return parser.parse_args(argv)
 
 
@@ -533,8 +536,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     setup_logging()
     args = parse_args(argv)
     try:
-        logger.info(run(args))
-    except (UsageError, WeightsError, LayoutMismatch, slots.SlotError) as e:
+        with pickles.trusting(args.trust_pickle):
+            logger.info(run(args))
+    except (UsageError, ValueError, slots.SlotError) as e:  # WeightsError, PickleError, ChecksumMismatch: ValueErrors
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     except OSError as e:  # disk full, permissions: not a bug here, and OUT was left untouched

@@ -11,19 +11,20 @@ param shapes, a checksum per file) and then the empty `COMMITTED` marker are wri
 folder without the marker is being written, or was torn by a crash, and is never read.
 
 Every file is written atomically (core.files); a reader maps it, checks it against its checksum,
-then unpickles the same mapped bytes (tensors backed by the file, not copied).
+then unpickles the same mapped bytes weights-only (core.integrity, core.pickles: tensors backed by
+the file, not copied, and no code run). Every way a slot can fail a reader is a `SlotError`, so the
+sidecar can leave one slot out and go on.
 """
 from __future__ import annotations
 
-import mmap
 import os
 import shutil
 from typing import Any, Iterable, Optional
 
 import torch
-import xxhash
 
 from core.files import fsync_dir, serialize, step_name, step_of, write_file_atomic
+from core.integrity import ChecksumMismatch, load_verified, record_of
 from core.run_dir import COMMITTED, MANIFEST, node_manifest
 from core.zero_checkpoint import (
     LayoutMismatch,
@@ -45,7 +46,12 @@ class SlotVanished(SlotError):
 
 
 class SlotCorrupt(SlotError):
-    """A file does not match the checksum its manifest recorded."""
+    """A file does not match the checksum its manifest recorded, or its manifest cannot be read."""
+
+
+class SlotUnusable(SlotError):
+    """A whole, readable slot that this reader cannot use: another layout, files on other nodes, an
+    average it does not hold, an unreadable file."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -66,14 +72,12 @@ def kind_file(kind: str, name: str) -> str:
 # writing
 
 
-def _checksum(data: bytes | memoryview) -> str:
-    return xxhash.xxh3_64_hexdigest(data)
-
-
 def write_shard(slot_dir: str, dp_rank: int, tp_rank: int, flat_groups: list[torch.Tensor],
-                model_states: dict[str, Any], max_bytes_per_s: float = 0.0) -> dict[str, dict]:
-    """Write one rank's two files into slot_dir; returns {file name: {"bytes", "xxh3"}}."""
-    os.makedirs(slot_dir, exist_ok=True)
+                model_states: dict[str, Any], max_bytes_per_s: float = 0.0,
+                mode: Optional[int] = None) -> dict[str, dict]:
+    """Write one rank's two files into slot_dir (files `mode`, folders 0700, when given); returns
+    {file name: {"bytes", "xxh3"}}."""
+    os.makedirs(slot_dir, mode=0o700 if mode is not None else 0o777, exist_ok=True)
     optim_states = {
         "optimizer_state_dict": {
             "zero_stage": 3,
@@ -86,8 +90,8 @@ def write_shard(slot_dir: str, dp_rank: int, tp_rank: int, flat_groups: list[tor
     for name, obj in ((model_states_file(dp_rank, tp_rank), model_states),
                       (optim_states_file(dp_rank, tp_rank), optim_states)):
         data = serialize(obj)
-        write_file_atomic(os.path.join(slot_dir, name), data, max_bytes_per_s)
-        written[name] = {"bytes": len(data), "xxh3": _checksum(data)}
+        write_file_atomic(os.path.join(slot_dir, name), data, max_bytes_per_s, mode)
+        written[name] = record_of(data)
     fsync_dir(slot_dir)
     return written
 
@@ -97,8 +101,9 @@ def model_states_metadata(param_shapes: list[dict[str, Any]], dp: int, tp: int, 
                           shared_params: Optional[dict] = None) -> dict[str, Any]:
     """The model-states part of a DeepSpeed ZeRO-3 checkpoint, which zero_to_fp32 needs to rebuild
     parameters from flat groups, plus ours: which dimension each split parameter is split along."""
-    import deepspeed
+    from core.deepspeed_compat import use_deepspeed_here
 
+    deepspeed = use_deepspeed_here()
     return {"module": module or {}, "buffer_names": buffer_names or [], "param_shapes": param_shapes,
             "frozen_param_shapes": None, "frozen_param_fragments": None, "shared_params": shared_params or {},
             "dp_world_size": dp, "mp_world_size": tp, "ds_version": deepspeed.__version__,
@@ -137,15 +142,16 @@ def write_weights(slot_dir: str, source: TensorSource, dp: int, tp: int, layout:
     return files
 
 
-def commit(slot_dir: str, manifest: SlotManifest) -> None:
+def commit(slot_dir: str, manifest: SlotManifest, mode: Optional[int] = None) -> None:
     """Write the manifest, then the marker: the slot is readable from this moment on. A folder is
     committed once, by one writer: a second commit is a bug, and refused."""
     if is_committed(slot_dir):
         raise SlotError(f"{slot_dir} is already committed (one committer per folder)")
+    fsync_dir(slot_dir)  # the files' names are durable before the manifest that vouches for them
     if manifest.node is not None:
-        write_file_atomic(os.path.join(slot_dir, node_manifest(manifest.node)), manifest.to_json())
-    write_file_atomic(os.path.join(slot_dir, MANIFEST), manifest.to_json())
-    write_file_atomic(os.path.join(slot_dir, COMMITTED), b"")
+        write_file_atomic(os.path.join(slot_dir, node_manifest(manifest.node)), manifest.to_json(), mode=mode)
+    write_file_atomic(os.path.join(slot_dir, MANIFEST), manifest.to_json(), mode=mode)
+    write_file_atomic(os.path.join(slot_dir, COMMITTED), b"", mode=mode)
     fsync_dir(slot_dir)
 
 
@@ -196,37 +202,28 @@ def read_manifest(slot_dir: str) -> SlotManifest:
         raise SlotVanished(f"{slot_dir} lost its manifest") from None
     except ManifestError as e:
         raise SlotCorrupt(str(e)) from None
+    except (ValueError, TypeError, KeyError) as e:  # not JSON, or not a manifest's fields
+        raise SlotCorrupt(f"{slot_dir}/{MANIFEST} cannot be read: {str(e).splitlines()[0]}") from None
 
 
 def _read_verified(slot_dir: str, name: str, manifest: SlotManifest) -> Any:
-    """Unpickle one file of a slot once its bytes match the manifest's checksum.
-
-    The file is opened once; its checksum is taken over a read-only map of that open file, and the
-    tensors are then mapped from the same open file (/proc/self/fd), so what is verified is what is
-    loaded (writers replace files by rename, never in place) and the bytes are never held twice:
-    no copy in a buffer beside the tensors, pages read from the page cache (RAM itself for /dev/shm)."""
+    """One file of a committed slot, unpickled (weights-only) once its bytes match the manifest's
+    checksum; every failure is a SlotError naming the file."""
     expected = manifest.files.get(name)
     if expected is None:
         away = manifest.elsewhere(slot_dir)
-        raise LayoutMismatch(away or f"{slot_dir} has no {name} in its manifest (written with layout "
-                                     f"data {manifest.dp} × tensor {manifest.tp})")
+        raise SlotUnusable(away or f"{slot_dir} has no {name} in its manifest (written with layout "
+                                   f"data {manifest.dp} × tensor {manifest.tp})")
     try:
-        fd = os.open(os.path.join(slot_dir, name), os.O_RDONLY)
+        obj = load_verified(os.path.join(slot_dir, name), expected)
     except FileNotFoundError:
         raise SlotVanished(f"{slot_dir}/{name} disappeared while reading") from None
-    try:
-        size = os.fstat(fd).st_size
-        matches = size == expected["bytes"] and size > 0
-        if matches:
-            with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as data:
-                matches = _checksum(data) == expected["xxh3"]
-        if not matches:
-            if not is_committed(slot_dir):
-                raise SlotVanished(f"{slot_dir} was recycled while reading")
-            raise SlotCorrupt(f"{slot_dir}/{name} does not match its checksum")
-        obj = torch.load(f"/proc/self/fd/{fd}", map_location="cpu", mmap=True, weights_only=False)
-    finally:
-        os.close(fd)
+    except ChecksumMismatch as e:
+        if not is_committed(slot_dir):
+            raise SlotVanished(f"{slot_dir} was recycled while reading") from None
+        raise SlotCorrupt(str(e)) from None
+    except (ValueError, OSError) as e:  # verified bytes that do not unpickle (weights-only), or an I/O error
+        raise SlotCorrupt(str(e).splitlines()[0] if str(e) else f"{slot_dir}/{name}: {type(e).__name__}") from None
     if not is_committed(slot_dir):  # recycled after we opened it: the data may be from elsewhere
         raise SlotVanished(f"{slot_dir} was recycled while reading")
     return obj
@@ -238,9 +235,13 @@ def read_shard(slot_dir: str, dp_rank: int, tp_rank: int, manifest: Optional[Slo
     its manifest lists), checksum-verified; and the manifest."""
     manifest = manifest or read_manifest(slot_dir)
     if kind != "raw" and kind not in manifest.averages:
-        raise LayoutMismatch(f"{slot_dir} holds no {kind} average")
-    optim = _read_verified(slot_dir, kind_file(kind, optim_states_file(dp_rank, tp_rank)), manifest)
-    return optim["optimizer_state_dict"]["fp32_flat_groups"], manifest
+        raise SlotUnusable(f"{slot_dir} holds no {kind} average")
+    name = kind_file(kind, optim_states_file(dp_rank, tp_rank))
+    optim = _read_verified(slot_dir, name, manifest)
+    try:
+        return list(optim["optimizer_state_dict"]["fp32_flat_groups"]), manifest
+    except (KeyError, TypeError):
+        raise SlotCorrupt(f"{slot_dir}/{name} holds no fp32_flat_groups: not a snapshot file") from None
 
 
 def read_model_states(slot_dir: str, dp_rank: int, tp_rank: int, manifest: SlotManifest) -> dict[str, Any]:

@@ -33,6 +33,8 @@ from typing import Callable, Optional
 
 import torch
 
+from core import pickles
+
 # (ids (B, T), keep (B, T) bool) -> logits (N, V) over the whole vocabulary at the N kept positions,
 # in row-major order. Rows are right-padded: the model is causal, so a sequence's positions do not
 # see the padding after it; only the kept positions go through the output head.
@@ -266,13 +268,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--limit", type=int, default=0, help="first N examples of each task (0: all)")
     parser.add_argument("--batch-tokens", type=int, default=DEFAULT_BATCH_TOKENS,
                         help="padded tokens per forward (default %(default)s; one sequence at least)")
+    pickles.add_trust_option(parser)
     args = parser.parse_args(argv)
     try:
         from core.tokenizer import load_tokenizer
         from models.hf import run_tokenizer
 
         tasks = [load_task(p, args.limit) for p in args.tasks]
-        model, config, run_dir = load_model(args.model, args.run_dir)
+        with pickles.trusting(args.trust_pickle):
+            model, config, run_dir = load_model(args.model, args.run_dir)
         tokenizer_path = args.tokenizer or (run_tokenizer(run_dir) if run_dir else args.model)
         if tokenizer_path is None:
             raise ValueError("cannot tell which tokenizer the model was trained with: pass --tokenizer")

@@ -93,11 +93,11 @@ def part_correctness(args, work: Path) -> dict[str, Any]:
         launch(args, gpu_job(args, parts), work / "parts_2.log")
         resumed_rel = max_rel(losses(parts), losses(whole))
     from averaging.evaluate import hf_held_out_loss
-    from averaging.sidecar.protocol import read_eval_log
+    from averaging.sidecar.protocol import read_eval_log, read_every_val_batches
 
     records = read_eval_log(str(whole))
     best = min((r for r in records if r.get("best")), key=lambda r: r["lawa_val_loss"])
-    hf = hf_held_out_loss(str(whole), str(whole / "lawa_best_hf"))
+    hf = hf_held_out_loss(read_every_val_batches(str(whole)), str(whole / "lawa_best_hf"))
     from core.files import read_jsonl
 
     metrics = read_jsonl(str(whole / "metrics.jsonl"))
@@ -108,13 +108,33 @@ def part_correctness(args, work: Path) -> dict[str, Any]:
         "hf_rel_diff": abs(hf - best["lawa_val_loss"]) / best["lawa_val_loss"],
         "max_mem_gb": max((r.get("max_mem_gb", 0.0) for r in metrics), default=0.0),
         "layout_line": next((line for line in (work / "whole.log").read_text().splitlines() if "layout:" in line), ""),
+        "ema_offload_in_host_memory": None if args.dry else ema_offload_in_host_memory(),
     }
     # bf16 on a GPU: kernels that accumulate with atomics (the embedding's backward) are not bitwise
     # repeatable, and the sidecar scores in bf16 while transformers scores in fp32.
     tol_resume, tol_hf = (1e-6, 1e-4) if args.dry else (2e-2, 2e-2)
     out["ok"] = (resumed_rel is None or resumed_rel <= tol_resume) and out["hf_rel_diff"] <= tol_hf and \
-        {"raw_val_loss", "lawa_val_loss", "ema_val_loss", "swa_val_loss"} <= set(out["sidecar_kinds"])
+        {"raw_val_loss", "lawa_val_loss", "ema_val_loss", "swa_val_loss"} <= set(out["sidecar_kinds"]) and \
+        out["ema_offload_in_host_memory"] is not False
     return out
+
+
+def ema_offload_in_host_memory() -> bool:
+    """ema.offload on device weights: the EMA lives in pinned host memory and equals the reference
+    (on CPU the two placements cannot be told apart, so only a GPU checks this)."""
+    import torch
+
+    from averaging.ema_swa import EmaArgs, ShardAverages, SwaArgs
+
+    weights = [torch.randn(4096, device="cuda")]
+    first = weights[0].clone()
+    avg = ShardAverages(EmaArgs(enabled=True, half_life=2.0, offload=True), SwaArgs(), weights, 0)
+    avg.update(0)
+    weights[0].add_(1.0)
+    avg.update(1)
+    expected = avg.decay * first + (1 - avg.decay) * weights[0]
+    return bool(avg.ema[0].device.type == "cpu" and avg.ema[0].is_pinned()
+                and torch.allclose(avg.ema[0], expected.cpu(), atol=1e-6))
 
 
 # ---------------------------------------------------------------------------------------------

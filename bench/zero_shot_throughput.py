@@ -144,8 +144,9 @@ def score_zero3(tasks: list[Task], config, encode, batch_tokens: int) -> int:
     """Under torchrun: both paths through the sidecar's ZeRO-3 engine, each rank its shard."""
     import torch.distributed as dist
 
+    from core.deepspeed_compat import use_deepspeed
     from core.distributed import build_parallel
-    from core.engine import build_engine, deepspeed_config, inference_config, use_deepspeed
+    from core.engine import build_engine, deepspeed_config, inference_config
 
     device = torch.device("cpu")
     use_deepspeed("cpu").init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)

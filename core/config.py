@@ -2,18 +2,23 @@
 
 Generic: the sections are declared by their owners (`*Args` dataclasses next to their code, each
 with a `validate()` of its own); the root config composes them. Field types understood: bool,
-int, float, str, Optional[...], list[...], dict, nested dataclasses and Literal[...] (the allowed
-values). A job file may start with `base: other.yaml` and state only what it changes.
+int, float, str, FilePath (a str whose leading `~` is expanded as it is read, so every rank and
+every check sees the same path), Optional[...], list[...], dict, nested dataclasses and
+Literal[...] (the allowed values). A job file may start with `base: other.yaml` and state only what
+it changes.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import yaml
+
+FilePath = typing.NewType("FilePath", str)  # a path: `~` and `~user` expanded when the config is read
 
 
 class ConfigError(ValueError):
@@ -84,10 +89,10 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         if number is None:
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(number)
-    if tp is str:
+    if tp is str or tp is FilePath:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return value
+        return os.path.expanduser(value) if tp is FilePath else value
     raise TypeError(f"{key}: unsupported config field type {_type_name(tp)}")
 
 

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from core.config import ConfigError, need
+from core.deepspeed_compat import use_deepspeed
 from core.log import logger, rank_span
 
 
@@ -207,8 +208,6 @@ def pick_device(local_rank: int, want: str = "auto") -> torch.device:
 
 def init_distributed(tp: int, env: Optional[RankEnv] = None, device: str = "auto") -> Parallel:
     """Join the process group (NCCL on GPUs, gloo on CPUs) and build the TP x DP layout."""
-    from core.engine import use_deepspeed
-
     env = env or rank_env()
     os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),
                       MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port))

@@ -3,31 +3,21 @@ given (training, and the sidecar's inference variant of it), and `zero.Init` + `
 The trainer, the LAWA sidecar and the benchmarks all build their engines here."""
 from __future__ import annotations
 
-import logging
-import os
-import warnings
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 
+from core.deepspeed_compat import use_deepspeed
+
 if TYPE_CHECKING:
     from core.distributed import Parallel
 
-# Small parameters (norms, biases) stay whole on every rank: gathering them costs more than it saves.
+# Parameters of at most this many elements stay whole on every rank once gathered (DeepSpeed's
+# stage3_param_persistence_threshold, default 1e5; their optimizer state stays partitioned). At GPT-2
+# widths that is the norms and biases, whose per-use gathers cost more than their memory; at the CPU
+# jobs' widths (32-128) it is most weight matrices too, so those runs gather little in forward and
+# backward (their fp32 partitions, and so their snapshots, are cut as at any width).
 PERSISTENCE_THRESHOLD = 10_000
-
-
-def use_deepspeed(device_type: str):
-    """DeepSpeed, imported for this device: its CPU accelerator chosen rather than guessed (with
-    a warning), its per-step logging and the deprecation warnings of its collectives silenced."""
-    if device_type == "cpu":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
-
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    # DeepSpeed 0.19 calls collectives that newer torch marks deprecated, once per step.
-    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
-    return deepspeed
 
 
 def deepspeed_config(micro_batch_size: int, grad_accum: int, dp: int, grad_clip: float, zero_stage: int,

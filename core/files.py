@@ -1,13 +1,15 @@
 """Files: one atomic write, the fsyncs around it, torch (de)serialisation, JSONL reading, staged
-output folders, and the names of step folders (`step_00001000`)."""
+output folders, private folders, and the names of step folders (`step_00001000`)."""
 from __future__ import annotations
 
 import contextlib
 import io
 import json
 import os
+import pwd
 import re
 import shutil
+import stat
 import time
 import uuid
 from typing import Any, Iterator, Optional
@@ -38,9 +40,11 @@ def any_step_of(path: str) -> Optional[int]:
 # writing
 
 
-def write_file_atomic(path: str, data: bytes | memoryview | str, max_bytes_per_s: float = 0.0) -> None:
+def write_file_atomic(path: str, data: bytes | memoryview | str, max_bytes_per_s: float = 0.0,
+                      mode: Optional[int] = None) -> None:
     """Write under a temporary name, fsync, rename: readers see the old file or the whole new one.
-    Optionally throttled to max_bytes_per_s (shared disks)."""
+    Optionally throttled to max_bytes_per_s (shared disks). `mode`: the file's permissions (e.g.
+    0o600 for the snapshot ring's); None: the usual ones, 0o666 less the umask."""
     if isinstance(data, str):
         data = data.encode()
     # Unique per writer, so that two processes writing the same path never share a temporary file.
@@ -49,7 +53,8 @@ def write_file_atomic(path: str, data: bytes | memoryview | str, max_bytes_per_s
     chunk = 1 << 20 if max_bytes_per_s > 0 else 64 << 20
     start = time.monotonic()
     try:
-        with open(tmp, "wb") as f:  # open(), not mkstemp: the usual umask permissions
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 if mode is None else mode)
+        with os.fdopen(fd, "wb") as f:
             for pos in range(0, len(view), chunk):
                 f.write(view[pos: pos + chunk])
                 if max_bytes_per_s > 0:
@@ -83,6 +88,47 @@ def fsync_tree(path: str) -> None:
     for file in files:
         with open(file, "rb") as f:
             os.fsync(f.fileno())
+
+
+class NotPrivate(PermissionError):
+    """A folder other users could read or plant files in; the message names it and its owner."""
+
+
+def _user(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
+def private_folder(path: str, create: bool = True) -> None:
+    """Make `path` a folder only this user can enter (mode 0700; missing parents get the usual
+    permissions), or accept an existing one only if it is a real folder, not a link, owned by this
+    user, that neither group nor others may write (one they may only read is made 0700). NotPrivate
+    otherwise. With `create` false a missing folder is left missing."""
+    if create:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path, 0o700)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        if create:
+            raise
+        return
+    me = os.geteuid()
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise NotPrivate(f"{path} is {'a link' if stat.S_ISLNK(st.st_mode) else 'not a folder'} (owner "
+                         f"{_user(st.st_uid)}), not a folder of {_user(me)}'s: refusing to keep snapshots there")
+    if st.st_uid != me:
+        raise NotPrivate(f"{path} belongs to {_user(st.st_uid)}, not to {_user(me)}: refusing to keep snapshots where "
+                         f"another user could read them or plant their own (remove it, or set snapshot.dir)")
+    if st.st_mode & 0o022:
+        raise NotPrivate(f"{path} (owner {_user(st.st_uid)}) can be written by {'group and others' if st.st_mode & 0o002 else 'its group'} "
+                         f"(mode {stat.S_IMODE(st.st_mode):o}): refusing to keep snapshots there (chmod go-w it, or set "
+                         f"snapshot.dir)")
+    if st.st_mode & 0o077:
+        os.chmod(path, 0o700)
 
 
 def remove_path(path: str) -> None:

@@ -156,6 +156,21 @@ class RunDir:
         return self.join(SIDECAR, f"rank{rank}.log")
 
 
+# The default place of the snapshot ring: node-local shared memory, under a folder of this user's own
+# (0700), so that no other user of the node can read the weights or plant a slot.
+SHM = "/dev/shm"
+
+
+def user_shm_root() -> str:
+    return os.path.join(SHM, f"lawa-{os.geteuid()}")
+
+
+def ring_folders(root: str) -> list[str]:
+    """The folders that must be private for a ring at `root`: the per-user root too, when it is under it."""
+    parent = os.path.dirname(os.path.abspath(root))
+    return [parent, root] if parent == user_shm_root() else [root]
+
+
 def find_run_dir(folder: str) -> Optional[RunDir]:
     """The run directory above a checkpoint/slot folder: the first parent holding model.json."""
     path = os.path.abspath(folder)

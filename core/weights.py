@@ -7,11 +7,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import pickle
 from typing import Any, Optional
 
 import torch
 
+from core import pickles
 from core.log import logger
 
 HF_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -27,22 +27,6 @@ DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
 class WeightsError(ValueError):
     """A weights file or folder that cannot be read as asked; the message names the file."""
-
-
-def load_pickle(path: str, weights_only: bool) -> Any:
-    """mmap: tensors are paged in when touched, so k loaded checkpoints cost address space, not RAM."""
-    try:
-        try:
-            return torch.load(path, map_location="cpu", mmap=True, weights_only=weights_only)
-        except RuntimeError as e:
-            if "mmap" not in str(e) and "zip" not in str(e):
-                raise
-            return torch.load(path, map_location="cpu", weights_only=weights_only)  # legacy format
-    except pickle.UnpicklingError as e:
-        raise WeightsError(f"{path} holds Python objects besides tensors; refusing to unpickle it "
-                           f"({str(e).splitlines()[0]})") from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise WeightsError(f"cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
 def is_state_dict(obj: Any) -> bool:
@@ -90,7 +74,7 @@ class Weights:
                 except Exception as e:
                     raise WeightsError(f"cannot read {file}: {e}") from None
             else:
-                self.open[file] = state_dict_in(load_pickle(file, weights_only=True), file)[1]
+                self.open[file] = state_dict_in(pickles.load(file), file)[1]
         return self.open[file]
 
     def close(self) -> None:

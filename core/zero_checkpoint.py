@@ -15,11 +15,15 @@ import glob
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 
+from core import pickles
+from core.files import write_json_atomic
+from core.integrity import FileRecord, load_verified
 from core.log import rank_span
 from core.run_dir import MANIFEST, RUN_STATE, node_manifest
 
@@ -107,12 +111,77 @@ def read_manifest_file(folder: str) -> SlotManifest:
     return manifest
 
 
+@dataclass
+class RunState:
+    """What a complete checkpoint records beside DeepSpeed's files: its run_state.json, the marker
+    that makes it count, written last, once every file in the folder is durable. `files` holds each
+    file's record (size, xxh3), by which resume and every reader verify the folder (empty in
+    checkpoints from before records: those are read as they are)."""
+
+    step: int
+    tokens: int
+    dp: int
+    tp: int
+    tensor_parallel_layout: dict[str, list[int]] = field(default_factory=dict)
+    files: dict[str, FileRecord] = field(default_factory=dict)
+
+    def write(self, folder: str) -> None:
+        write_json_atomic(os.path.join(folder, RUN_STATE), dataclasses.asdict(self))
+
+    @classmethod
+    def read(cls, folder: str) -> RunState:
+        with open(os.path.join(folder, RUN_STATE)) as f:
+            data = json.load(f)
+        return cls(**{k: data[k] for k in (f.name for f in dataclasses.fields(cls)) if k in data})
+
+
+def recorded_files(folder: str) -> Optional[dict[str, FileRecord]]:
+    """The file records of a folder of ZeRO files, by file name: from a slot's or an average's
+    manifest (for an ema/ or swa/ sub-folder, its slot's), or a checkpoint's run_state.json. None
+    for a folder that records none (another tool's checkpoint, or one of ours from before records)."""
+    if os.path.isfile(os.path.join(folder, MANIFEST)):
+        return dict(read_manifest_file(folder).files)
+    parent, kind = os.path.split(os.path.normpath(folder))
+    if os.path.isfile(os.path.join(parent, MANIFEST)):
+        prefix = f"{kind}/"
+        return {name[len(prefix):]: record for name, record in read_manifest_file(parent).files.items()
+                if name.startswith(prefix)}
+    if os.path.isfile(os.path.join(folder, RUN_STATE)):
+        return RunState.read(folder).files or None
+    return None
+
+
+def load_recorded(path: str, records: Optional[dict[str, FileRecord]]) -> Any:
+    """A torch file of a folder of ZeRO files, verified against the folder's records (`recorded_files`;
+    None: a folder that keeps none, read as it is); a file the records do not list is refused."""
+    expected = None
+    if records is not None:
+        expected = records.get(os.path.basename(path))
+        if expected is None:
+            raise ManifestError(f"{path} is not among the files its folder records: not written with them")
+    return load_verified(path, expected)
+
+
 def model_states_file(dp_rank: int, tp_rank: int) -> str:
     return f"zero_pp_rank_{dp_rank}_mp_rank_{tp_rank:02d}_model_states.pt"
 
 
 def optim_states_file(dp_rank: int, tp_rank: int) -> str:
     return f"zero_pp_rank_{dp_rank}_mp_rank_{tp_rank:02d}_optim_states.pt"
+
+
+_RANK_IN_NAME = re.compile(r"(?:zero_pp_rank_(\d+)_)?mp_rank_(\d+)_|averages_dp(\d+)_tp(\d+)")
+
+
+def writer_rank(name: str, tp: int) -> int:
+    """The rank that writes a checkpoint's file, by its name: DeepSpeed's (zero_pp_rank_{dp}_mp_rank_{tp}_...;
+    mp_rank_{tp}_... by data-parallel rank 0) or ours (averages_dp{d}_tp{t}.pt); rank 0 for any other."""
+    match = _RANK_IN_NAME.search(name)
+    if match is None:
+        return 0
+    if match.group(3) is not None:
+        return int(match.group(3)) * tp + int(match.group(4))
+    return int(match.group(1) or 0) * tp + int(match.group(2))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,16 +271,13 @@ def merge_tensors(parts: list[torch.Tensor], dim: int, stride: int) -> torch.Ten
 def tensor_parallel_layout_of(folder: str) -> Optional[dict[str, list[int]]]:
     """The recorded split dimensions: from a slot manifest, a checkpoint's run_state.json, or the
     model-states file of mp rank 0."""
-    for name in (MANIFEST, RUN_STATE):
-        path = os.path.join(folder, name)
-        if os.path.isfile(path):
-            with open(path) as f:
-                layout = json.load(f).get("tensor_parallel_layout")
-            if layout is not None:
-                return layout
+    if os.path.isfile(os.path.join(folder, MANIFEST)):
+        return read_manifest_file(folder).tensor_parallel_layout
+    if os.path.isfile(os.path.join(folder, RUN_STATE)):
+        return RunState.read(folder).tensor_parallel_layout
     states = sorted(glob.glob(os.path.join(folder, "*mp_rank_00_model_states.pt")))
     if states:
-        return torch.load(states[0], map_location="cpu", weights_only=False).get("tensor_parallel_layout")
+        return pickles.load(states[0]).get("tensor_parallel_layout")
     return None
 
 

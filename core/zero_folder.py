@@ -3,7 +3,9 @@ interface (names, full shapes, one full tensor, or one rank's cut of it) and its
 folders of ZeRO-3 files (slots, averages, checkpoint tags), which also gives the one
 consolidation of such folders (`consolidate`).
 
-A `ZeroFolder` maps every rank's files (torch.load with mmap: pages are read when touched) and
+A `ZeroFolder` maps every rank's files (torch.load with mmap: pages are read when touched), each
+checked first against the record its folder keeps (core.integrity; a folder of another tool's,
+which records nothing, is read as it is), and
 hands out one parameter at a time. A rank's own partition (`Cut`) under the source's tensor-parallel
 size is read from the bytes of the source partitions that overlap it, so ranks of one node that load
 their cuts touch the source about once between them; under another tensor-parallel size the full
@@ -15,7 +17,6 @@ from __future__ import annotations
 import abc
 import ctypes
 import os
-import pickle
 import re
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
@@ -25,8 +26,10 @@ import torch
 from core.zero_checkpoint import (
     LayoutMismatch,
     check_complete,
+    load_recorded,
     merge_tensors,
     partition_numel,
+    recorded_files,
     split_partitions,
     split_tensor,
     tensor_parallel_layout_of,
@@ -155,19 +158,13 @@ def release_pages(tensor: torch.Tensor) -> None:
 # ZeRO-3 folders
 
 
-def _load_mapped(path: str) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:  # truncated, or not a torch.save zip
-        raise ValueError(f"cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-
-
 class ZeroFolder(TensorSource):
     """The fp32 weights of a folder of ZeRO-3 files (any data × tensor layout), read lazily."""
 
     def __init__(self, folder: str):
         self.folder = folder = os.path.abspath(folder)
         check_complete(folder)
+        self.records = recorded_files(folder)
         self.files: dict[tuple[int, int], dict[str, str]] = {}
         for name in os.listdir(folder):
             match = _RANK_FILE.search(name)
@@ -183,7 +180,7 @@ class ZeroFolder(TensorSource):
         if missing:
             raise FileNotFoundError(f"{folder} lacks {missing[0]}" + (f" (and {len(missing) - 1} more files)"
                                                                       if len(missing) > 1 else ""))
-        states = _load_mapped(self.files[(0, 0)]["model"])
+        states = self._load(self.files[(0, 0)]["model"])
         self.param_shapes = states["param_shapes"]
         self.slice_shapes = {n: torch.Size(s) for group in self.param_shapes for n, s in group.items()}
         buffers = set(states.get("buffer_names") or [])
@@ -196,6 +193,9 @@ class ZeroFolder(TensorSource):
         self.layout: dict[str, list[int]] = layout
         self._partitions: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
 
+    def _load(self, path: str) -> Any:
+        return load_recorded(path, self.records)
+
     def __repr__(self) -> str:
         return f"ZeroFolder({self.folder!r}, data {self.dp} × tensor {self.tp})"
 
@@ -203,7 +203,7 @@ class ZeroFolder(TensorSource):
         """Rank (dp_rank, tp_rank)'s partition of every parameter, by name (views of its mapped file)."""
         key = (dp_rank, tp_rank)
         if key not in self._partitions:
-            optim = _load_mapped(self.files[key]["optim"])["optimizer_state_dict"]
+            optim = self._load(self.files[key]["optim"])["optimizer_state_dict"]
             self._partitions[key] = split_partitions(optim["fp32_flat_groups"], self.param_shapes, self.dp)
         return self._partitions[key]
 

@@ -19,15 +19,16 @@ from averaging.ema_swa import EmaArgs, SwaArgs, scheduled_lr
 from averaging.evaluate import EvalArgs
 from averaging.lawa import LawaArgs, Merge, slots_needed
 from averaging.sidecar.supervisor import SidecarArgs
-from core.config import ConfigError, dump_yaml, get_value, load_config, need
+from core.config import ConfigError, FilePath, dump_yaml, get_value, load_config, need
 from core.distributed import ParallelArgs
-from launcher.checkpoint import CheckpointArgs, GrowthArgs
+from launcher.checkpoint import CheckpointArgs
 from launcher.data import DataArgs
 from launcher.metrics import LoggingArgs
 from launcher.optim import OptimizerArgs
 from launcher.schedule import ScheduleArgs, lr_at
 from launcher.snapshot import SnapshotArgs
-from launcher.trainer import TrainArgs
+from launcher.start import GrowthArgs
+from launcher.train_args import TrainArgs
 from models.registry import ModelArgs
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -37,7 +38,7 @@ DEFAULT_JOB = REPO_ROOT / "jobs" / "tiny_cpu.yaml"
 @dataclass
 class JobConfig:
     name: str = "tiny_cpu"
-    run_dir: Optional[str] = None  # None: runs/<name>
+    run_dir: Optional[FilePath] = None  # None: runs/<name>
     model: ModelArgs = field(default_factory=ModelArgs)
     data: DataArgs = field(default_factory=DataArgs)
     optimizer: OptimizerArgs = field(default_factory=OptimizerArgs)
@@ -67,8 +68,10 @@ class JobConfig:
             need(d.seq_len <= m.block_size, f"data.seq_len={d.seq_len} exceeds model.block_size={m.block_size}")
         need(p.tensor == 1 or m.dropout == 0.0,
              "model.dropout must be 0 with parallel.tensor > 1 (dropout masks would differ across tensor-parallel ranks)")
-        need(self.growth.from_run is None or self.checkpoint.init_from is None,
-             "growth.from_run and checkpoint.init_from both say where the weights come from: set one")
+        sources = [key for key, value in (("checkpoint.init_from", self.checkpoint.init_from),
+                                          ("checkpoint.branch_from", self.checkpoint.branch_from),
+                                          ("growth.from_run", self.growth.from_run)) if value is not None]
+        need(len(sources) <= 1, f"{' and '.join(sources)} each say where the weights come from: set one")
         need(not (self.ema.enabled or self.swa.enabled) or snap.every > 0,
              "ema.enabled/swa.enabled need snapshot.every > 0 (the averages are snapshotted beside the weights "
              "and scored by the sidecar)")

@@ -24,8 +24,9 @@ from core.config import ConfigError  # noqa: E402
 from core.decay import DECAYS  # noqa: E402
 from core.distributed import exit_process, rank_env  # noqa: E402
 from core.run_dir import RunDir  # noqa: E402
+from core.zero_checkpoint import RunState  # noqa: E402
 from launcher.branch import Branch  # noqa: E402
-from launcher.checkpoint import complete_checkpoints, read_run_state  # noqa: E402
+from launcher.checkpoint import complete_checkpoints  # noqa: E402
 from launcher.config import JobConfig, load_job  # noqa: E402
 from launcher.train import run_job  # noqa: E402
 
@@ -64,7 +65,7 @@ def branch_job(parent_dir: str, at: int, steps: int, shape: str, min_lr_ratio: f
             raise ConfigError(f"--at {at}: the parent's learning rate at step {step} is {theirs:.3e}, not the "
                               f"{mine:.3e} a cooldown from its peak assumes: branch from the stable phase of a "
                               f"constant or wsd run")
-    tokens = read_run_state(checkpoint).tokens
+    tokens = RunState.read(checkpoint).tokens
     return job, Branch(parent=os.path.abspath(parent_dir), step=at, tokens=tokens, checkpoint=checkpoint,
                        cooldown_steps=steps, shape=shape, tokens_per_step=job.tokens_per_step)
 

@@ -24,8 +24,9 @@ from averaging.lawa import slots_needed
 from core.config import ConfigError, need
 from core.distributed import gather_objects
 from core.log import logger
+from core.run_dir import SHM
 from launcher.data.prepare import MANIFEST
-from launcher.snapshot import SHM, is_node_local, resolve_root, ring_room, root_is_shared
+from launcher.snapshot import is_node_local, prepare_ring, resolve_root, ring_room, root_is_shared
 from models.registry import ModelConfig, build_model
 
 if TYPE_CHECKING:
@@ -155,9 +156,9 @@ class Plan:
 def zero3_estimate(params: int, largest_layer: int, gpus_per_node: float, nodes: int) -> tuple[float, float]:
     """DeepSpeed's own ZeRO-3 estimate for our setup (no offload; zero.Init, as the trainer builds the
     model): (host bytes per node, GPU bytes per rank) = (4·largest·G·1.5, 4·largest + 18·params/(G·nodes))."""
-    from core.engine import use_deepspeed
+    from core.deepspeed_compat import use_deepspeed_here
 
-    use_deepspeed("cuda" if torch.cuda.is_available() else "cpu")  # never guess the accelerator with a warning
+    use_deepspeed_here()  # never guess the accelerator with a warning
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
     cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
@@ -351,6 +352,7 @@ def check_at_start(job: JobConfig, par: Parallel, config: ModelConfig, run_dir: 
     if job.snapshot.every > 0:
         ring = _resources(job, shape, base)[0]["ring"].need
         root = resolve_root(job.snapshot, par, run_dir, job.name, int(ring / RING_SHARE))
+        prepare_ring(root, par)
         shared = not is_node_local(root) and root_is_shared(root, par)
     mine = None
     if par.is_node_first:

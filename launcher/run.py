@@ -39,8 +39,8 @@ def check(job, world_size: Optional[int]) -> str:
         except (ValueError, FileNotFoundError) as e:
             raise ConfigError(str(e)) from None
     for key, path in (("data.tokenizer", job.data.tokenizer), ("checkpoint.init_from", job.checkpoint.init_from),
-                      ("growth.from_run", job.growth.from_run)):
-        need(path is None or os.path.exists(os.path.expanduser(path)), f"{key}: no such file or directory: {path!r}")
+                      ("checkpoint.branch_from", job.checkpoint.branch_from), ("growth.from_run", job.growth.from_run)):
+        need(path is None or os.path.exists(path), f"{key}: no such file or directory: {path!r}")
     if world_size is None:
         return f"{job.name}: layout checked by the ranks (an elastic node count)"
     accumulation = job.train.accumulation_steps(world_size // job.parallel.tensor)

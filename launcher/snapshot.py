@@ -4,7 +4,7 @@ The training loop pays only for the copy of its partition into a host buffer (on
 asynchronous copy on a side stream that the next optimizer update waits for on the device); a
 background thread zeroes the partition padding and writes the slot. Committing needs every rank's
 files, so the ranks vote over a small gloo group: each step while a snapshot is pending, one
-all-reduce of three integers, no disk and no GPU synchronisation. Decisions (skip, wait, commit,
+all-reduce of four integers, no disk and no GPU synchronisation. Decisions (skip, wait, commit,
 abandon) come out of that vote, so every rank takes the same one.
 """
 from __future__ import annotations
@@ -22,10 +22,11 @@ import torch.distributed as dist
 
 from averaging import slots
 from averaging.ema_swa import ShardAverages
-from core.config import need
+from core.config import ConfigError, FilePath, need
 from core.distributed import Parallel, gather_objects
+from core.files import private_folder
 from core.log import logger
-from core.run_dir import RunDir
+from core.run_dir import SHM, RunDir, ring_folders, user_shm_root
 from core.zero_checkpoint import shapes_to_json, zero_padding
 from models.tensor_parallel import tensor_parallel_layout
 
@@ -34,7 +35,7 @@ from models.tensor_parallel import tensor_parallel_layout
 class SnapshotArgs:
     every: int = 0  # snapshot the weights every this many steps (and at the end); 0: off
     slots: int = 8  # ring-buffer size: committed snapshots kept
-    dir: Optional[str] = None  # None: node-local /dev/shm/lawa/<run> when it has room, else <run_dir>/snapshots
+    dir: Optional[FilePath] = None  # None: node-local /dev/shm/lawa-<uid>/<run> when it has room, else <run_dir>/snapshots
     if_busy: Literal["skip", "wait"] = "skip"  # when the previous write still runs at the next snapshot
     max_write_mb_per_s: float = 0.0  # throttle the background write (shared disks); 0: unlimited
     cleanup: bool = True  # delete slots under /dev/shm when training ends normally (they hold RAM)
@@ -46,7 +47,7 @@ class SnapshotArgs:
         need(self.max_write_mb_per_s >= 0, f"snapshot.max_write_mb_per_s: must be >= 0, got {self.max_write_mb_per_s}")
 
 
-SHM = "/dev/shm"
+RING_FILE_MODE = 0o600  # the ring's files: this user's only (its folders are 0700: prepare_ring)
 
 
 def ring_room(root: str) -> int:
@@ -69,15 +70,20 @@ def shm_has_room(root: str, bytes_needed: int) -> bool:
     return os.path.isdir(SHM) and os.access(SHM, os.W_OK) and ring_room(root) >= bytes_needed
 
 
+def default_ring(run_dir: str, name: str) -> str:
+    """The ring's folder in node-local shared memory: /dev/shm/lawa-<uid>/<name>-<hash of run_dir>."""
+    tag = hashlib.sha1(os.path.abspath(run_dir).encode()).hexdigest()[:8]
+    return os.path.join(user_shm_root(), f"{name}-{tag}")
+
+
 def resolve_root(args: SnapshotArgs, par: Parallel, run_dir: str, name: str, bytes_per_node: int) -> str:
     """Collective: where slots go. `snapshot.dir` if set; else node-local shared memory
-    (/dev/shm/lawa/<name>-<hash of run_dir>, the same path on every node) when every node's has
+    (/dev/shm/lawa-<uid>/<name>-<hash of run_dir>, the same path on every node) when every node's has
     room for `bytes_per_node` (its ranks' part of the ring, every kind, with room to spare:
     launcher/plan.py counts it); else the run directory."""
     if args.dir:
         return args.dir
-    tag = hashlib.sha1(os.path.abspath(run_dir).encode()).hexdigest()[:8]
-    shm_root = os.path.join(SHM, "lawa", f"{name}-{tag}")
+    shm_root = default_ring(run_dir, name)
     rooms = gather_objects(shm_has_room(shm_root, bytes_per_node) if par.is_node_first else None, par.ctrl_group)
     if all(room for room in rooms if room is not None):
         return shm_root
@@ -86,6 +92,22 @@ def resolve_root(args: SnapshotArgs, par: Parallel, run_dir: str, name: str, byt
                 f"{bytes_per_node / 2**30:.2f} GiB the ring needs with room to spare; snapshots go to "
                 f"{RunDir(run_dir).snapshots} (snapshot.dir chooses)")
     return RunDir(run_dir).snapshots
+
+
+def prepare_ring(root: str, par: Parallel) -> None:
+    """Collective, before any rank writes a slot: each node's first rank makes the ring's folders
+    private to this user (core.files.private_folder); a folder that exists but belongs to someone
+    else, or that others may write, is refused on every rank in one line naming it and its owner."""
+    problem = None
+    if par.is_node_first:
+        try:
+            for folder in ring_folders(root):
+                private_folder(folder)
+        except OSError as e:
+            problem = f"{e}" if par.world_size == 1 else f"on {par.host}: {e}"
+    refused = next((p for p in gather_objects(problem, par.ctrl_group) if p is not None), None)
+    if refused is not None:
+        raise ConfigError(f"snapshot ring: {refused}")
 
 
 def is_node_local(path: str) -> bool:
@@ -139,7 +161,7 @@ class SnapshotWriter:
         self.commit_thread: Optional[threading.Thread] = None
         self.pending: Optional[dict[str, Any]] = None  # the snapshot written but not yet committed
         self.done_step = -1
-        self.last_committed: Optional[int] = None
+        self.committed: list[int] = []  # the steps this run committed (less any abandoned after)
         self.failed: Optional[BaseException] = None
         self.commit_failure: Optional[tuple[int, str]] = None  # (step, why) of a commit this node could not do
         self.written: dict[str, dict] = {}
@@ -195,9 +217,12 @@ class SnapshotWriter:
         return stats
 
     def finish(self) -> None:
-        """Collective: wait for the last write and commit it."""
+        """Collective: wait for the last write and commit it; on return every node's commit is on
+        disk (or abandoned on every node), so a marker written after it vouches for what it names."""
         self._join()
-        self._settle()
+        self._settle()  # starts the last commit (off this thread) ...
+        self._join_commit()
+        self._settle()  # ... and a second vote hears of any node whose commit failed
 
     def join_write(self) -> None:
         """Wait for this rank's background write in flight, if any (the next vote commits it);
@@ -206,6 +231,10 @@ class SnapshotWriter:
             self.thread.join()
         if self.failed is not None:
             raise RuntimeError(f"snapshot write failed: {self.failed!r}")
+
+    @property
+    def last_committed(self) -> Optional[int]:
+        return self.committed[-1] if self.committed else None
 
     @property
     def partition_elements(self) -> int:
@@ -262,8 +291,8 @@ class SnapshotWriter:
             hosts = [self.par.hosts[r] for r, f in enumerate(failures) if f is not None and f[0] == step]
             reason = next(f[1] for f in failures if f is not None and f[0] == step)
             self._abandon(step, f"{', '.join(dict.fromkeys(hosts))} could not commit its part ({reason})")
-            if self.last_committed == step:
-                self.last_committed = None
+            if step in self.committed:
+                self.committed.remove(step)
 
     def _commit(self) -> None:
         by_rank = gather_objects(self.written, self.par.ctrl_group)
@@ -282,14 +311,14 @@ class SnapshotWriter:
             self.commit_thread = threading.Thread(target=self._commit_part, args=(self.slot_dir(p["step"]), manifest),
                                                   daemon=True, name=f"commit-{p['step']}")
             self.commit_thread.start()
-        self.last_committed = p["step"]
+        self.committed.append(p["step"])
         self.pending = None
 
     def _commit_part(self, slot_dir: str, manifest: slots.SlotManifest) -> None:
         """This node's part of the commit (or the whole), off the training thread. A failure (storage
         full) is no commit: readers need every node's part, and the next vote abandons the rest."""
         try:
-            slots.commit(slot_dir, manifest)
+            slots.commit(slot_dir, manifest, mode=RING_FILE_MODE)
         except OSError as e:  # reported by the next vote, which abandons the slot on every node
             self.commit_failure = (manifest.step, str(e))
 
@@ -332,7 +361,7 @@ class SnapshotWriter:
                 files = slots.write_shard(
                     slots.kind_dir(self.slot_dir(step), kind), self.par.dp_rank, self.par.tp_rank, self.host[kind],
                     {**self.model_states, "global_steps": step},
-                    max_bytes_per_s=self.args.max_write_mb_per_s * 1e6)
+                    max_bytes_per_s=self.args.max_write_mb_per_s * 1e6, mode=RING_FILE_MODE)
                 written.update({slots.kind_file(kind, name): meta for name, meta in files.items()})
             self.written = written
             self.done_step = step

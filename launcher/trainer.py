@@ -11,7 +11,7 @@ import dataclasses
 import os
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -20,7 +20,7 @@ from averaging.ema_swa import ShardAverages
 from averaging.evaluate import HeldOut, validation_loss
 from averaging.sidecar import protocol
 from averaging.sidecar.supervisor import SidecarSupervisor
-from core.config import ConfigError, dump_yaml, need
+from core.config import ConfigError, dump_yaml
 from core.distributed import Parallel, barrier, init_distributed, rank_env
 from core.engine import build_engine, deepspeed_config
 from core.files import write_file_atomic, write_json_atomic
@@ -28,6 +28,7 @@ from core.log import logger, rank_span, setup_logging
 from core.run_dir import RunDir
 from core.tokenizer import load_tokenizer
 from core.watchdog import PeerWatchdog, lost_peer_message
+from core.zero_checkpoint import RunState
 from launcher import checkpoint
 from launcher.data import Prefetcher, TokenBatches, describe_mixture, ensure_prepared, job_batches
 from launcher.metrics import MetricsLogger
@@ -35,51 +36,12 @@ from launcher.optim import build_optimizer, full_numel
 from launcher.plan import check_at_start
 from launcher.preemption import Preemption, requeue_slurm_job
 from launcher.snapshot import SnapshotWriter
+from launcher.start import Start, restore
 from models.registry import ModelConfig, build_model, count_parameters, flops_per_token, write_model_config
 from models.tensor_parallel import tensor_parallel_layout
 
 if TYPE_CHECKING:
     from launcher.config import JobConfig
-
-
-@dataclass
-class TrainArgs:
-    steps: int = 1000  # optimizer steps
-    global_batch_size: int = 16  # sequences per optimizer step, over all data-parallel ranks
-    micro_batch_size: int = 8  # sequences per rank per forward/backward; accumulation fills the rest
-    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
-    seed: int = 1337
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    stop_at: Optional[int] = None  # checkpoint and stop after this step (the schedule still spans `steps`)
-    # Speed-ups, off by default and chosen by measurement (bench/gpu_check.py): a torch.compile backend for
-    # each transformer block (e.g. inductor; None: eager), and recomputing activations in backward.
-    compile: Optional[str] = None
-    activation_checkpointing: bool = False
-
-    def validate(self) -> None:
-        need(self.steps > 0, f"train.steps: must be positive, got {self.steps}")
-        need(self.micro_batch_size > 0, f"train.micro_batch_size: must be positive, got {self.micro_batch_size}")
-        need(self.global_batch_size > 0, f"train.global_batch_size: must be positive, got {self.global_batch_size}")
-        need(self.global_batch_size % self.micro_batch_size == 0,
-             f"train.global_batch_size={self.global_batch_size} is not divisible by "
-             f"train.micro_batch_size={self.micro_batch_size}")
-        need(self.grad_clip >= 0, f"train.grad_clip: must be >= 0, got {self.grad_clip}")
-        need(self.seed >= 0, f"train.seed: must be >= 0, got {self.seed}")
-        if self.stop_at is not None:
-            need(0 < self.stop_at <= self.steps, f"train.stop_at={self.stop_at} must be in [1, train.steps={self.steps}]")
-
-    def accumulation_steps(self, dp: int) -> int:
-        """Gradient-accumulation steps that fill the global batch at data-parallel size `dp`."""
-        per_step = self.micro_batch_size * dp
-        if self.global_batch_size % per_step != 0:
-            raise ConfigError(f"train.global_batch_size={self.global_batch_size} is not divisible by "
-                              f"train.micro_batch_size × data-parallel size = {self.micro_batch_size} × {dp}")
-        return self.global_batch_size // per_step
-
-    def resolved_precision(self, device_type: str) -> str:
-        if self.precision == "auto":
-            return "bf16" if device_type == "cuda" else "fp32"
-        return self.precision
 
 
 @dataclass
@@ -237,101 +199,137 @@ def train(job: JobConfig) -> dict:
 
 
 def run_training(t: Training) -> dict:
-    job, par, engine, run = t.job, t.par, t.engine, t.run
-    averages = ShardAverages(job.ema, job.swa, engine.optimizer.fp32_partitioned_groups_flat, job.snapshot.every)
-    start = checkpoint.restore(engine, par, t.checkpoint_dir, job.checkpoint, job.growth, t.model_config, averages)
-    step, tokens = start.step, start.tokens
-    if step >= job.train.steps:
-        logger.info(f"{run.path} has already trained its {job.train.steps} steps (train.steps); to go on, raise "
+    """The loop of one launch: restore, then steps until the end, a stop step or a signal; returns
+    the last logged metrics."""
+    job = t.job
+    averages = ShardAverages(job.ema, job.swa, t.engine.optimizer.fp32_partitioned_groups_flat, job.snapshot.every)
+    start = restore(t.engine, t.par, t.checkpoint_dir, job.checkpoint, job.growth, t.model_config, averages)
+    if start.step >= job.train.steps:
+        logger.info(f"{t.run.path} has already trained its {job.train.steps} steps (train.steps); to go on, raise "
                     f"train.steps, or start a new run with run_dir=<another directory>")
-        show_eval_table(run.path, par.is_main)
+        show_eval_table(t.run.path, t.par.is_main)
         return {}
+    loop = Loop(t, start, averages)
+    while not loop.over:
+        loss, lr = loop.step()
+        if loop.step_no % job.logging.every == 0 or loop.at_end:
+            loop.log_window(loss, lr)
+        loop.evaluate_and_checkpoint()
+    return loop.finish()
 
-    tp_layout = tensor_parallel_layout(engine.module)
-    metrics = MetricsLogger(run.path, par.is_main, job.logging, job.name, dataclasses.asdict(job))
-    if step > 0:
-        metrics.log({"event": "resume", "step": step})
-    if start.grown_from is not None:  # the report counts the small run's tokens into this run's budget
-        metrics.log({"event": "growth", "step": 0, **start.grown_from})
-    val_set = held_out_set(t)
-    if len(t.batches.names) > 1:  # the mixture this run samples, for the law fits (launcher/mixture.py)
-        metrics.log({"event": "mixture", "step": step, "mixture": job.data.mixture,
-                     "weights": dict(zip(t.batches.names, t.batches.probs.tolist()))})
-    snapshots, sidecar = start_lawa(t, step, val_set, averages if averages.enabled else None)
-    evals = protocol.follow_eval_log(run.path)  # the trainer prints the sidecar's lines as they come
-    tokens_per_step = job.tokens_per_step
-    flops_per_step = flops_per_token(t.model_config, job.data.seq_len) * tokens_per_step
-    last_stop = job.train.stop_at or job.train.steps
-    preemption = Preemption(job.checkpoint.on_signal, par.ctrl_group)
-    preempted = False
-    result: dict = {}
-    window = Window()
 
-    while step < last_stop and not preempted:
-        loss, lr = train_step(t, step, snapshots)
-        step += 1
-        tokens += tokens_per_step
-        window.steps += 1
-        if averages.enabled:
-            averages.update(step)
-        preempted = preemption.should_stop()
-        at_end = step == last_stop or preempted
-        if snapshots is not None:
+class Loop:
+    """One launch's steps and what runs beside them: metrics, the held-out set, the LAWA ring and
+    its sidecar, the preemption vote, and the window of steps being timed."""
+
+    def __init__(self, t: Training, start: Start, averages: ShardAverages):
+        job, par, run = t.job, t.par, t.run
+        self.t, self.averages = t, averages
+        self.step_no, self.tokens = start.step, start.tokens
+        self.last_stop = job.train.stop_at or job.train.steps
+        self.tp_layout = tensor_parallel_layout(t.engine.module)
+        self.metrics = MetricsLogger(run.path, par.is_main, job.logging, job.name, dataclasses.asdict(job))
+        if start.step > 0:
+            self.metrics.log({"event": "resume", "step": start.step})
+        if start.grown_from is not None:  # the report counts the small run's tokens into this run's budget
+            self.metrics.log({"event": "growth", "step": 0, **start.grown_from})
+        self.val_set = held_out_set(t)
+        if len(t.batches.names) > 1:  # the mixture this run samples, for the law fits (launcher/mixture.py)
+            self.metrics.log({"event": "mixture", "step": start.step, "mixture": job.data.mixture,
+                              "weights": dict(zip(t.batches.names, t.batches.probs.tolist()))})
+        self.snapshots, self.sidecar = start_lawa(t, start.step, self.val_set, averages if averages.enabled else None)
+        self.evals = protocol.follow_eval_log(run.path)  # the trainer prints the sidecar's lines as they come
+        self.flops_per_step = flops_per_token(t.model_config, job.data.seq_len) * job.tokens_per_step
+        self.preemption = Preemption(job.checkpoint.on_signal, par.ctrl_group)
+        self.preempted = False
+        self.result: dict = {}
+        self.window = Window()
+
+    @property
+    def at_end(self) -> bool:
+        return self.step_no == self.last_stop or self.preempted
+
+    @property
+    def over(self) -> bool:
+        return self.step_no >= self.last_stop or self.preempted
+
+    def step(self) -> tuple[torch.Tensor, float]:
+        """One optimizer step, then the averages, the preemption vote and the snapshot that follow it."""
+        loss, lr = train_step(self.t, self.step_no, self.snapshots)
+        self.step_no += 1
+        self.tokens += self.t.job.tokens_per_step
+        self.window.steps += 1
+        if self.averages.enabled:
+            self.averages.update(self.step_no)
+        self.preempted = self.preemption.should_stop()
+        if self.snapshots is not None:
             snap_start = time.perf_counter()
-            stats = snapshots.after_step(step, tokens, lr, final=at_end)
-            window.add_snapshot(time.perf_counter() - snap_start, stats)
+            stats = self.snapshots.after_step(self.step_no, self.tokens, lr, final=self.at_end)
+            self.window.add_snapshot(time.perf_counter() - snap_start, stats)
+        return loss, lr
 
-        if step % job.logging.every == 0 or at_end:
-            loss_value = all_reduce_mean(loss, par)
-            elapsed = window.compute_s
-            grad_norm = engine.get_global_grad_norm()
-            grad_norm = None if grad_norm is None else float(grad_norm)
-            tok_s = window.steps * tokens_per_step / elapsed
-            result = {"step": step, "loss": loss_value, "lr": lr, "tokens": tokens, "tokens_per_s": tok_s,
-                      "tflops_per_rank": window.steps * flops_per_step / elapsed / par.world_size / 1e12,
-                      "grad_norm": grad_norm}
-            if par.device.type == "cuda":
-                result["max_mem_gb"] = torch.cuda.max_memory_allocated(par.device) / 2**30
-            if snapshots is not None:
-                result.update(snapshot_s=window.snapshot_s, snapshot_wait_s=window.snapshot_wait_s,
-                              snapshots_skipped=window.snapshots_skipped)
-            norm_text = "n/a" if grad_norm is None else f"{grad_norm:.3f}"
-            metrics.log(result, f"step {step}/{job.train.steps} | loss {loss_value:.4f} | lr {lr:.2e} | "
-                                f"{tok_s / 1e3:.1f}k tok/s | grad norm {norm_text}")
-            if sidecar is not None:
-                sidecar.check()
-            show_new_evals(evals, par.is_main, metrics)
-            window = Window()
+    def log_window(self, loss: torch.Tensor, lr: float) -> None:
+        """Collective: the window's loss, speed and snapshot costs; the sidecar's liveness vote and
+        its new records."""
+        t, par, w = self.t, self.t.par, self.window
+        loss_value = all_reduce_mean(loss, par)
+        elapsed = w.compute_s
+        grad_norm = t.engine.get_global_grad_norm()
+        grad_norm = None if grad_norm is None else float(grad_norm)
+        tok_s = w.steps * t.job.tokens_per_step / elapsed
+        self.result = {"step": self.step_no, "loss": loss_value, "lr": lr, "tokens": self.tokens, "tokens_per_s": tok_s,
+                       "tflops_per_rank": w.steps * self.flops_per_step / elapsed / par.world_size / 1e12,
+                       "grad_norm": grad_norm}
+        if par.device.type == "cuda":
+            self.result["max_mem_gb"] = torch.cuda.max_memory_allocated(par.device) / 2**30
+        if self.snapshots is not None:
+            self.result.update(snapshot_s=w.snapshot_s, snapshot_wait_s=w.snapshot_wait_s,
+                               snapshots_skipped=w.snapshots_skipped)
+        norm_text = "n/a" if grad_norm is None else f"{grad_norm:.3f}"
+        self.metrics.log(self.result, f"step {self.step_no}/{t.job.train.steps} | loss {loss_value:.4f} | "
+                                      f"lr {lr:.2e} | {tok_s / 1e3:.1f}k tok/s | grad norm {norm_text}")
+        if self.sidecar is not None:
+            self.sidecar.check()
+        show_new_evals(self.evals, par.is_main, self.metrics)
+        self.window = Window()
 
-        # Evaluation and checkpoint time is kept out of tokens/s.
+    def evaluate_and_checkpoint(self) -> None:
+        """Collective, when due: the held-out loss, a checkpoint. Their time is kept out of tokens/s."""
+        t, job, par, step = self.t, self.t.job, self.t.par, self.step_no
         pause_start = time.perf_counter()
-        if (job.eval.every and step % job.eval.every == 0) or (at_end and not preempted):
-            held_out = validation_loss(engine, val_set, par.device, par.dp_group, par.dp)
-            result = {**result, "val_loss": held_out.overall}
+        if (job.eval.every and step % job.eval.every == 0) or (self.at_end and not self.preempted):
+            held_out = validation_loss(t.engine, self.val_set, par.device, par.dp_group, par.dp)
+            self.result = {**self.result, "val_loss": held_out.overall}
             by_source = {"val_loss_by_source": held_out.by_source} if held_out.by_source else {}
             sources = ", ".join(f"{n} {v:.4f}" for n, v in held_out.by_source.items())
-            metrics.log({"step": step, "tokens": tokens, "val_loss": held_out.overall, **by_source},
-                        f"step {step} | val loss {held_out.overall:.4f}" + (f" ({sources})" if sources else ""))
-        if step % job.checkpoint.every == 0 or at_end:
-            state = checkpoint.RunState(step=step, tokens=tokens, dp=par.dp, tp=par.tp, tensor_parallel_layout=tp_layout)
-            tag = checkpoint.save(engine, t.checkpoint_dir, state, job.checkpoint.keep, par.is_main, averages, par)
+            self.metrics.log({"step": step, "tokens": self.tokens, "val_loss": held_out.overall, **by_source},
+                             f"step {step} | val loss {held_out.overall:.4f}" + (f" ({sources})" if sources else ""))
+        if step % job.checkpoint.every == 0 or self.at_end:
+            state = RunState(step=step, tokens=self.tokens, dp=par.dp, tp=par.tp,
+                             tensor_parallel_layout=self.tp_layout)
+            tag = checkpoint.save(t.engine, t.checkpoint_dir, state, job.checkpoint.keep, par, self.averages)
             logger.info(f"saved checkpoint {os.path.join(t.checkpoint_dir, tag)}")
-        window.paused += time.perf_counter() - pause_start
+        self.window.paused += time.perf_counter() - pause_start
 
-    if preempted:
-        logger.info(f"stopped at step {step} on {preemption.received or 'a signal to another rank'}: "
-                    f"checkpoint written; the same command resumes the run")
-    elif job.train.stop_at is not None and step < job.train.steps:
-        logger.info(f"stopped at step {step} (train.stop_at); the same command resumes the run")
-    if snapshots is not None:
-        # A preempted job has a short grace period: the sidecar gets a bounded time to finish, and
-        # the requeued job's sidecar evaluates whatever it missed.
-        finish_lawa(snapshots, sidecar, par, run.path, step, evals, metrics, finished=step == job.train.steps,
-                    wait_s=min(job.sidecar.exit_timeout_s, 60.0) if preempted else job.sidecar.exit_timeout_s)
-    metrics.close()
-    if preempted and job.checkpoint.requeue and par.is_main:
-        requeue_slurm_job()
-    return result
+    def finish(self) -> dict:
+        """Collective: say why the loop stopped, let the sidecar score the last snapshot, requeue a
+        preempted Slurm job; returns the last logged metrics."""
+        t, job, par, step = self.t, self.t.job, self.t.par, self.step_no
+        if self.preempted:
+            logger.info(f"stopped at step {step} on {self.preemption.received or 'a signal to another rank'}: "
+                        f"checkpoint written; the same command resumes the run")
+        elif job.train.stop_at is not None and step < job.train.steps:
+            logger.info(f"stopped at step {step} (train.stop_at); the same command resumes the run")
+        if self.snapshots is not None:
+            # A preempted job has a short grace period: the sidecar gets a bounded time to finish, and
+            # the requeued job's sidecar evaluates whatever it missed.
+            finish_lawa(self.snapshots, self.sidecar, par, t.run.path, step, self.evals, self.metrics,
+                        finished=step == job.train.steps,
+                        wait_s=min(job.sidecar.exit_timeout_s, 60.0) if self.preempted else job.sidecar.exit_timeout_s)
+        self.metrics.close()
+        if self.preempted and job.checkpoint.requeue and par.is_main:
+            requeue_slurm_job()
+        return self.result
 
 
 def held_out_set(t: Training) -> HeldOut:
@@ -367,9 +365,7 @@ def start_lawa(t: Training, step: int, val_set: HeldOut,
     barrier()
     sidecar = None
     if job.sidecar.enabled:
-        env = rank_env()
-        sidecar = SidecarSupervisor(job.sidecar, run.path, par.rank, par.world_size, par.local_rank,
-                                    env.master_addr, env.master_port, par.ctrl_group)
+        sidecar = SidecarSupervisor(job.sidecar, run.path, par, rank_env().master_addr)
     return snapshots, sidecar
 
 

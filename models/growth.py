@@ -7,7 +7,7 @@ Two orders:
   interpolate  each trained block repeated g times in place: block i <- block i // g
 
 Works on either family, as a lazy view of the trained weights (`Grown`, a TensorSource: each rank of
-the grown run reads only the pieces it holds, launcher/checkpoint.load_weights) or on full state dicts.
+the grown run reads only the pieces it holds, launcher/start.load_weights) or on full state dicts.
 """
 from __future__ import annotations
 

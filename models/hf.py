@@ -21,6 +21,7 @@ from typing import Any, Optional
 
 import torch
 
+from core import pickles
 from core.files import staged
 from core.run_dir import MODEL, RunDir, find_run_dir
 from core.tokenizer import load_tokenizer
@@ -287,16 +288,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     ex.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
     ex.add_argument("--max-shard-gb", type=float, default=MAX_SHARD_BYTES / 1e9,
                     help="largest safetensors file; bigger models get several and an index (default %(default)s)")
+    pickles.add_trust_option(ex)
     im = sub.add_parser("import", help="a Hugging Face GPT-2/GPT-NeoX folder -> our state dict and config")
     im.add_argument("folder")
     im.add_argument("--out", required=True, help="a .pt file holding {'model': config, 'state_dict': ...}")
     args = parser.parse_args(argv)
     try:
         if args.command == "export":
-            source, config, run_dir = weight_source(args.folder, args.run_dir)
-            dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-            notes = export(source, config, args.out, run_tokenizer(run_dir) if run_dir else None, dtype,
-                           int(args.max_shard_gb * 1e9))
+            with pickles.trusting(args.trust_pickle):
+                source, config, run_dir = weight_source(args.folder, args.run_dir)
+                dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+                notes = export(source, config, args.out, run_tokenizer(run_dir) if run_dir else None, dtype,
+                               int(args.max_shard_gb * 1e9))
             for note in notes:
                 print(f"note: {note}")
             print(f"wrote {args.out} ({config.family}, {config.n_layer} layers): "

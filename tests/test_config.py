@@ -67,7 +67,9 @@ def test_overrides_reach_typed_fields():
     ("model.size=neox-tiny & model.n_head=32", "a 4-dim head rotates 1 dims (25%), which must be even"),
     ("model.size=neox-tiny & model.n_embd=96 & model.n_head=8", "a 12-dim head rotates 3 dims"),
     ("growth.factor=0", "growth.factor: must be >= 1, got 0"),
-    ("growth.from_run=a & checkpoint.init_from=b", "growth.from_run and checkpoint.init_from both say"),
+    ("growth.from_run=a & checkpoint.init_from=b", "checkpoint.init_from and growth.from_run each say where the"),
+    ("growth.from_run=a & checkpoint.branch_from=b", "checkpoint.branch_from and growth.from_run each say where the"),
+    ("checkpoint.init_from=a & checkpoint.branch_from=b", "checkpoint.init_from and checkpoint.branch_from each say"),
     ("growth.at_tokens=100", "growth.at_tokens needs growth.from_run"),
     ("eval.tasks=[/no/such.jsonl]", "eval.tasks[0]: no such file: /no/such.jsonl"),
     ("data.sources=[{path: a, weight: 0}]", "data.sources: at least one weight must be positive"),
@@ -84,6 +86,15 @@ def test_mistakes_are_one_line_errors_naming_the_key(override, message):
         load_job(None, override.split(" & "))
     assert message in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_paths_are_expanded_once_where_the_job_is_read(tmp_path, monkeypatch):
+    """`~` in a path key is the same path for the front command's checks and for every rank."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    job = load_job(None, ["checkpoint.init_from=~/weights", "growth.factor=2", "snapshot.dir=~/ring",
+                          "data.sources=[{path: ~/web.jsonl}]", "run_dir=~/runs/x"])
+    assert job.checkpoint.init_from == str(tmp_path / "weights") and job.snapshot.dir == str(tmp_path / "ring")
+    assert job.data.sources[0].path == str(tmp_path / "web.jsonl") and job.resolved_run_dir == str(tmp_path / "runs/x")
 
 
 def test_bad_yaml_and_missing_file(tmp_path):

@@ -86,7 +86,9 @@ def test_averages_appear_only_once_started_and_survive_a_state_dict_round_trip()
         ShardAverages(avg.ema_args, avg.swa_args, [torch.zeros(5)], 5).load_state_dict(avg.state_dict())
 
 
-def test_offloaded_ema_lives_in_host_memory_and_matches():
+def test_the_offload_path_keeps_the_ema_math():
+    """Offloaded, the EMA is updated from a copy of the weights; on CPU weights both placements are
+    host memory, so where it lives is checked on a GPU (bench/gpu_check.py); here, its values."""
     weights = [torch.randn(10)]
     avg = ShardAverages(EmaArgs(enabled=True, half_life=2.0, offload=True), SwaArgs(), weights, 0)
     avg.update(0)

@@ -10,7 +10,7 @@ import pytest
 
 from averaging import slots
 from averaging.evaluate import hf_held_out_loss
-from averaging.sidecar.protocol import read_eval_log
+from averaging.sidecar.protocol import read_eval_log, read_every_val_batches
 from conftest import BIN, REPO, read_metrics, torchrun
 from core.zero_folder import consolidate
 from models.hf import read_folder
@@ -23,7 +23,7 @@ NEOX = ["model.size=neox-micro", "snapshot.every=4", "snapshot.slots=6", "lawa.k
 
 
 def hf_val_loss(run: Path, folder: Path) -> float:
-    return hf_held_out_loss(str(run), str(folder))
+    return hf_held_out_loss(read_every_val_batches(str(run)), str(folder))
 
 
 def write_tasks(folder: Path) -> list[Path]:

@@ -62,9 +62,9 @@ def on_nodes(cluster, args: list[str], run_id: str, log_dir: Path) -> list[subpr
     """One torchrun agent per node, rendezvous (c10d) on node1; logs in log_dir/<node>.log."""
     log_dir.mkdir(parents=True, exist_ok=True)
     procs = []
-    for i, node in enumerate(cluster.nodes):
-        if i == 1:
-            time.sleep(2)  # node1 joins the rendezvous first, so that it holds ranks 0-1
+    # Whatever order the agents join in, torch's c10d rendezvous ranks them by node name (sorted):
+    # node1 holds ranks 0-1 (check_node_local_slots checks the placement).
+    for node in cluster.nodes:
         cmd = [str(BIN / "torchrun"), "--nnodes", str(len(cluster.nodes)), "--nproc_per_node", "2",
                "--rdzv_backend", "c10d", "--rdzv_endpoint", f"{cluster.nodes[0].name}:29400", "--rdzv_id", run_id,
                "launcher/train.py", *args]
@@ -257,6 +257,11 @@ def test_one_nodes_sidecar_killed_and_one_nodes_shm_full(nodes, pydoc_data, tmp_
         abandoned = wait_for(lambda: re.search(r"snapshot of step (\d+) abandoned on every node: [^(]*node2 could not "
                                                r"(write it|commit its part) \(.*No space left", log.read_text()),
                              120, "an abandoned snapshot")
+        step = int(abandoned.group(1))
+        # At once, long before the ring would recycle that step (4 slots, one every 2 steps): no node
+        # keeps any part of it, node1's written (or committed) part included.
+        wait_for(lambda: not any((node_slots(node, run) / step_name(step)).exists() for node in nodes.nodes), 10,
+                 f"step {step}'s parts removed on every node")
         os.remove(filler)
         sidecars = [pid for pid in node2.processes()
                     if "averaging.sidecar" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")]
@@ -270,9 +275,6 @@ def test_one_nodes_sidecar_killed_and_one_nodes_shm_full(nodes, pydoc_data, tmp_
     finally:
         if os.path.exists(filler):
             os.remove(filler)
-    step = int(abandoned.group(1))
-    for node in nodes.nodes:  # abandoned on both nodes: no part of it stays committed anywhere
-        assert step not in slots.committed_steps(str(node_slots(node, run)))
     assert max(losses(run)) == 36
     records = read_eval_log(str(run))
     assert records[-1]["step"] == 36 and any(r["step"] > step for r in records)

@@ -162,7 +162,7 @@ def test_the_launcher_refuses_a_ring_that_cannot_fit(tmp_path, pydoc_data, expli
     small.mkdir()
     run_dir.mkdir()
     args = ["--job", SMOKE, f"data.dir={pydoc_data}", f"run_dir={run_dir}", "snapshot.every=5"]
-    mounts = f"mount -t tmpfs -o size=1m tmpfs {small} && "
+    mounts = f"mount -t tmpfs -o size=1m,mode=0700 tmpfs {small} && "
     if explicit:
         args.append(f"snapshot.dir={small}")
     else:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -62,17 +63,25 @@ def uninterrupted(pydoc_data, tmp_path_factory) -> Path:
 
 
 def test_resume_after_a_stop_repeats_the_uninterrupted_losses(pydoc_data, uninterrupted, tmp_path):
-    common = UNINTERRUPTED
+    common = [*UNINTERRUPTED, "checkpoint.keep=3"]
     parts = tmp_path / "parts"
     first = torchrun(2, *smoke_args(pydoc_data, parts, *common, "train.stop_at=3"))
     assert "stopped at step 3" in first.stdout
     # The stop wrote a checkpoint at step 3; the same command without stop_at resumes from it.
     second = torchrun(2, *smoke_args(pydoc_data, parts, *common, "train.stop_at=5"))
     assert "at step 3" in second.stdout
-    # A crash while saving step 5: its folder lacks run_state.json, so the run resumes from step 4.
+    # A crash while saving step 5: its folder lacks run_state.json. And step 4's has a shard torn after
+    # its marker (what a power cut does to a file that was never fsynced): its record catches it, and
+    # the run resumes from step 3, saying so in one line.
     (parts / "checkpoints/step_00000005/run_state.json").unlink()
+    torn = parts / "checkpoints/step_00000004/zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    size = torn.stat().st_size
+    os.truncate(torn, size // 2)
     third = torchrun(2, *smoke_args(pydoc_data, parts, *common))
-    assert "resumed from" in third.stdout and "at step 4" in third.stdout
+    assert "resumed from" in third.stdout and "at step 3" in third.stdout
+    assert (f"checkpoint step_00000004 does not verify ({torn} is {size // 2} bytes, its record says {size}: torn "
+            f"or changed); resuming from step_00000003 instead (set aside as step_00000004.unverified)") in third.stdout
+    assert (parts / "checkpoints/step_00000004.unverified").is_dir()
 
     expected, got = step_losses(uninterrupted), step_losses(parts)  # a step logged twice: the later wins
     assert sorted(got) == list(range(1, 25))

@@ -77,6 +77,15 @@ def read_val_batches(run_dir: str, dp_rank: int) -> HeldOut:
     return HeldOut(saved["names"], saved["weights"], saved["batches"])
 
 
+def read_every_val_batches(run_dir: str) -> list[HeldOut]:
+    """Every data-parallel rank's held-out batches, in rank order."""
+    found, dp_rank = [], 0
+    while os.path.isfile(RunDir(run_dir).val_batches(dp_rank)):
+        found.append(read_val_batches(run_dir, dp_rank))
+        dp_rank += 1
+    return found
+
+
 @dataclass
 class TrainingDone:
     last_snapshot_step: Optional[int]

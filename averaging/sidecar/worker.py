@@ -16,10 +16,12 @@ training layout:
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -30,6 +32,7 @@ from averaging.evaluate import HeldOutLoss, validation_loss
 from averaging.lawa import add_weighted
 from averaging.sidecar.protocol import (
     SidecarSpec,
+    TrainingDone,
     append_eval_record,
     format_eval_line,
     read_eval_log,
@@ -39,11 +42,14 @@ from averaging.sidecar.protocol import (
 from core.config import ConfigError
 from core.distributed import build_parallel, gather_objects, pick_device
 from core.engine import build_engine, inference_config, use_deepspeed
+from core.files import private_folder
 from core.log import logger, setup_logging
-from core.run_dir import RunDir
+from core.run_dir import RunDir, ring_folders
 from core.zero_checkpoint import LayoutMismatch, split_partitions
 from core.zero_folder import ZeroFolder
 from models.registry import build_model, read_model_config
+
+PR_SET_PDEATHSIG = 1
 
 
 def load_partitions(params: dict[str, torch.nn.Parameter], flat_groups: list[torch.Tensor],
@@ -59,6 +65,22 @@ def load_partitions(params: dict[str, torch.nn.Parameter], flat_groups: list[tor
         p.ds_tensor.data.copy_(part.view_as(p.ds_tensor))
 
 
+def die_with_parent(parent_pid: Optional[int]) -> None:
+    """First thing in the sidecar's process: the kernel kills it when its trainer dies, however
+    the trainer dies (a sidecar blocked in a collective would otherwise outlive it). Done in the
+    child's own Python, not in a preexec_fn, which runs between fork and exec while the trainer has
+    threads (a lock one of them held stays held in the child). A trainer that died before this call
+    is caught by comparing the parent."""
+    if parent_pid is None:
+        return
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:  # not Linux: the sidecar still leaves once it sees its parent gone
+        pass
+    if os.getppid() != parent_pid:
+        os._exit(0)
+
+
 def best_losses(records: list[dict[str, Any]], headline: str) -> dict[str, float]:
     """Each merge's best loss so far, from eval.jsonl (a restarted sidecar keeps its bests)."""
     best: dict[str, float] = {}
@@ -70,6 +92,46 @@ def best_losses(records: list[dict[str, Any]], headline: str) -> dict[str, float
     return best
 
 
+# How long the sidecar waits, after the trainers said training is done, for the last snapshot they
+# committed to show up here (they mark it done only once every node's commit is durable, so it is
+# there at once unless the slot is gone: its node's /dev/shm cleared, the node lost).
+LAST_SLOT_GRACE_S = 60.0
+
+
+@dataclass
+class Look:
+    """What every rank sees at one poll, agreed on by all."""
+
+    committed: list[int]  # steps committed on every rank's node, less the steps left out
+    done: Optional[TrainingDone]  # the trainers' marker, once training has ended
+    orphaned: bool  # some rank's trainer is gone
+
+
+@dataclass
+class Reading:
+    """What one rank read for one evaluation: its shard of the newest slot, each merge's weighted
+    sum of its shards, and the trainers' EMA/SWA of the same step."""
+
+    newest: slots.SlotManifest
+    raw: list[torch.Tensor]
+    model_states: dict[str, Any]
+    selected: dict[str, list[int]]  # merge -> the steps it takes, oldest first
+    weights: dict[str, dict[int, float]]  # merge -> step -> weight
+    sums: dict[str, Optional[list[torch.Tensor]]]  # merge -> its weighted sum (None: it takes only the newest)
+    averages: dict[str, list[torch.Tensor]]  # ema/swa -> this rank's shard
+    read_s: float
+    average_s: float
+    bytes_read: int
+
+
+@dataclass
+class Scores:
+    losses: dict[str, float]  # raw, every merge scored, ema/swa
+    by_source: dict[str, dict[str, float]]
+    tasks: dict[str, dict]
+    skipped: list[str]  # merges that gave way because a newer slot was committed meanwhile
+
+
 class Sidecar:
     def __init__(self, run_dir: str, parent_pid: Optional[int]):
         self.run_dir = run_dir
@@ -77,6 +139,11 @@ class Sidecar:
         self.parent_pid = parent_pid
         self.spec = spec = SidecarSpec.read(run_dir)
         self.root = spec.snapshot_dir
+        try:
+            for folder in ring_folders(self.root):  # never read a slot another user could have planted
+                private_folder(folder, create=False)
+        except OSError as e:
+            raise SystemExit(f"snapshot ring: {e}") from None
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         try:
             self.device = pick_device(local_rank, spec.sidecar_device)
@@ -132,54 +199,85 @@ class Sidecar:
             return False
         return os.getppid() == self.parent_pid
 
+    # -- the cycle --------------------------------------------------------------------------------
+
     def run(self, once: bool) -> None:
+        """Score each newly committed slot until the trainers are done and their last snapshot is
+        scored (or they are gone); with `once`, the newest slot only."""
+        waiting_since: Optional[float] = None
         while True:
-            views = self._gather((slots.committed_steps(self.root), read_training_done(self.run_dir),
-                                  self._parent_alive()))
-            common = set.intersection(*(set(v[0]) for v in views)) - self.bad_steps
-            done = next((v[1] for v in views if v[1] is not None), None)
-            orphaned = not all(v[2] for v in views)
-            newest = max(common, default=None)
+            look = self._look()
+            newest = max(look.committed, default=None)
             if newest is not None and newest > self.last_step:
-                passed = sorted(s for s in common if self.last_step < s < newest)
-                if passed and self.last_step >= 0 and self.is_main:
-                    logger.warning(f"behind: steps {', '.join(map(str, passed))} were committed while step "
-                                   f"{self.last_step} was scored; scoring the newest, {newest}")
-                if self.evaluate(sorted(common)):
+                self._say_passed_over(look.committed, newest)
+                if self.evaluate(look.committed):
                     self.last_step = newest
                 continue  # look again at once: a retry, or a slot committed meanwhile
-            # Nothing newer to do: the trainers mark training done only after their last commit.
-            if done is not None and self.spec.export_hf:
-                self.export_best()
-            if once or orphaned or done is not None:
+            if look.orphaned:
+                return
+            if look.done is not None:
+                last = look.done.last_snapshot_step
+                waiting_since = waiting_since or time.monotonic()
+                if once or last is None or self.last_step >= last or last in self.bad_steps:
+                    break
+                if time.monotonic() - waiting_since > LAST_SLOT_GRACE_S:
+                    if self.is_main:
+                        logger.warning(f"the trainers' last snapshot, step {last}, is not readable here after "
+                                       f"{LAST_SLOT_GRACE_S:.0f}s; leaving without it (newest scored: {self.last_step})")
+                    break
+            if once:
                 return
             time.sleep(self.spec.poll_seconds)
+        if self.spec.export_hf:
+            self.export_best()
+
+    def _look(self) -> Look:
+        """Collective. Each rank reads the training-done marker before it lists the committed slots:
+        the trainers write the marker after their last commit, so a rank that sees the marker also
+        sees every slot it vouches for."""
+        done = read_training_done(self.run_dir)
+        committed = slots.committed_steps(self.root)
+        views = self._gather((done, committed, self._parent_alive()))
+        common = set.intersection(*(set(v[1]) for v in views)) - self.bad_steps
+        return Look(sorted(common), next((v[0] for v in views if v[0] is not None), None),
+                    not all(v[2] for v in views))
+
+    def _say_passed_over(self, committed: list[int], newest: int) -> None:
+        passed = [s for s in committed if self.last_step < s < newest]
+        if passed and self.last_step >= 0 and self.is_main:
+            which = f"step {passed[0]} was" if len(passed) == 1 else f"steps {', '.join(map(str, passed))} were"
+            logger.warning(f"behind: {which} committed while step {self.last_step} was scored; scoring the newest, "
+                           f"{newest}")
 
     def evaluate(self, committed: list[int]) -> bool:
-        """Score the newest committed slot raw, every merge of it, and the trainers' EMA/SWA;
-        False when the set must be chosen again."""
+        """Collective. Score the newest committed slot raw, every merge of it, and the trainers'
+        EMA/SWA; False when the set must be chosen again (a slot vanished, or is left out)."""
+        reading, outcome = self._read(committed)
+        if not self._agree(outcome):
+            return False
+        scores = self._score(reading)
+        self._record(reading, scores)
+        return True
+
+    def _read(self, committed: list[int]) -> tuple[Optional[Reading], tuple]:
+        """This rank's shards of every snapshot the merges take, each read once, oldest first, and
+        added into every merge that takes it. The outcome: ("ok",), ("vanished",) or ("bad", step,
+        why) for a slot that cannot be used (corrupt, another layout, unreadable)."""
         newest_step = max(committed)
         selected = {m.name: m.select(committed) for m in self.spec.merges}
         weights = {m.name: dict(zip(selected[m.name], m.weights_for(selected[m.name]))) for m in self.spec.merges}
-        outcome: tuple = ("ok",)
         sums: dict[str, Optional[list[torch.Tensor]]] = {name: None for name in selected}
-        raw, model_states, newest, others = None, None, None, {}
+        raw, model_states, newest, first = None, None, None, None
+        averages: dict[str, list[torch.Tensor]] = {}
         rank = (self.par.dp_rank, self.par.tp_rank)
-        start = time.perf_counter()
-        bytes_read, average_s = 0, 0.0
-        step = newest_step  # what a corrupt file is blamed on
+        start, bytes_read, average_s = time.perf_counter(), 0, 0.0
+        step = newest_step  # what a failure is blamed on
         try:
-            first = None
-            # Oldest first, each snapshot read once and added to every merge that takes it.
             for step in sorted(set().union(*selected.values()) | {newest_step}):
                 path = slots.slot_path(self.root, step)
                 manifest = slots.read_manifest(path)
                 if first is not None:
-                    try:
-                        slots.check_compatible([first, manifest])
-                    except LayoutMismatch as e:
-                        outcome = ("mismatch", step, str(e))
-                        break
+                    slots.check_compatible([first, manifest])
                 first = first or manifest
                 flat, _ = slots.read_shard(path, *rank, manifest)
                 bytes_read += sum(t.numel() * 4 for t in flat)
@@ -191,101 +289,104 @@ class Sidecar:
                 if step == newest_step:
                     raw, newest = flat, manifest
                     model_states = slots.read_model_states(path, *rank, manifest)
-            if outcome == ("ok",):
-                # The trainers' EMA/SWA as of the newest step, stored in the same slot.
-                step = newest_step
-                for kind in newest.averages:
-                    others[kind], _ = slots.read_shard(slots.slot_path(self.root, step), *rank, newest, kind=kind)
+            step = newest_step
+            for kind in newest.averages:  # the trainers' EMA/SWA as of the newest step, in the same slot
+                averages[kind], _ = slots.read_shard(slots.slot_path(self.root, step), *rank, newest, kind=kind)
         except slots.SlotVanished:
-            outcome = ("vanished",)
-        except slots.SlotCorrupt as e:
-            outcome = ("corrupt", step, str(e))
-        read_s = time.perf_counter() - start - average_s
+            return None, ("vanished",)
+        except (slots.SlotError, LayoutMismatch) as e:
+            return None, ("bad", step, str(e))
+        return Reading(newest, raw, model_states, selected, weights, sums, averages,
+                       time.perf_counter() - start - average_s, average_s, bytes_read), ("ok",)
 
-        retry = False
+    def _agree(self, outcome: tuple) -> bool:
+        """Collective: True when every rank read its shards. A slot some rank could not use is left
+        out on every rank (all see the same gathered outcomes), with one line saying which and why."""
+        ok = True
         for o in self._gather(outcome):
-            if o[0] == "vanished":
-                retry = True
-            elif o[0] in ("corrupt", "mismatch"):
-                # Every rank sees the same gathered outcomes, so all exclude the same steps.
+            if o[0] == "bad" and o[1] not in self.bad_steps:
                 self.bad_steps.add(o[1])
                 if self.is_main:
                     logger.warning(f"leaving out step {o[1]}: {o[2]}")
-                retry = True
-        if retry:
-            return False
+            ok = ok and o[0] == "ok"
+        return ok
 
-        shapes = newest.shapes()
-        task_scores = {}
-        losses: dict[str, float] = {}
-        by_source: dict[str, dict[str, float]] = {}
+    def _score(self, r: Reading) -> Scores:
+        """Collective: the held-out loss (and task scores) of the raw weights, the headline merge,
+        the trainers' EMA/SWA, then the other merges until a newer slot is committed."""
+        shapes = r.newest.shapes()
+        s = Scores({}, {}, {}, [])
 
         def score(name: str, flat: list[torch.Tensor]) -> None:
-            load_partitions(self.params, flat, shapes, newest.dp)
+            load_partitions(self.params, flat, shapes, r.newest.dp)
             held_out = self._loss()
-            losses[name], by_source[name] = held_out.overall, held_out.by_source
-            task_scores[name] = self._task_scores()
-
-        score("raw", raw)
-        headline, *rest = self.spec.merges
+            s.losses[name], s.by_source[name] = held_out.overall, held_out.by_source
+            s.tasks[name] = self._task_scores()
 
         def score_merge(merge) -> None:
-            if selected[merge.name] == [newest_step]:  # one snapshot: the raw model itself
-                losses[merge.name], task_scores[merge.name] = losses["raw"], task_scores["raw"]
-                by_source[merge.name] = by_source["raw"]
+            if r.selected[merge.name] == [r.newest.step]:  # one snapshot: the raw model itself
+                s.losses[merge.name], s.tasks[merge.name] = s.losses["raw"], s.tasks["raw"]
+                s.by_source[merge.name] = s.by_source["raw"]
             else:
-                score(merge.name, sums[merge.name])
+                score(merge.name, r.sums[merge.name])
 
+        score("raw", r.raw)
+        headline, *rest = self.spec.merges
         score_merge(headline)
-        for kind, flat in others.items():  # the trainers' EMA/SWA: one evaluation each
+        for kind, flat in r.averages.items():
             score(kind, flat)
-        skipped: list[str] = []
         for i, merge in enumerate(rest):
             # The headline keeps up with every commit; the others give way when the sidecar falls behind.
-            if self._behind(newest_step):
-                skipped = [m.name for m in rest[i:]]
+            if self._behind(r.newest.step):
+                s.skipped = [m.name for m in rest[i:]]
                 if self.is_main:
-                    logger.warning(f"behind: a snapshot newer than step {newest_step} is committed; skipped "
-                                   f"merges {', '.join(skipped)} at step {newest_step}")
+                    logger.warning(f"behind: a snapshot newer than step {r.newest.step} is committed; skipped "
+                                   f"merges {', '.join(s.skipped)} at step {r.newest.step}")
                 break
             score_merge(merge)
+        return s
 
+    def _record(self, r: Reading, s: Scores) -> None:
+        """Collective: keep each merge's new best, then (main rank) the eval.jsonl record, TensorBoard
+        and the log line."""
+        headline = self.spec.merges[0]
         merges_record = {}
         for merge in self.spec.merges:
-            if merge.name not in losses:
+            if merge.name not in s.losses:
                 continue
-            steps = selected[merge.name]
-            is_best = losses[merge.name] < self.best_loss.get(merge.name, float("inf"))
+            steps = r.selected[merge.name]
+            is_best = s.losses[merge.name] < self.best_loss.get(merge.name, float("inf"))
             if is_best:
-                self.best_loss[merge.name] = losses[merge.name]
+                self.best_loss[merge.name] = s.losses[merge.name]
                 if merge.keep_best:
-                    self._save_best(merge, merge is headline, sums[merge.name] if len(steps) > 1 else raw,
-                                    model_states, newest, steps, [weights[merge.name][s] for s in steps],
-                                    losses[merge.name])
-            merges_record[merge.name] = {"steps": steps[::-1], "weights": [weights[merge.name][s] for s in steps[::-1]],
-                                         "best": is_best}
+                    self._save_best(merge, merge is headline, r.sums[merge.name] if len(steps) > 1 else r.raw,
+                                    r.model_states, r.newest, steps, [r.weights[merge.name][t] for t in steps],
+                                    s.losses[merge.name])
+            merges_record[merge.name] = {"steps": steps[::-1],
+                                         "weights": [r.weights[merge.name][t] for t in steps[::-1]], "best": is_best}
         record = {
-            "step": newest.step, "tokens": newest.tokens, "raw_val_loss": losses["raw"],
-            **{f"{name}_val_loss": loss for name, loss in losses.items() if name != "raw"},
-            "k": len(selected[headline.name]),
-            "steps_averaged": selected[headline.name][::-1], "merges": merges_record, "averages": newest.averages,
-            **({"tasks": task_scores} if self.tasks else {}),
-            **({"val_loss_by_source": by_source} if by_source["raw"] else {}),
-            "best": merges_record[headline.name]["best"], "skipped": skipped, "read_s": read_s,
-            "average_s": average_s, "bytes_averaged": bytes_read,
+            "step": r.newest.step, "tokens": r.newest.tokens, "raw_val_loss": s.losses["raw"],
+            **{f"{name}_val_loss": loss for name, loss in s.losses.items() if name != "raw"},
+            "k": len(r.selected[headline.name]),
+            "steps_averaged": r.selected[headline.name][::-1], "merges": merges_record, "averages": r.newest.averages,
+            **({"tasks": s.tasks} if self.tasks else {}),
+            **({"val_loss_by_source": s.by_source} if s.by_source["raw"] else {}),
+            "best": merges_record[headline.name]["best"], "skipped": s.skipped, "read_s": r.read_s,
+            "average_s": r.average_s, "bytes_averaged": r.bytes_read,
         }
-        if self.is_main:
-            append_eval_record(self.run_dir, {"time": round(time.time(), 3), **record})
-            if self.tb is not None:
-                for name, loss in losses.items():
-                    self.tb.add_scalar(f"val_loss/{name}", loss, record["step"])
-                    if name != "raw":
-                        self.tb.add_scalar(f"val_loss_minus_raw/{name}", loss - losses["raw"], record["step"])
-                    for source, value in by_source[name].items():  # a panel per source, every method in it
-                        self.tb.add_scalar(f"val_loss_by_source/{source}/{name}", value, record["step"])
-                self.tb.flush()
-            logger.info(format_eval_line(record))
-        return True
+        if not self.is_main:
+            return
+        append_eval_record(self.run_dir, {"time": round(time.time(), 3), **record})
+        if self.tb is not None:
+            step = record["step"]
+            for name, loss in s.losses.items():
+                self.tb.add_scalar(f"val_loss/{name}", loss, step)
+                if name != "raw":
+                    self.tb.add_scalar(f"val_loss_minus_raw/{name}", loss - s.losses["raw"], step)
+                for source, value in s.by_source[name].items():  # a panel per source, every method in it
+                    self.tb.add_scalar(f"val_loss_by_source/{source}/{name}", value, step)
+            self.tb.flush()
+        logger.info(format_eval_line(record))
 
     def _behind(self, step: int) -> bool:
         """Collective: has every rank seen a slot newer than `step` committed?"""
@@ -371,6 +472,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     # Slurm's warning signal reaches every process of the job step; the trainers handle it and
     # tell the sidecar when to finish (the training_done marker).
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    die_with_parent(args.parent_pid)
     sidecar = Sidecar(args.run_dir, args.parent_pid)
     sidecar.run(args.once)
     sidecar.close()

@@ -1,6 +1,9 @@
 """Deterministic batches from a prepared data dir: memory-mapped token shards, batches drawn as a
-pure function of (seed, step, data-parallel rank, micro-batch), so a resumed or re-sharded run sees
-exactly the batches it would have seen; and a fixed held-out set per source."""
+pure function of (seed, step, data-parallel rank, micro-batch), so a resumed run sees exactly the
+batches it would have seen (on another data-parallel size, or micro-batch size, it draws other windows
+from the same distribution); and a fixed held-out set per source. Train windows start anywhere and are
+drawn with replacement, as nanoGPT draws them: a run shorter than an epoch still sees some tokens twice
+(docs/lawa.md gives the default job's share)."""
 from __future__ import annotations
 
 import os

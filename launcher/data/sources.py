@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
-from core.config import ConfigError, need
+from core.config import ConfigError, FilePath, need
 from launcher.data.mixture import MIXTURES
 from launcher.data.text import check_split, text_pieces
 
@@ -29,7 +29,7 @@ SOURCE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 @dataclass
 class DataSource:
-    path: str  # a file, a directory of files, a glob, a saved `datasets` dataset, or builtin:pydoc|stdlib|arithmetic
+    path: FilePath  # a file, a directory of files, a glob, a saved `datasets` dataset, or builtin:pydoc|stdlib|arithmetic
     weight: float = 1.0  # data.mixture=weights: its share; natural/entropy: > 0 in the mixture, 0 held out only
     name: Optional[str] = None  # in per-source losses; None: from the path (builtin:pydoc -> pydoc, a/b.jsonl -> b)
     split: str = "blank-line"  # .txt files: blank-line | line | whole-file | regex:PATTERN (launcher/data/text.py)
@@ -46,8 +46,8 @@ class DataSource:
 @dataclass
 class DataArgs:
     sources: list[DataSource] = field(default_factory=lambda: [DataSource(BUILTIN_PYDOC)])
-    dir: str = "data/pydoc"  # where the token shards and manifest.json live
-    tokenizer: Optional[str] = None  # sentencepiece .model, HF tokenizer.json or dir; None: train one
+    dir: FilePath = "data/pydoc"  # where the token shards and manifest.json live
+    tokenizer: Optional[FilePath] = None  # sentencepiece .model, HF tokenizer.json or dir; None: train one
     vocab_size: int = 4096  # size of the sentencepiece model trained when tokenizer is None
     val_fraction: float = 0.05
     seq_len: int = 256
