@@ -40,8 +40,9 @@ from averaging.sidecar.protocol import (
     read_val_batches,
 )
 from core.config import ConfigError
+from core.deepspeed_compat import use_deepspeed
 from core.distributed import build_parallel, gather_objects, pick_device
-from core.engine import build_engine, inference_config, use_deepspeed
+from core.engine import build_engine, inference_config
 from core.files import private_folder
 from core.log import logger, setup_logging
 from core.run_dir import RunDir, ring_folders
@@ -267,18 +268,17 @@ class Sidecar:
         selected = {m.name: m.select(committed) for m in self.spec.merges}
         weights = {m.name: dict(zip(selected[m.name], m.weights_for(selected[m.name]))) for m in self.spec.merges}
         sums: dict[str, Optional[list[torch.Tensor]]] = {name: None for name in selected}
-        raw, model_states, newest, first = None, None, None, None
+        raw, model_states = None, None
         averages: dict[str, list[torch.Tensor]] = {}
         rank = (self.par.dp_rank, self.par.tp_rank)
         start, bytes_read, average_s = time.perf_counter(), 0, 0.0
         step = newest_step  # what a failure is blamed on
         try:
+            newest = slots.read_manifest(slots.slot_path(self.root, newest_step))
             for step in sorted(set().union(*selected.values()) | {newest_step}):
                 path = slots.slot_path(self.root, step)
-                manifest = slots.read_manifest(path)
-                if first is not None:
-                    slots.check_compatible([first, manifest])
-                first = first or manifest
+                manifest = newest if step == newest_step else slots.read_manifest(path)
+                slots.check_compatible([newest, manifest])  # an older slot unlike the newest is left out
                 flat, _ = slots.read_shard(path, *rank, manifest)
                 bytes_read += sum(t.numel() * 4 for t in flat)
                 sum_start = time.perf_counter()
@@ -287,7 +287,7 @@ class Sidecar:
                         sums[name] = add_weighted(sums[name], flat, w[step])
                 average_s += time.perf_counter() - sum_start
                 if step == newest_step:
-                    raw, newest = flat, manifest
+                    raw = flat
                     model_states = slots.read_model_states(path, *rank, manifest)
             step = newest_step
             for kind in newest.averages:  # the trainers' EMA/SWA as of the newest step, in the same slot
