@@ -1,12 +1,15 @@
-"""EMA and SWA of the weights, kept shard-local: each training rank averages its own ZeRO-3 fp32
-partition, so no parameter is ever gathered and the cost is one element-wise op per update.
+"""EMA and SWA of the weights, kept shard-local: each training rank averages its own fp32 master
+partition (ZeRO-1, 2 or 3), so no parameter is ever gathered and the cost is one element-wise op
+per update.
 
 The math is pure functions on lists of flat tensors (any partition or whole state dict works);
-`ShardAverages` is the thin stateful wrapper the training loop calls. LAWA, the third average,
-needs no trainer state: the sidecar averages committed snapshots (averaging.lawa).
+`ShardAverages` is the thin stateful wrapper the training loop calls; `HostEma` keeps an offloaded
+EMA in host memory without stalling the loop. LAWA, the third average, needs no trainer state: the
+sidecar averages committed snapshots (averaging.lawa).
 """
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -81,7 +84,59 @@ def scheduled_lr(step: int, schedule_lr: float, swa: SwaArgs) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# the stateful wrapper
+# the stateful wrappers
+
+
+class HostEma:
+    """An EMA in host memory (ema.offload), updated off the training thread: the weights are copied
+    into pinned staging buffers on a side stream (asynchronously; the next optimizer update waits
+    for that copy on the device, `fence`), and a worker thread waits for the copy and does the
+    host-side lerp while training goes on. `wait` fences any read of the EMA (a snapshot, a
+    checkpoint) and the next update, which reuses the staging buffers. On CPU weights (no device)
+    the copy is synchronous and only the lerp is moved off the training thread."""
+
+    def __init__(self, weights: list[torch.Tensor]):
+        self.on_device = weights[0].is_cuda
+        self.ema = [torch.empty(w.shape, dtype=torch.float32, pin_memory=self.on_device) for w in weights]
+        self.staging = [torch.empty(w.shape, dtype=torch.float32, pin_memory=self.on_device) for w in weights]
+        for e, w in zip(self.ema, weights):
+            e.copy_(w.detach())  # the first EMA is the weights (a synchronous copy, once)
+        self.stream = torch.cuda.Stream(weights[0].device) if self.on_device else None
+        self.copied: Optional[torch.cuda.Event] = None
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="host-ema")
+        self.pending: Optional[Future] = None
+
+    def update(self, weights: list[torch.Tensor], decay: float) -> None:
+        self.wait()  # the staging buffers are free again
+        if self.stream is not None:
+            self.stream.wait_stream(torch.cuda.current_stream(weights[0].device))
+            with torch.cuda.stream(self.stream):
+                for s, w in zip(self.staging, weights):
+                    s.copy_(w.detach(), non_blocking=True)
+            self.copied = torch.cuda.Event()
+            self.copied.record(self.stream)
+        else:
+            for s, w in zip(self.staging, weights):
+                s.copy_(w.detach())
+        self.pending = self.pool.submit(self._lerp, self.copied, 1.0 - decay)
+
+    def _lerp(self, copied: Optional[torch.cuda.Event], weight: float) -> None:
+        if copied is not None:
+            copied.synchronize()
+        for a, s in zip(self.ema, self.staging):
+            a.lerp_(s, weight)
+
+    def fence(self) -> None:
+        """Before the optimizer update: the device waits for the copy of the weights in flight."""
+        if self.copied is not None:
+            torch.cuda.current_stream(self.stream.device).wait_event(self.copied)
+            self.copied = None
+
+    def wait(self) -> None:
+        """Before the EMA is read or updated again: the host update in flight is done."""
+        if self.pending is not None:
+            self.pending.result()
+            self.pending = None
 
 
 class ShardAverages:
@@ -97,38 +152,44 @@ class ShardAverages:
         self.ema_updates = 0
         self.swa: Optional[list[torch.Tensor]] = None
         self.swa_count = 0
-        self.ema_device = torch.device("cpu") if ema.offload else None
+        self.host: Optional[HostEma] = None  # the EMA, when ema.offload keeps it in host memory
 
     @property
     def enabled(self) -> bool:
         return self.ema_args.enabled or self.swa_args.enabled
 
-    def _fresh_copy(self, device: Optional[torch.device]) -> list[torch.Tensor]:
-        pin = device is not None and device.type == "cpu" and self.weights[0].is_cuda
-        out = []
-        for w in self.weights:
-            copy = torch.empty(w.shape, dtype=torch.float32, device=device or w.device, pin_memory=pin)
-            copy.copy_(w.detach())
-            out.append(copy)
-        return out
+    def _fresh_copy(self) -> list[torch.Tensor]:
+        return [w.detach().clone().float() for w in self.weights]
 
     def update(self, step: int) -> None:
         e, s = self.ema_args, self.swa_args
         if e.enabled and step >= e.start_step and (step - e.start_step) % e.every == 0:
-            if self.ema is None:
-                self.ema = self._fresh_copy(self.ema_device)
+            if self.ema is None and e.offload:
+                self.host = HostEma(self.weights)
+                self.ema = self.host.ema
+            elif self.ema is None:
+                self.ema = self._fresh_copy()
+            elif self.host is not None:
+                self.host.update(self.weights, self.decay)
             else:
                 ema_update_(self.ema, [w.detach() for w in self.weights], self.decay)
             self.ema_updates += 1
         if s.enabled and step >= s.start_step and self.snapshot_every and step % self.snapshot_every == 0:
             if self.swa is None:
-                self.swa = self._fresh_copy(None)
+                self.swa = self._fresh_copy()
             else:
                 swa_update_(self.swa, [w.detach() for w in self.weights], self.swa_count)
             self.swa_count += 1
 
+    def fence(self) -> None:
+        """Before the optimizer update: nothing in flight still reads the weights (an offloaded EMA's copy)."""
+        if self.host is not None:
+            self.host.fence()
+
     def current(self) -> dict[str, list[torch.Tensor]]:
-        """The averages that have started, by kind."""
+        """The averages that have started, by kind (an offloaded EMA once its update in flight is done)."""
+        if self.host is not None:
+            self.host.wait()
         out = {}
         if self.ema is not None:
             out["ema"] = self.ema
@@ -147,18 +208,24 @@ class ShardAverages:
         return out
 
     def state_dict(self) -> dict[str, Any]:
+        if self.host is not None:
+            self.host.wait()
         return {"ema": None if self.ema is None else [t.cpu() for t in self.ema], "ema_updates": self.ema_updates,
                 "swa": None if self.swa is None else [t.cpu() for t in self.swa], "swa_count": self.swa_count}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for kind, count_key, device in (("ema", "ema_updates", self.ema_device), ("swa", "swa_count", None)):
+        for kind, count_key in (("ema", "ema_updates"), ("swa", "swa_count")):
             saved = state.get(kind)
             if saved is None:
                 setattr(self, kind, None)
             else:
                 if [t.numel() for t in saved] != [w.numel() for w in self.weights]:
                     raise ValueError(f"the checkpoint's {kind} partition does not match this model's layout")
-                buffers = self._fresh_copy(device)
+                if kind == "ema" and self.ema_args.offload:
+                    self.host = HostEma(self.weights)
+                    buffers = self.host.ema
+                else:
+                    buffers = self._fresh_copy()
                 for b, t in zip(buffers, saved):
                     b.copy_(t)
                 setattr(self, kind, buffers)

@@ -45,6 +45,7 @@ from tqdm import tqdm
 from averaging import lawa, slots
 from core import pickles
 from core.files import OutputExists, any_step_of, staged, write_file_atomic
+from core.flat_layout import FlatLayout, LayoutMismatch, zero_padding
 from core.log import logger, setup_logging
 from core.run_dir import LATEST, MANIFEST, RUN_STATE
 from core.weights import (
@@ -55,7 +56,7 @@ from core.weights import (
     hf_weight_files,
     state_dict_in,
 )
-from core.zero_checkpoint import LayoutMismatch, load_recorded, recorded_files, zero_padding
+from core.zero_checkpoint import flat_groups_key, load_recorded, recorded_files
 
 # Tensors are averaged in row blocks of at most this many elements: with k inputs, about k + 2
 # such blocks are in memory at a time, whatever the size of the model.
@@ -160,7 +161,7 @@ def average_slots(inputs: list[str], tmp: str) -> str:
     order = sorted(range(len(inputs)), key=lambda i: manifests[i].step)
     inputs, manifests = [inputs[i] for i in order], [manifests[i] for i in order]
     newest, first = manifests[-1], manifests[0]
-    shapes = first.shapes()
+    layout = first.layout()
     dp, tp = first.dp, first.tp
     files: dict[str, dict] = {}
     # One rank at a time: k copies of one rank's partition are all that is ever in memory.
@@ -170,9 +171,9 @@ def average_slots(inputs: list[str], tmp: str) -> str:
             averaged = lawa.average_shards(shards)
             # The padding is garbage in raw DeepSpeed partitions; averaging keeps each element
             # apart, so zeroing the result is the same as zeroing every input first.
-            zero_padding(averaged, shapes, dp_rank, dp)
+            zero_padding(averaged, layout, dp_rank)
             model_states = slots.read_model_states(inputs[-1], dp_rank, tp_rank, newest)
-            files.update(slots.write_shard(tmp, dp_rank, tp_rank, averaged, model_states))
+            files.update(slots.write_shard(tmp, dp_rank, tp_rank, averaged, model_states, layout=layout))
             logger.info(f"[{tp_rank * dp + dp_rank + 1}/{dp * tp}] rank dp {dp_rank} tp {tp_rank}: "
                 f"{len(averaged)} flat groups, {sum(t.numel() for t in averaged):,} elements")
             del shards, averaged
@@ -180,7 +181,7 @@ def average_slots(inputs: list[str], tmp: str) -> str:
     slots.commit(tmp, slots.SlotManifest(
         kind="offline", step=newest.step, tokens=newest.tokens, lr=newest.lr, dp=dp, tp=tp,
         param_shapes=first.param_shapes, files=files, tensor_parallel_layout=newest.tensor_parallel_layout,
-        ds_version=newest.ds_version, steps_averaged=steps))
+        **layout.to_json(), ds_version=newest.ds_version, steps_averaged=steps))
     return f"committed slot of step {newest.step}, average of steps {steps}"
 
 
@@ -233,7 +234,7 @@ def check_param_shapes(states: list[dict], inputs: list[str], name: str) -> None
 def zero_stage3_padding(groups: list[torch.Tensor], param_shapes: list[dict], dp_rank: int, dp: int,
                         where: str) -> list[torch.Tensor]:
     try:
-        zero_padding(groups, param_shapes, dp_rank, dp)
+        zero_padding(groups, FlatLayout.zero3(param_shapes, dp), dp_rank)
     except LayoutMismatch as e:
         raise UsageError(f"{where}: {e}") from None
     return groups
@@ -244,7 +245,7 @@ def average_ds_optim(inputs: list[str], name: str, param_shapes: Optional[list[d
     states = [load_recorded(os.path.join(p, name), records[p]) for p in inputs]
     inners = [s["optimizer_state_dict"] for s in states]
     stage = int(inners[-1]["zero_stage"])
-    key = "fp32_flat_groups" if stage == 3 else "single_partition_of_fp32_groups"
+    key = flat_groups_key(stage)
     for inner, path in zip(inners[:-1], inputs[:-1]):
         for field in ("zero_stage", "partition_count"):
             if inner.get(field) != inners[-1].get(field):
@@ -302,7 +303,7 @@ def average_deepspeed(inputs: list[str], tmp: str) -> str:
         out = average_ds_optim(inputs, name, shapes, records)
         torch.save(out, os.path.join(tmp, name))
         done += 1
-        key = "fp32_flat_groups" if stages[-1] == 3 else "single_partition_of_fp32_groups"
+        key = flat_groups_key(stages[-1])
         logger.info(f"[{done}/{total}] {name}: {sum(t.numel() for t in out['optimizer_state_dict'][key]):,} fp32 elements")
         del out
     for name in sorted(os.listdir(inputs[-1])):

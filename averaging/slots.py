@@ -1,9 +1,10 @@
-"""Weight snapshots ("slots") in DeepSpeed's ZeRO-3 checkpoint layout, weights only.
+"""Weight snapshots ("slots") in DeepSpeed's ZeRO checkpoint layout of the training's stage, weights only.
 
 A slot is a folder `step_XXXXXXXX/` holding, for every (dp, tp) rank,
 `zero_pp_rank_{dp}_mp_rank_{tp:02d}_model_states.pt` (the model-states metadata DeepSpeed writes:
-param_shapes, buffer_names, shared_params, ...) and `..._optim_states.pt` (only
-`optimizer_state_dict.fp32_flat_groups`, `zero_stage` and `partition_count`), so DeepSpeed's own
+param_shapes, buffer_names, shared_params, ...) and `..._optim_states.pt` (the rank's fp32 flat
+groups under DeepSpeed's keys for the stage: `fp32_flat_groups` at ZeRO-3; at ZeRO-1/2
+`single_partition_of_fp32_groups` with its paddings; core.flat_layout), so DeepSpeed's own
 `zero_to_fp32` consolidates it like any checkpoint. The trainers' EMA and SWA of the same step,
 when enabled, sit in sub-folders `ema/` and `swa/` laid out the same way (each one consolidates on
 its own). `manifest.json` (a `SlotManifest`: step, tokens, lr, layout, the averages present,
@@ -24,17 +25,19 @@ from typing import Any, Iterable, Optional
 import torch
 
 from core.files import fsync_dir, serialize, step_name, step_of, write_file_atomic
+from core.flat_layout import FlatLayout, LayoutMismatch
 from core.integrity import ChecksumMismatch, load_verified, record_of
 from core.run_dir import COMMITTED, MANIFEST, node_manifest
 from core.zero_checkpoint import (
-    LayoutMismatch,
     ManifestError,
     SlotManifest,
+    flat_groups_of,
     model_states_file,
+    optim_states_content,
     optim_states_file,
     read_manifest_file,
 )
-from core.zero_folder import Cut, TensorSource
+from core.zero_folder import Cut, TensorSource, fill_flat_groups
 
 
 class SlotError(RuntimeError):
@@ -74,18 +77,13 @@ def kind_file(kind: str, name: str) -> str:
 
 def write_shard(slot_dir: str, dp_rank: int, tp_rank: int, flat_groups: list[torch.Tensor],
                 model_states: dict[str, Any], max_bytes_per_s: float = 0.0,
-                mode: Optional[int] = None) -> dict[str, dict]:
-    """Write one rank's two files into slot_dir (files `mode`, folders 0700, when given); returns
-    {file name: {"bytes", "xxh3"}}."""
+                mode: Optional[int] = None, layout: Optional[FlatLayout] = None) -> dict[str, dict]:
+    """Write one rank's two files into slot_dir (files `mode`, folders 0700, when given): its flat
+    groups as stored under `layout` (default ZeRO-3 of the model states' shapes; ZeRO-1/2 lean);
+    returns {file name: {"bytes", "xxh3"}}."""
     os.makedirs(slot_dir, mode=0o700 if mode is not None else 0o777, exist_ok=True)
-    optim_states = {
-        "optimizer_state_dict": {
-            "zero_stage": 3,
-            "partition_count": model_states["dp_world_size"],
-            "fp32_flat_groups": flat_groups,
-        },
-        "ds_version": model_states.get("ds_version"),
-    }
+    layout = layout or FlatLayout.zero3(model_states["param_shapes"], model_states["dp_world_size"])
+    optim_states = optim_states_content(layout, dp_rank, flat_groups, model_states.get("ds_version"))
     written = {}
     for name, obj in ((model_states_file(dp_rank, tp_rank), model_states),
                       (optim_states_file(dp_rank, tp_rank), optim_states)):
@@ -96,10 +94,10 @@ def write_shard(slot_dir: str, dp_rank: int, tp_rank: int, flat_groups: list[tor
     return written
 
 
-def model_states_metadata(param_shapes: list[dict[str, Any]], dp: int, tp: int, layout: dict[str, list[int]],
+def model_states_metadata(param_shapes: list[dict[str, Any]], dp: int, tp: int, splits: dict[str, list[int]],
                           module: Optional[dict] = None, buffer_names: Optional[list[str]] = None,
                           shared_params: Optional[dict] = None) -> dict[str, Any]:
-    """The model-states part of a DeepSpeed ZeRO-3 checkpoint, which zero_to_fp32 needs to rebuild
+    """The model-states part of a DeepSpeed ZeRO checkpoint, which zero_to_fp32 needs to rebuild
     parameters from flat groups, plus ours: which dimension each split parameter is split along."""
     from core.deepspeed_compat import use_deepspeed_here
 
@@ -107,37 +105,37 @@ def model_states_metadata(param_shapes: list[dict[str, Any]], dp: int, tp: int, 
     return {"module": module or {}, "buffer_names": buffer_names or [], "param_shapes": param_shapes,
             "frozen_param_shapes": None, "frozen_param_fragments": None, "shared_params": shared_params or {},
             "dp_world_size": dp, "mp_world_size": tp, "ds_version": deepspeed.__version__,
-            "tensor_parallel_layout": layout}
+            "tensor_parallel_layout": splits}
 
 
-def write_weights(slot_dir: str, source: TensorSource, dp: int, tp: int, layout: dict[str, list[int]],
-                  groups: Optional[list[list[str]]] = None) -> dict[str, dict]:
-    """Cut full weights into every rank's files of a data × tensor layout (DeepSpeed's ZeRO-3
-    files, which zero_to_fp32 reads; the inverse of consolidation), one rank in memory at a time.
-    `layout`: {name: [dim, stride]} of the tensor-parallel splits; `groups`: the parameter names of
-    each flat group, in order (default: one group of every tensor of the source).
-    Returns {file name: {"bytes", "xxh3"}} for the manifest."""
+def write_weights(slot_dir: str, source: TensorSource, dp: int, tp: int, splits: dict[str, list[int]],
+                  groups: Optional[list[list[str]]] = None, stage: int = 3) -> dict[str, dict]:
+    """Cut full weights into every rank's files of a data × tensor layout at a ZeRO stage
+    (DeepSpeed's files, which zero_to_fp32 reads; the inverse of consolidation; stage 1-2 laid out as
+    FlatLayout.zero12), one rank in memory at a time. `splits`: {name: [dim, stride]} of the
+    tensor-parallel splits; `groups`: the parameter names of each flat group, in order (default: one
+    group of every tensor of the source). Returns {file name: {"bytes", "xxh3"}} for the manifest."""
     groups = groups or [source.names()]
     files: dict[str, dict] = {}
     for tp_rank in range(tp):
-        cuts = [Cut(r, dp, tp_rank, tp) for r in range(dp)]
         shapes = []
         for group in groups:
             shape = {}
             for name in group:
                 full = list(source.shape(name))
-                if name in layout and tp > 1:
-                    dim, stride = layout[name]
+                if name in splits and tp > 1:
+                    dim, stride = splits[name]
                     if full[dim] % (tp * stride):
                         raise LayoutMismatch(f"{name}: dimension {dim} of {tuple(full)} does not split into "
                                              f"{tp} tensor-parallel slices of {stride} blocks")
                     full[dim] //= tp
                 shape[name] = torch.Size(full)
             shapes.append(shape)
-        model_states = model_states_metadata(shapes, dp, tp, layout)
-        for cut in cuts:
-            flat = [torch.cat([source.piece(name, layout.get(name), cut) for name in group]) for group in groups]
-            files.update(write_shard(slot_dir, cut.dp_rank, tp_rank, flat, model_states))
+        layout = FlatLayout.zero3(shapes, dp) if stage == 3 else FlatLayout.zero12(stage, shapes, dp)
+        model_states = model_states_metadata(shapes, dp, tp, splits)
+        for dp_rank in range(dp):
+            flat = fill_flat_groups(source, layout, Cut(dp_rank, dp, tp_rank, tp), splits)
+            files.update(write_shard(slot_dir, dp_rank, tp_rank, flat, model_states, layout=layout))
             del flat
     return files
 
@@ -239,7 +237,7 @@ def read_shard(slot_dir: str, dp_rank: int, tp_rank: int, manifest: Optional[Slo
     name = kind_file(kind, optim_states_file(dp_rank, tp_rank))
     optim = _read_verified(slot_dir, name, manifest)
     try:
-        return list(optim["optimizer_state_dict"]["fp32_flat_groups"]), manifest
+        return flat_groups_of(optim), manifest
     except (KeyError, TypeError):
         raise SlotCorrupt(f"{slot_dir}/{name} holds no fp32_flat_groups: not a snapshot file") from None
 
@@ -253,9 +251,13 @@ def check_compatible(manifests: Iterable[SlotManifest]) -> None:
     manifests = list(manifests)
     first = manifests[0]
     for other in manifests[1:]:
-        if (other.dp, other.tp) != (first.dp, first.tp):
-            raise LayoutMismatch(f"cannot average step {first.step} (data {first.dp} × tensor {first.tp}) "
-                                 f"with step {other.step} (data {other.dp} × tensor {other.tp})")
+        if (other.dp, other.tp, other.zero_stage) != (first.dp, first.tp, first.zero_stage):
+            raise LayoutMismatch(f"cannot average step {first.step} (data {first.dp} × tensor {first.tp}, ZeRO-"
+                                 f"{first.zero_stage}) with step {other.step} (data {other.dp} × tensor {other.tp}, "
+                                 f"ZeRO-{other.zero_stage})")
+        if (other.param_paddings, other.partition_sizes) != (first.param_paddings, first.partition_sizes):
+            raise LayoutMismatch(f"cannot average step {first.step} with step {other.step}: their ZeRO-{first.zero_stage} "
+                                 f"partitions differ (paddings or partition sizes)")
         if other.param_shapes != first.param_shapes:
             a = {n: s for g in first.param_shapes for n, s in g}
             b = {n: s for g in other.param_shapes for n, s in g}

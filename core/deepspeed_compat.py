@@ -26,3 +26,72 @@ def use_deepspeed_here():
     import torch
 
     return use_deepspeed("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# the engine's insides this project reads: every private attribute of DeepSpeed's in one place
+
+
+def zero_stage(engine) -> int:
+    return int(engine.zero_optimization_stage())
+
+
+def master_flat_groups(engine) -> list:
+    """This rank's fp32 master weights, one flat tensor per (sub-)group, updated in place by each
+    step: ZeRO-3's chunks of every parameter, or ZeRO-1/2's partition of each group's flat (padded
+    to the partition size). The layout of either: `flat_layout`."""
+    stage = zero_stage(engine)
+    if stage == 3:
+        return engine.optimizer.fp32_partitioned_groups_flat
+    if stage in (1, 2):
+        return engine.optimizer.single_partition_of_fp32_groups
+    raise ValueError(f"ZeRO stage {stage} keeps no partitioned fp32 master weights")
+
+
+def flat_layout(engine, dp: int):
+    """How `master_flat_groups` lays the parameters out (core.flat_layout)."""
+    from core.flat_layout import FlatLayout
+
+    shapes = engine._get_zero_param_shapes()  # in flat order (ZeRO-2's round-robin order included)
+    stage = zero_stage(engine)
+    if stage == 3:
+        return FlatLayout.zero3(shapes, dp)
+    optimizer = engine.optimizer
+    return FlatLayout(stage, dp, shapes, [list(p) for p in optimizer.round_robin_bit16_padding],
+                      [int(size) for size in optimizer.partition_size])
+
+
+def model_states(engine) -> dict:
+    """What DeepSpeed's own model-states files record beside the flat groups: the module's state
+    (buffers, and ZeRO-3's empty parameter placeholders), buffer names, tied aliases, shapes."""
+    return {"module": engine.module_state_dict(), "buffer_names": engine._get_buffer_names(),
+            "shared_params": engine._get_shared_params(), "param_shapes": engine._get_zero_param_shapes()}
+
+
+def full_shape(param):
+    """A parameter's shape, also under zero.Init (where its local tensor is an empty placeholder)."""
+    return getattr(param, "ds_shape", param.shape)
+
+
+def full_numel(param) -> int:
+    return getattr(param, "ds_numel", param.numel())
+
+
+def local_shard(param):
+    """ZeRO-3: this rank's chunk of a parameter (the working copy the next forward gathers); None
+    at stages 1-2, where every rank holds the whole parameter."""
+    return getattr(param, "ds_tensor", None)
+
+
+def kept_whole(param) -> bool:
+    """ZeRO-3 keeps small parameters gathered after their first use (persistence threshold): those
+    are not gathered again, so a new value must go into the whole tensor too."""
+    return local_shard(param) is not None and param.data.numel() == param.ds_numel
+
+
+def treat_as_leaves(model, classes: list) -> None:
+    """ZeRO-3 fetches the parameters of each module of these classes once, on entry, and puts no
+    hooks inside them (so a compiled block holds no graph break at every submodule)."""
+    from deepspeed.utils import set_z3_leaf_modules
+
+    set_z3_leaf_modules(model, classes)

@@ -26,9 +26,12 @@ from core.log import logger, rank_span
 @dataclass
 class ParallelArgs:
     tensor: int = 1  # Megatron-style tensor-parallel size; data-parallel size = world / tensor
-    zero_stage: Literal[0, 1, 2, 3] = 3  # DeepSpeed ZeRO stage
-    # ZeRO-3 bucket and prefetch sizes: DeepSpeed's defaults, or sized from the model's width (auto:
-    # reduce bucket d², prefetch 0.9·d², parameters under 10·d elements kept whole on every rank).
+    # DeepSpeed ZeRO stage: 1 partitions the optimizer state (Megatron's distributed optimizer; Pythia
+    # trained so), 2 the gradients too, 3 the weights too; auto: the lowest whose plan fits this
+    # machine (launcher/plan.py; the start-up block says which and why).
+    zero_stage: Literal["auto", 1, 2, 3] = "auto"
+    # Bucket (and at ZeRO-3 prefetch) sizes: DeepSpeed's defaults, or sized from the model's width
+    # (auto: reduce bucket d², ZeRO-3 prefetch 0.9·d² and parameters under 10·d elements kept whole).
     zero_buckets: Literal["default", "auto"] = "default"
     # A rank that hears nothing from its peer (or the rendezvous store) this long stops the job with
     # one line (exit code 75) instead of waiting out the collectives' 30-minute timeout; 0: off.
@@ -220,6 +223,14 @@ def init_distributed(tp: int, env: Optional[RankEnv] = None, device: str = "auto
 def barrier(group: Optional[dist.ProcessGroup] = None) -> None:
     if dist.is_initialized():
         dist.barrier(group=group)
+
+
+def vote(values: list[int], group: dist.ProcessGroup) -> list[int]:
+    """Collective: the element-wise minimum of every rank's integers, in one small all-reduce (a flag
+    that any rank may raise goes in negated: -1 if raised, else 0)."""
+    ballot = torch.tensor(values, dtype=torch.int64)
+    dist.all_reduce(ballot, op=dist.ReduceOp.MIN, group=group)
+    return ballot.tolist()
 
 
 def gather_objects(value, group: dist.ProcessGroup) -> list:

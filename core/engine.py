@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 
-from core.deepspeed_compat import use_deepspeed
+from core.deepspeed_compat import treat_as_leaves, use_deepspeed
 
 if TYPE_CHECKING:
     from core.distributed import Parallel
@@ -23,9 +23,15 @@ PERSISTENCE_THRESHOLD = 10_000
 def deepspeed_config(micro_batch_size: int, grad_accum: int, dp: int, grad_clip: float, zero_stage: int,
                      bf16: bool, hidden_size: Optional[int] = None) -> dict[str, Any]:
     """The training engine's config (the launcher writes it to the run directory for reference).
-    With `hidden_size`, ZeRO-3's buckets are sized from the model's width (the rules DeepSpeed's
-    own "auto" values follow in its Hugging Face integration) instead of its fixed defaults."""
+    With `hidden_size`, the buckets are sized from the model's width (the rules DeepSpeed's own
+    "auto" values follow in its Hugging Face integration) instead of its fixed defaults."""
     zero: dict[str, Any] = {"stage": zero_stage}
+    if zero_stage in (1, 2):
+        zero["parameter_alignment"] = True
+    if zero_stage == 2:
+        zero.update({"overlap_comm": True, "contiguous_gradients": True})
+    if zero_stage < 3 and hidden_size is not None:
+        zero["reduce_bucket_size"] = hidden_size * hidden_size
     if zero_stage == 3:
         zero.update({"overlap_comm": True, "contiguous_gradients": True,
                      "stage3_param_persistence_threshold": PERSISTENCE_THRESHOLD})
@@ -48,24 +54,38 @@ def deepspeed_config(micro_batch_size: int, grad_accum: int, dp: int, grad_clip:
 
 
 def inference_config(training_config: dict[str, Any], bf16: bool) -> dict[str, Any]:
-    """Training's config minus the optimizer, with every parameter partitioned: a parameter kept
-    whole ("persistent") would not see new partitions loaded under it (the sidecar's use)."""
+    """Training's config minus the optimizer (the sidecar's). After ZeRO-3 training, every
+    parameter partitioned: a parameter kept whole ("persistent") would not see new partitions loaded
+    under it. After ZeRO-1/2 training, whose ranks hold the whole model anyway, no partitioning
+    (stage 0): each rank holds the whole model, as its trainer does."""
     config = {k: v for k, v in training_config.items() if k != "zero_allow_untested_optimizer"}
     zero = dict(config.get("zero_optimization", {}))
-    zero.update({"stage": 3, "stage3_param_persistence_threshold": 0, "stage3_model_persistence_threshold": 0})
+    if zero.get("stage") == 3:
+        zero.update({"stage3_param_persistence_threshold": 0, "stage3_model_persistence_threshold": 0})
+    else:
+        zero = {"stage": 0}
     config["zero_optimization"] = zero
     config["bf16"] = {"enabled": bf16}
     return config
 
 
 def build_engine(make_model: Callable[[], torch.nn.Module], config: dict[str, Any], par: Parallel,
-                 make_optimizer: Optional[Callable[[torch.nn.Module], torch.optim.Optimizer]] = None):
-    """Collective. The model built under `zero.Init` (partitioned as each module is constructed,
-    never whole on any rank at ZeRO-3) and wrapped in a DeepSpeed engine."""
+                 make_optimizer: Optional[Callable[[torch.nn.Module], torch.optim.Optimizer]] = None,
+                 compile_backend: Optional[str] = None):
+    """Collective. The model built under `zero.Init` at ZeRO-3 (partitioned as each module is
+    constructed, never whole on any rank), wrapped in a DeepSpeed engine, and with `compile_backend`
+    compiled where DeepSpeed's hooks allow one graph: at ZeRO-3 each transformer block as one unit
+    (its parameters fetched once on entry, no hooks inside: core.deepspeed_compat.treat_as_leaves),
+    at ZeRO-0/1/2, whose hooks run in backward only, the whole model."""
     deepspeed = use_deepspeed(par.device.type)
     zero3 = config["zero_optimization"]["stage"] == 3
     with deepspeed.zero.Init(config_dict_or_path=config, data_parallel_group=par.dp_group, mpu=par, enabled=zero3):
         model = make_model()
+    if compile_backend and zero3:
+        treat_as_leaves(model, [type(model.blocks[0])])  # before initialize, which puts the hooks on
     optimizer = make_optimizer(model) if make_optimizer is not None else None
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config, mpu=par)
+    if compile_backend:  # the forward only: ZeRO-3's fetch/release hooks around a leaf block stay outside
+        for unit in (engine.module.blocks if zero3 else [engine.module]):
+            unit.forward = torch.compile(unit.forward, backend=compile_backend)
     return engine

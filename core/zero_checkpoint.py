@@ -1,9 +1,10 @@
-"""DeepSpeed's ZeRO-3 checkpoint files, tensor parallel or not: their names, the flat-partition
-layout inside them, tensor-parallel slicing, and what a committed folder records.
+"""DeepSpeed's ZeRO checkpoint files, tensor parallel or not: their names, how their flat groups are
+laid out (core.flat_layout, stages 1-3), tensor-parallel slicing, and what a committed folder records.
 
 Per (dp, tp) rank a folder holds `zero_pp_rank_{dp}_mp_rank_{tp:02d}_model_states.pt` (parameter
-shapes, buffers, shared aliases) and `..._optim_states.pt` (`fp32_flat_groups`: this rank's
-ceil(numel/dp) elements of every parameter, in `param_shapes` order). Consolidation (core.zero_folder,
+shapes, buffers, shared aliases; DeepSpeed's own ZeRO-1/2 checkpoints keep one `mp_rank_{tp:02d}_
+model_states.pt` instead) and `..._optim_states.pt` (this rank's fp32 flat groups: `fp32_flat_groups`
+at ZeRO-3, `single_partition_of_fp32_groups` at 1-2). Consolidation (core.zero_folder,
 equal to DeepSpeed's `zero_to_fp32` per tensor-parallel rank) merges the mp_rank slices along the
 dimension each parameter was split on, which the launcher records (`tensor_parallel_layout`:
 {name: [dim, stride]}) in slot manifests, checkpoint run_state.json files and model-states files.
@@ -13,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import glob
 import json
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -23,15 +23,12 @@ import torch
 
 from core import pickles
 from core.files import write_json_atomic
+from core.flat_layout import FlatLayout
 from core.integrity import FileRecord, load_verified
 from core.log import rank_span
 from core.run_dir import MANIFEST, RUN_STATE, node_manifest
 
 MANIFEST_FORMAT = 2
-
-
-class LayoutMismatch(ValueError):
-    """Partitions, shapes or layouts that do not fit together."""
 
 
 @dataclass
@@ -52,6 +49,9 @@ class SlotManifest:
     param_shapes: list  # DeepSpeed's param_shapes, as JSON: [[[name, shape], ...], ...] per sub-group
     files: dict[str, dict[str, Any]]  # name relative to the folder -> {"bytes", "xxh3"}
     tensor_parallel_layout: dict[str, list[int]] = field(default_factory=dict)
+    zero_stage: int = 3  # the layout of the flat groups (core.flat_layout); at 1-2 also the two below
+    param_paddings: list[list[int]] = field(default_factory=list)
+    partition_sizes: list[int] = field(default_factory=list)
     ds_version: Optional[str] = None
     averages: dict[str, dict[str, Any]] = field(default_factory=dict)  # raw slots: EMA/SWA present
     steps_averaged: list[int] = field(default_factory=list)  # averages: the steps, newest first
@@ -64,6 +64,9 @@ class SlotManifest:
 
     def shapes(self) -> list[dict[str, torch.Size]]:
         return shapes_from_json(self.param_shapes)
+
+    def layout(self) -> FlatLayout:
+        return FlatLayout(self.zero_stage, self.dp, self.shapes(), self.param_paddings, self.partition_sizes)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1)
@@ -124,6 +127,7 @@ class RunState:
     tp: int
     tensor_parallel_layout: dict[str, list[int]] = field(default_factory=dict)
     files: dict[str, FileRecord] = field(default_factory=dict)
+    zero_stage: int = 3  # (checkpoints from before stages 1-2 trained were all ZeRO-3)
 
     def write(self, folder: str) -> None:
         write_json_atomic(os.path.join(folder, RUN_STATE), dataclasses.asdict(self))
@@ -185,58 +189,45 @@ def writer_rank(name: str, tp: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# the flat-partition layout
+# the flat-partition layout (core.flat_layout) as files and manifests record it
 
 
-def partition_numel(numel: int, dp: int) -> int:
-    """ZeRO-3 gives every rank ceil(numel / dp) elements of each parameter; the last ones pad."""
-    return math.ceil(numel / dp)
+def layout_of(param_shapes: list[dict[str, Any]], dp: int, optim_states: dict[str, Any]) -> FlatLayout:
+    """The layout of a folder's flat groups, from its parameter shapes and any rank's optimizer
+    states (DeepSpeed's keys: zero_stage; at stage 1-2 param_alignment_paddings, and the rank's
+    group_paddings, which with its lean partition give each group's partition size)."""
+    stage = int(optim_states.get("zero_stage", 3))
+    if stage == 3:
+        return FlatLayout.zero3(param_shapes, dp)
+    lean = optim_states["single_partition_of_fp32_groups"]
+    tails = optim_states.get("group_paddings") or [0] * len(lean)
+    paddings = optim_states.get("param_alignment_paddings") or [[0] * len(shapes) for shapes in param_shapes]
+    return FlatLayout(stage, dp, param_shapes, [list(p) for p in paddings],
+                      [t.numel() + int(tail) for t, tail in zip(lean, tails)])
 
 
-def _partitions(flat_groups: list[torch.Tensor], param_shapes: list[dict[str, Any]],
-                dp: int) -> list[tuple[str, torch.Tensor, int]]:
-    """(name, view of its partition, its full numel) for every parameter, in flat order.
-
-    Parameters are laid out in `param_shapes` order across the flat groups, each partition whole
-    inside one group; walking them with one cursor works whether DeepSpeed reports one shape dict
-    per flat group or fewer (it splits large groups into sub-groups of `sub_group_size`)."""
-    out, g, offset = [], 0, 0
-    for shapes in param_shapes:
-        for name, shape in shapes.items():
-            numel = math.prod(shape)
-            part = partition_numel(numel, dp)
-            while g < len(flat_groups) and offset + part > flat_groups[g].numel():
-                if offset != flat_groups[g].numel():
-                    raise LayoutMismatch(f"{name}'s partition of {part} elements straddles flat group {g} "
-                                         f"({flat_groups[g].numel()} elements, {offset} used)")
-                g, offset = g + 1, 0
-            if g == len(flat_groups):
-                raise LayoutMismatch(f"flat groups of {[f.numel() for f in flat_groups]} elements end before "
-                                     f"{name}: the parameter shapes need more at data-parallel size {dp}")
-            out.append((name, flat_groups[g][offset: offset + part], numel))
-            offset += part
-    used = sum(f.numel() for f in flat_groups[:g]) + offset
-    if used != sum(f.numel() for f in flat_groups):
-        raise LayoutMismatch(f"flat groups hold {sum(f.numel() for f in flat_groups)} elements but the "
-                             f"parameter shapes at data-parallel size {dp} account for {used}")
-    return out
+def optim_states_content(layout: FlatLayout, rank: int, flat_groups: list[torch.Tensor],
+                         ds_version: Optional[str]) -> dict[str, Any]:
+    """A rank's optimizer-states file of weights only, in DeepSpeed's keys for the layout's stage,
+    so that zero_to_fp32 consolidates it like any checkpoint (`flat_groups`: as stored, lean at 1-2)."""
+    if layout.stage == 3:
+        inner = {"zero_stage": 3, "partition_count": layout.dp, "fp32_flat_groups": flat_groups}
+    else:
+        inner = {"zero_stage": layout.stage, "partition_count": layout.dp,
+                 "single_partition_of_fp32_groups": flat_groups, "param_alignment_paddings": layout.param_paddings,
+                 "group_paddings": [size - f.numel() for size, f in zip(layout.partition_sizes, flat_groups)]}
+    return {"optimizer_state_dict": inner, "ds_version": ds_version}
 
 
-def zero_padding(flat_groups: list[torch.Tensor], param_shapes: list[dict[str, Any]], dp_rank: int, dp: int) -> None:
-    """Zero, in place, the elements of rank `dp_rank`'s partitions that lie past each parameter's end.
-
-    DeepSpeed leaves them uninitialised (values up to 1e33 have been seen), which poisons any norm,
-    finiteness check or average taken over the flat tensor."""
-    for _, view, numel in _partitions(flat_groups, param_shapes, dp):
-        part = view.numel()
-        valid = min(max(numel - dp_rank * part, 0), part)
-        view[valid:].zero_()
+def flat_groups_key(stage: int) -> str:
+    """Where DeepSpeed's optimizer-states files keep the rank's fp32 flat groups, by ZeRO stage."""
+    return "fp32_flat_groups" if stage == 3 else "single_partition_of_fp32_groups"
 
 
-def split_partitions(flat_groups: list[torch.Tensor], param_shapes: list[dict[str, Any]],
-                     dp: int) -> dict[str, torch.Tensor]:
-    """Views of each parameter's partition (ceil(numel/dp) elements, padding included) by name."""
-    return {name: view for name, view, _ in _partitions(flat_groups, param_shapes, dp)}
+def flat_groups_of(optim_states: dict[str, Any]) -> list[torch.Tensor]:
+    """A rank's fp32 flat groups from its optimizer-states file, any stage."""
+    inner = optim_states["optimizer_state_dict"]
+    return list(inner[flat_groups_key(int(inner.get("zero_stage", 3)))])
 
 
 def shapes_to_json(param_shapes: list[dict[str, Any]]) -> list[list[list]]:

@@ -166,10 +166,20 @@ def load_averages(checkpoint: str, par: Parallel, averages: ShardAverages) -> No
         logger.info(f"note: {checkpoint} holds no EMA/SWA state; the averages start afresh")
 
 
-def check_layout(checkpoint: str, par: Parallel, key: str, remedy: str) -> RunState:
-    """The checkpoint's run state, once its data × tensor layout is known to be this run's."""
+def check_layout(checkpoint: str, par: Parallel, stage: int, key: str, remedy: str) -> RunState:
+    """The checkpoint's run state, once its data × tensor layout and ZeRO stage are known to be this run's."""
     state = RunState.read(checkpoint)
-    if (state.dp, state.tp) != (par.dp, par.tp):
-        raise ConfigError(f"{key}: {checkpoint} was written with data {state.dp} × tensor {state.tp}, this run is "
-                          f"data {par.dp} × tensor {par.tp}; {remedy}")
+    if (state.dp, state.tp, state.zero_stage) != (par.dp, par.tp, stage):
+        raise ConfigError(f"{key}: {checkpoint} was written with data {state.dp} × tensor {state.tp} at ZeRO-"
+                          f"{state.zero_stage}, this run is data {par.dp} × tensor {par.tp} at ZeRO-{stage}; {remedy}")
     return state
+
+
+def continued_stage(ckpt_dir: str, resume: bool, branch_from: Optional[str]) -> Optional[int]:
+    """The ZeRO stage of the checkpoint a run continues (its own newest, or the one it branches
+    from): `parallel.zero_stage: auto` keeps it. None for a run that starts afresh."""
+    found = complete_checkpoints(ckpt_dir) if resume else []
+    folder = os.path.join(ckpt_dir, found[-1][1]) if found else branch_from
+    if folder is None or not os.path.isfile(os.path.join(folder, RUN_STATE)):
+        return None
+    return RunState.read(folder).zero_stage

@@ -79,8 +79,6 @@ class JobConfig:
         need(not self.sidecar.enabled or snap.every > 0,
              "sidecar.enabled needs snapshot.every > 0 (the sidecar averages snapshots)")
         if snap.every > 0:
-            need(p.zero_stage == 3, f"snapshot.every={snap.every} needs parallel.zero_stage=3 "
-                                    f"(snapshots are ZeRO-3 partitions), got {p.zero_stage}")
             for merge in self.merges():
                 need(merge.window_steps is None or merge.window_steps >= merge.spacing,
                      f"lawa.merges: {merge.name}'s window_tokens spans {merge.window_steps} steps, less than its "

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from core.config import need
+from core.deepspeed_compat import full_shape
 
 
 @dataclass
@@ -21,15 +22,6 @@ class OptimizerArgs:
         need(self.weight_decay >= 0, f"optimizer.weight_decay: must be >= 0, got {self.weight_decay}")
         need(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "optimizer.beta1/beta2: must be in [0, 1)")
         need(self.eps > 0, f"optimizer.eps: must be positive, got {self.eps}")
-
-
-def full_shape(p: torch.nn.Parameter) -> torch.Size:
-    # Under deepspeed.zero.Init a parameter's local tensor is an empty (0,) placeholder.
-    return getattr(p, "ds_shape", p.shape)
-
-
-def full_numel(p: torch.nn.Parameter) -> int:
-    return getattr(p, "ds_numel", p.numel())
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

@@ -69,8 +69,11 @@ class Shape:
     def largest_layer(self, tp: int) -> int:
         return max(sum(n // tp if split else n for n, split in module) for module in self.modules)
 
-    def partition(self, tp: int, dp: int) -> int:
-        """fp32 elements of one rank's ZeRO-3 partition: ceil(numel/dp) of each parameter (padding included)."""
+    def partition(self, tp: int, dp: int, stage: int = 3) -> int:
+        """fp32 elements of one rank's partition (padding included): at ZeRO-3 ceil(numel/dp) of each
+        parameter, at ZeRO-1/2 a dp-th of the whole (core/flat_layout.py)."""
+        if stage < 3:
+            return -(-self.local(tp) // (2 * dp)) * 2
         return sum(-(-(n // tp if split else n) // dp) for module in self.modules for n, split in module)
 
 
@@ -142,6 +145,8 @@ class Plan:
     host: Resource
     ring: Resource
     notes: tuple[str, ...] = ()
+    zero_stage: int = 3  # the stage planned for (parallel.zero_stage, `auto` resolved)
+    stage_reason: str = ""
 
     @property
     def fits(self) -> bool:
@@ -167,13 +172,25 @@ def zero3_estimate(params: int, largest_layer: int, gpus_per_node: float, nodes:
     return cpu, gpu
 
 
+def zero12_estimate(stage: int, params: int, gpus_per_node: float, nodes: int, width: int) -> tuple[float, float]:
+    """ZeRO-1/2 (no offload): (host bytes per node, GPU bytes per rank). GPU: the working weights
+    whole on every rank (`width` bytes each), the gradients whole (ZeRO-1) or a dp-th of them
+    (ZeRO-2), and a dp-th of the fp32 master, its gradient and AdamW's two moments (16 bytes) —
+    at 16-bit ZeRO-2 exactly DeepSpeed's estimate_zero2_model_states_mem_needs (2Ψ + 18Ψ/G). Host:
+    its figure too, each rank building the whole model before DeepSpeed takes it (4Ψ × 1.5 per rank)."""
+    dp = gpus_per_node * nodes
+    grads = width * params if stage == 1 else width * params / dp
+    return 4 * params * gpus_per_node * 1.5, width * params + grads + 16 * params / dp
+
+
 def _resources(job: JobConfig, shape: Shape, cl: Cluster) -> tuple[dict[str, Resource], dict]:
     """The arithmetic (docs/training.md, "Will it fit"), without advice; ConfigError for a layout
-    that cannot run."""
+    that cannot run. The job's parallel.zero_stage must be resolved (choose_stage)."""
     c, t, tp, R = shape.config, job.train, job.parallel.tensor, cl.gpus_per_node
+    stage = job.parallel.zero_stage
     dp = job.parallel.data_parallel(cl.world or cl.nodes * R)
     accum = t.accumulation_steps(dp)
-    E = 4 * shape.partition(tp, dp)  # bytes of one rank's fp32 partition
+    E = 4 * shape.partition(tp, dp, stage)  # bytes of one rank's fp32 partition
     precision = t.resolved_precision(cl.device)
     width = 2 if precision == "bf16" else 4  # bytes of a weight, gradient or activation
     snap = job.snapshot.every > 0
@@ -181,11 +198,14 @@ def _resources(job: JobConfig, shape: Shape, cl: Cluster) -> tuple[dict[str, Res
     sidecar = snap and job.sidecar.enabled
     sidecar_gpu = sidecar and cl.device == "cuda" and job.sidecar.device != "cpu"
 
-    # DeepSpeed's estimator knows nothing of tensor parallelism: each tensor-parallel slice is its own
-    # ZeRO-3 model, partitioned over the dp ranks that hold that slice, G/tp of them on each node.
-    states_host, states = zero3_estimate(shape.local(tp), shape.largest_layer(tp), R / tp, cl.nodes)
-    if width == 4:  # the estimator counts 16-bit weights and gradients: fp32 ones take 2 + 2 bytes more
-        states += E
+    # DeepSpeed's estimators know nothing of tensor parallelism: each tensor-parallel slice is its own
+    # model, partitioned over the dp ranks that hold that slice, G/tp of them on each node.
+    if stage == 3:
+        states_host, states = zero3_estimate(shape.local(tp), shape.largest_layer(tp), R / tp, cl.nodes)
+        if width == 4:  # the estimator counts 16-bit weights and gradients: fp32 ones take 2 + 2 bytes more
+            states += E
+    else:
+        states_host, states = zero12_estimate(stage, shape.local(tp), R / tp, cl.nodes, width)
     # Activations, Korthikanti et al. 2022 eq. 2 (tensor parallel, no sequence parallelism):
     # s·b·h·(10 + 24/t + 5·a·s/(h·t)) bytes per layer in 16-bit. The last term (attention scores,
     # softmax, its dropout: s² per head) is left out: F.scaled_dot_product_attention's fused GPU
@@ -199,9 +219,11 @@ def _resources(job: JobConfig, shape: Shape, cl: Cluster) -> tuple[dict[str, Res
         device.append(("EMA", E))  # shard-local fp32 copies beside the weights (averaging/ema_swa.py)
     if job.swa.enabled:
         device.append(("SWA", E))
-    # The sidecar's own ZeRO-3 engine: 16-bit partitions, one gathered layer and one prefetched,
-    # a forward (no grad) at the micro-batch.
-    side = width * E / 4 + 2 * width * shape.largest_layer(tp) + layer + logits if sidecar else 0.0
+    # The sidecar's model: after ZeRO-3 its own ZeRO-3 engine (16-bit partitions, one gathered layer
+    # and one prefetched); after ZeRO-1/2 the whole model, as the trainers hold it, and the fp32
+    # partitions it all-gathers to load it; a forward (no grad) at the micro-batch.
+    weights = width * E / 4 + 2 * width * shape.largest_layer(tp) if stage == 3 else (width + 4) * shape.local(tp)
+    side = weights + layer + logits if sidecar else 0.0
 
     host = []
     if snap:  # pinned copies of the partition the background thread writes from, one per kind
@@ -212,7 +234,7 @@ def _resources(job: JobConfig, shape: Shape, cl: Cluster) -> tuple[dict[str, Res
         # A running fp32 sum per merge; the shards it reads (raw, EMA, SWA) are mapped from the slot
         # files (averaging/slots.py), pages the ring already holds.
         host.append(("sidecar sums", R * E * len(job.merges())))
-    host.append(("DeepSpeed zero.Init", states_host * tp))  # the estimator's figure is per slice
+    host.append(("DeepSpeed zero.Init" if stage == 3 else "model build", states_host * tp))  # per slice
     host.append(("processes", R * PROCESS_HOST * (2 if sidecar else 1)))
     if cl.device == "cpu":  # no GPU: the trainers' tensors are host memory too (and the sidecar's, below)
         host.append(("trainers' tensors (cpu)", R * sum(n for _, n in device)))
@@ -234,7 +256,27 @@ def _resources(job: JobConfig, shape: Shape, cl: Cluster) -> tuple[dict[str, Res
         "ring": Resource("shm" if cl.ring_in_ram else "ring", where, ((label, ring),) if ring else (),
                          cl.ring_room if ring else None, RING_SHARE, note=unchecked if ring else "not used (snapshot.every=0)"),
     }
-    return resources, dict(dp=dp, accum=accum, E=E, kinds=kinds, precision=precision, sidecar=sidecar)
+    return resources, dict(dp=dp, accum=accum, E=E, kinds=kinds, precision=precision, sidecar=sidecar, stage=stage)
+
+
+def choose_stage(job: JobConfig, shape: Shape, cl: Cluster, continues: Optional[int] = None) -> tuple[JobConfig, str]:
+    """The job with parallel.zero_stage resolved, and why. `auto`: the stage of the checkpoint the
+    run continues (`continues`: its optimizer state is laid out for that stage), else the lowest
+    stage whose GPU and host memory fit — each stage up saves memory (ZeRO-2 partitions the
+    gradients, ZeRO-3 the weights too) and costs communication (ZeRO-3 gathers every layer's
+    weights in forward and backward); 3 when none fits (the plan then says what would). A stage set
+    by the job is kept."""
+    if job.parallel.zero_stage != "auto":
+        return job, "set by parallel.zero_stage"
+    if continues is not None:
+        return _with(job, "parallel", zero_stage=continues), "auto: the stage of the checkpoint it continues"
+    for stage in (1, 2, 3):
+        candidate = _with(job, "parallel", zero_stage=stage)
+        resources = _resources(candidate, shape, cl)[0]
+        if resources["gpu"].fits and resources["host"].fits:
+            lower = {1: "", 2: "; ZeRO-1 does not", 3: "; ZeRO-1 and 2 do not"}[stage]
+            return candidate, f"auto: the lowest stage whose GPU and host memory fit{lower}"
+    return _with(job, "parallel", zero_stage=3), "auto: no stage fits; the one that needs the least"
 
 
 def _fits(job: JobConfig, cl: Cluster, shape: Shape, name: str) -> bool:
@@ -294,9 +336,12 @@ def _advice(job: JobConfig, shape: Shape, cl: Cluster, name: str) -> tuple[str, 
                           "parallel.tensor or more nodes",)
 
 
-def plan(job: JobConfig, config: ModelConfig, cl: Cluster, shape: Optional[Shape] = None) -> Plan:
-    """What the job needs of the cluster, resource by resource, with the knobs for what does not fit."""
+def plan(job: JobConfig, config: ModelConfig, cl: Cluster, shape: Optional[Shape] = None,
+         chosen: Optional[tuple[JobConfig, str]] = None) -> Plan:
+    """What the job needs of the cluster, resource by resource, with the knobs for what does not
+    fit. `chosen`: the job with its stage already chosen (choose_stage), and why."""
     shape = shape or model_shape(config)
+    job, why = chosen or choose_stage(job, shape, cl)
     resources, k = _resources(job, shape, cl)
     resources = {name: r if r.fits else replace(r, advice=_advice(job, shape, cl, name)) for name, r in resources.items()}
     c, t = config, job.train
@@ -308,15 +353,15 @@ def plan(job: JobConfig, config: ModelConfig, cl: Cluster, shape: Optional[Shape
         f"{'GPU' if cl.device == 'cuda' else 'rank'}{'s' if cl.gpus_per_node > 1 else ''} = tensor {job.parallel.tensor} × data {k['dp']}; "
         f"{k['precision']}; {t.micro_batch_size} × {job.data.seq_len} tokens per micro-batch, {k['accum']} "
         f"accumulation steps{'; activation checkpointing' if t.activation_checkpointing else ''}",
-        f"partition: {k['E'] / 4 / 1e6:.2f}M fp32 elements per rank = {size(k['E'])}, "
-        f"{size(cl.gpus_per_node * k['E'])} per node",
+        f"ZeRO stage {k['stage']} ({why}); partition: {k['E'] / 4 / 1e6:.2f}M fp32 elements per rank = "
+        f"{size(k['E'])}, {size(cl.gpus_per_node * k['E'])} per node",
     ]
     notes = []
     keeping = [m for m in job.merges() if m.keep_best] if k["sidecar"] else []
     if keeping:  # lawa_best/ and merges/<name>/ live in the shared run directory, not in /dev/shm
         notes.append(f"note: the sidecar keeps each merge's best ({', '.join(m.name for m in keeping)}) as one fp32 "
                      f"copy, {size(4 * shape.params)} each, in the run directory (shared storage, not /dev/shm)")
-    return Plan(tuple(header), resources["gpu"], resources["host"], resources["ring"], tuple(notes))
+    return Plan(tuple(header), resources["gpu"], resources["host"], resources["ring"], tuple(notes), k["stage"], why)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,10 +380,12 @@ def host_memory() -> int:
     return total
 
 
-def check_at_start(job: JobConfig, par: Parallel, config: ModelConfig, run_dir: str) -> Optional[str]:
-    """Collective, before the engine is built: where the ring goes (None: no snapshots) and this
-    machine's figures in the plan, printed once as one block. A ring that cannot fit where it would
-    go is refused here (one line, exit status 2) rather than failing at every snapshot of the run.
+def check_at_start(job: JobConfig, par: Parallel, config: ModelConfig, run_dir: str,
+                   continues: Optional[int] = None) -> tuple[Optional[str], Plan]:
+    """Collective, before the engine is built: the ZeRO stage (`auto` resolved on this machine's
+    figures, or to `continues`: the stage of the checkpoint the run continues), where the ring goes (None: no snapshots), and the plan, printed once as one block. A
+    ring that cannot fit where it would go is refused here (one line, exit status 2) rather than
+    failing at every snapshot of the run.
 
     GPU and host verdicts are only said: they are estimates, and CUDA's own out-of-memory error is
     exact. Where the ring goes: a job that names snapshot.dir meant that place, so a place without
@@ -346,24 +393,27 @@ def check_at_start(job: JobConfig, par: Parallel, config: ModelConfig, run_dir: 
     room", and gets the run directory instead (resolve_root's note), unless that lacks room too."""
     shape = model_shape(config)
     hosts = list(dict.fromkeys(par.hosts))
-    base = Cluster(len(hosts), max(len(par.ranks_on(host)) for host in hosts), None, 0, None,
-                   device=par.device.type, world=par.world_size)
-    root = shared = None
-    if job.snapshot.every > 0:
-        ring = _resources(job, shape, base)[0]["ring"].need
-        root = resolve_root(job.snapshot, par, run_dir, job.name, int(ring / RING_SHARE))
-        prepare_ring(root, par)
-        shared = not is_node_local(root) and root_is_shared(root, par)
     mine = None
     if par.is_node_first:
         gpu = torch.cuda.get_device_properties(par.device).total_memory if par.device.type == "cuda" else None
-        mine = (par.host, gpu, host_memory(), ring_room(root) if root else None)
+        mine = (par.host, gpu, host_memory())
     seen = [m for m in gather_objects(mine, par.ctrl_group) if m is not None]
-    rooms = {host: room for host, _, _, room in seen}
-    cl = replace(base, gpu_mem=min((g for _, g, _, _ in seen if g is not None), default=None),
-                 host_mem=min(h for _, _, h, _ in seen), ring_room=min(rooms.values()) if root else None,
-                 ring_place=root or SHM, ring_shared=bool(shared) and len(hosts) > 1)
-    result = plan(job, config, cl, shape)
+    cl = Cluster(len(hosts), max(len(par.ranks_on(host)) for host in hosts),
+                 min((g for _, g, _ in seen if g is not None), default=None), min(h for _, _, h in seen), None,
+                 device=par.device.type, world=par.world_size)
+    chosen = choose_stage(job, shape, cl, continues)
+    job = chosen[0]
+    root = shared = None
+    rooms: dict[str, int] = {}
+    if job.snapshot.every > 0:
+        ring = _resources(job, shape, cl)[0]["ring"].need
+        root = resolve_root(job.snapshot, par, run_dir, job.name, int(ring / RING_SHARE))
+        prepare_ring(root, par)
+        shared = not is_node_local(root) and root_is_shared(root, par)
+        seen_rooms = gather_objects((par.host, ring_room(root)) if par.is_node_first else None, par.ctrl_group)
+        rooms = dict(r for r in seen_rooms if r is not None)
+        cl = replace(cl, ring_room=min(rooms.values()), ring_place=root, ring_shared=bool(shared) and len(hosts) > 1)
+    result = plan(job, config, cl, shape, chosen)
     logger.info("\n".join(result.lines()))
     ring = result.ring
     if root is not None and not ring.fits:
@@ -373,7 +423,7 @@ def check_at_start(job: JobConfig, par: Parallel, config: ModelConfig, run_dir: 
             f"the snapshot ring cannot fit: it needs {size(ring.need)} {ring.where.split(' in ')[0]} "
             f"({ring.parts[0][0]}) but {place} has room for {size(min(rooms.values()))} on {', '.join(short)} "
             f"(free space plus this run's slots there; the ring may use {RING_SHARE:.0%}): {', or '.join(ring.advice)}")
-    return root
+    return root, result
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,10 +1,12 @@
 """Preemption: a warning signal (SIGUSR1 from Slurm's --signal, or SIGTERM) ends the run cleanly.
 
-The handler only records the signal. At the end of every step the ranks vote (one tiny gloo
-all-reduce), so all of them stop after the same step even when the signal reaches them at
-different moments; the trainer then writes a checkpoint and a snapshot, lets the sidecar finish
-its last evaluation for a bounded time, and under Slurm requeues the job, which resumes from the
-run directory. Signals arriving during the save only repeat the request: nothing is interrupted.
+The handler only records the signal. The flag rides on the training loop's vote (one tiny gloo
+all-reduce every `train.vote_every` steps, at snapshot steps and at the last step: never a
+collective of its own), so all ranks stop after the same step even when the signal reaches them at
+different moments, at most `vote_every - 1` steps after it arrives (Slurm's `--signal=USR1@180`
+gives 180 s); the trainer then writes a checkpoint and a snapshot, lets the sidecar finish its last
+evaluation for a bounded time, and under Slurm requeues the job, which resumes from the run
+directory. Signals arriving during the save only repeat the request: nothing is interrupted.
 """
 from __future__ import annotations
 
@@ -13,18 +15,14 @@ import signal
 import subprocess
 from typing import Optional
 
-import torch
-import torch.distributed as dist
-
 from core.log import logger
 
 SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
 class Preemption:
-    def __init__(self, enabled: bool, ctrl_group: dist.ProcessGroup):
+    def __init__(self, enabled: bool):
         self.enabled = enabled
-        self.ctrl_group = ctrl_group
         self.received: Optional[str] = None
         if enabled:
             for sig in SIGNALS:
@@ -34,13 +32,14 @@ class Preemption:
         if self.received is None:
             self.received = signal.Signals(signum).name
 
-    def should_stop(self) -> bool:
-        """Collective: True on every rank once any rank has received a warning signal."""
-        if not self.enabled:
-            return False
-        flag = torch.tensor([int(self.received is not None)], dtype=torch.int64)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.ctrl_group)
-        return bool(flag.item())
+    def ballot(self) -> list[int]:
+        """This rank's part of the loop's vote: -1 once it has received a warning signal."""
+        return [-int(self.received is not None)]
+
+    @staticmethod
+    def stop(result: list[int]) -> bool:
+        """From the vote's result: whether any rank received one."""
+        return result[0] < 0
 
 
 def requeue_slurm_job() -> bool:

@@ -1,11 +1,12 @@
-"""Trainer side of online LAWA: copy each rank's ZeRO-3 fp32 partition into a ring buffer of slots.
+"""Trainer side of online LAWA: copy each rank's fp32 master partition (ZeRO-1, 2 or 3) into a ring buffer of slots.
 
 The training loop pays only for the copy of its partition into a host buffer (on GPU, an
 asynchronous copy on a side stream that the next optimizer update waits for on the device); a
 background thread zeroes the partition padding and writes the slot. Committing needs every rank's
-files, so the ranks vote over a small gloo group: each step while a snapshot is pending, one
-all-reduce of four integers, no disk and no GPU synchronisation. Decisions (skip, wait, commit,
-abandon) come out of that vote, so every rank takes the same one.
+files, so the ranks vote over a small gloo group: four integers in the training loop's own vote
+(launcher/trainer.py: at snapshot steps and every train.vote_every steps, one all-reduce that also
+carries the preemption flag and the sidecar's liveness), no disk and no GPU synchronisation.
+Decisions (skip, wait, commit, abandon) come out of that vote, so every rank takes the same one.
 """
 from __future__ import annotations
 
@@ -23,11 +24,13 @@ import torch.distributed as dist
 from averaging import slots
 from averaging.ema_swa import ShardAverages
 from core.config import ConfigError, FilePath, need
-from core.distributed import Parallel, gather_objects
+from core.deepspeed_compat import flat_layout, master_flat_groups, model_states
+from core.distributed import Parallel, gather_objects, vote
 from core.files import private_folder
+from core.flat_layout import zero_padding
 from core.log import logger
 from core.run_dir import SHM, RunDir, ring_folders, user_shm_root
-from core.zero_checkpoint import shapes_to_json, zero_padding
+from core.zero_checkpoint import shapes_to_json
 from models.tensor_parallel import tensor_parallel_layout
 
 
@@ -131,13 +134,12 @@ def root_is_shared(root: str, par: Parallel) -> bool:
 
 
 def model_states_metadata(engine, par: Parallel) -> dict[str, Any]:
-    """The engine's model-states metadata for its slot files. Built once (collective); these
-    DeepSpeed engine helpers are the ones its own save_checkpoint uses (deepspeed is pinned in
-    requirements.txt)."""
-    return slots.model_states_metadata(engine._get_zero_param_shapes(), par.dp, par.tp,
-                                       tensor_parallel_layout(engine.module), module=engine.module_state_dict(),
-                                       buffer_names=engine._get_buffer_names(),
-                                       shared_params=engine._get_shared_params())
+    """The engine's model-states metadata for its slot files. Built once (collective: DeepSpeed's
+    module_state_dict gathers at ZeRO-3)."""
+    states = model_states(engine)
+    return slots.model_states_metadata(states["param_shapes"], par.dp, par.tp, tensor_parallel_layout(engine.module),
+                                       module=states["module"], buffer_names=states["buffer_names"],
+                                       shared_params=states["shared_params"])
 
 
 class SnapshotWriter:
@@ -150,7 +152,8 @@ class SnapshotWriter:
         self.averages = averages
         self.par = par
         self.root = root
-        self.flat = engine.optimizer.fp32_partitioned_groups_flat
+        self.flat = master_flat_groups(engine)
+        self.layout = flat_layout(engine, par.dp)
         self.model_states = model_states_metadata(engine, par)
         self.param_shapes = self.model_states["param_shapes"]
         self.on_gpu = par.device.type == "cuda"
@@ -161,6 +164,7 @@ class SnapshotWriter:
         self.commit_thread: Optional[threading.Thread] = None
         self.pending: Optional[dict[str, Any]] = None  # the snapshot written but not yet committed
         self.done_step = -1
+        self.any_busy = False  # as of the last vote: some rank was still writing
         self.committed: list[int] = []  # the steps this run committed (less any abandoned after)
         self.failed: Optional[BaseException] = None
         self.commit_failure: Optional[tuple[int, str]] = None  # (step, why) of a commit this node could not do
@@ -191,24 +195,34 @@ class SnapshotWriter:
             torch.cuda.current_stream(self.par.device).wait_event(self.copy_event)
             self.copy_event = None
 
+    def due(self, step: int, final: bool = False) -> bool:
+        return step % self.args.every == 0 or final
+
+    def ballot(self) -> list[int]:
+        """This rank's part of a vote: the newest step it finished writing, and (negated) whether it
+        is still writing, whether its write failed, whether its node could not commit."""
+        busy = self.thread is not None and self.thread.is_alive()
+        return [self.done_step, -int(busy), -int(self.failed is not None), -int(self.commit_failure is not None)]
+
+    def vote(self) -> None:
+        """Collective: a vote of this writer's own (the loop votes for it, with its other flags)."""
+        self.settle(vote(self.ballot(), self.par.ctrl_group))
+
     def after_step(self, step: int, tokens: int, lr: float, final: bool = False) -> dict[str, Any]:
-        """Collective. Commits what is complete and takes a snapshot when one is due; returns what it
-        did that metrics.jsonl records (snapshot_skipped, snapshot_wait_s, snapshot_stall_s)."""
-        due = step % self.args.every == 0 or final
-        if self.pending is None and not due:
-            return {}
-        busy = self._settle()
-        if not due:
+        """When a snapshot is due (collective then; the vote of this step has been settled): skip it,
+        wait for the previous write, or take it; returns what it did that metrics.jsonl records
+        (snapshot_skipped, snapshot_wait_s, snapshot_stall_s)."""
+        if not self.due(step, final):
             return {}
         stats: dict[str, Any] = {}
-        if busy:
+        if self.any_busy:
             if self.args.if_busy == "skip" and not final:
                 logger.info(f"snapshot at step {step} skipped: the write of step {self.pending['step']} is still "
                          f"running (snapshot.if_busy=skip; use a longer snapshot.every or if_busy=wait)")
                 return {"snapshot_skipped": step}
             start = time.perf_counter()
             self._join()
-            self._settle()
+            self.vote()
             stats["snapshot_wait_s"] = time.perf_counter() - start
             logger.info(f"snapshot at step {step} waited {stats['snapshot_wait_s']:.2f}s for the previous write")
         stats["snapshot_stall_s"] = self._start(step, tokens, lr)
@@ -220,9 +234,9 @@ class SnapshotWriter:
         """Collective: wait for the last write and commit it; on return every node's commit is on
         disk (or abandoned on every node), so a marker written after it vouches for what it names."""
         self._join()
-        self._settle()  # starts the last commit (off this thread) ...
+        self.vote()  # starts the last commit (off this thread) ...
         self._join_commit()
-        self._settle()  # ... and a second vote hears of any node whose commit failed
+        self.vote()  # ... and a second vote hears of any node whose commit failed
 
     def join_write(self) -> None:
         """Wait for this rank's background write in flight, if any (the next vote commits it);
@@ -254,15 +268,12 @@ class SnapshotWriter:
             self.commit_thread.join()
             self.commit_thread = None
 
-    def _settle(self) -> bool:
-        """One vote: commit or abandon the pending snapshot, and abandon on every node a snapshot
-        that some node could not commit. Returns whether any rank is still writing."""
-        busy = self.thread is not None and self.thread.is_alive()
-        vote = torch.tensor([self.done_step, -int(busy), -int(self.failed is not None),
-                             -int(self.commit_failure is not None)], dtype=torch.int64)
-        dist.all_reduce(vote, op=dist.ReduceOp.MIN, group=self.par.ctrl_group)
-        all_done, any_busy, any_failed, commit_failed = (vote[0].item(), vote[1].item() < 0, vote[2].item() < 0,
-                                                         vote[3].item() < 0)
+    def settle(self, result: list[int]) -> None:
+        """After a vote (`result`: the minimum of every rank's ballot): commit or abandon the pending
+        snapshot, and abandon on every node a snapshot that some node could not commit. Collective
+        only when there is something to commit or abandon."""
+        all_done, any_busy, any_failed, commit_failed = result[0], result[1] < 0, result[2] < 0, result[3] < 0
+        self.any_busy = any_busy
         if commit_failed:
             self._abandon_uncommitted()
         if self.pending is not None and any_failed and not any_busy:
@@ -273,7 +284,6 @@ class SnapshotWriter:
             self.pending, self.failed = None, None
         elif self.pending is not None and all_done >= self.pending["step"]:
             self._commit()
-        return any_busy
 
     def _abandon(self, step: int, why: str) -> None:
         if self.par.is_main:
@@ -302,7 +312,7 @@ class SnapshotWriter:
         manifest = slots.SlotManifest(
             kind="raw", step=p["step"], tokens=p["tokens"], lr=p["lr"], dp=self.par.dp, tp=self.par.tp,
             param_shapes=shapes_to_json(self.param_shapes), files=files,
-            tensor_parallel_layout=self.model_states["tensor_parallel_layout"],
+            tensor_parallel_layout=self.model_states["tensor_parallel_layout"], **self.layout.to_json(),
             ds_version=self.model_states["ds_version"], averages=p["averages"],
             node=None if self.shared else self.par.host,
             nodes={host: self.par.ranks_on(host) for host in dict.fromkeys(self.par.hosts)})
@@ -357,11 +367,11 @@ class SnapshotWriter:
                 self._recycle(step)
             written = {}
             for kind in kinds:
-                zero_padding(self.host[kind], self.param_shapes, self.par.dp_rank, self.par.dp)
+                zero_padding(self.host[kind], self.layout, self.par.dp_rank)
                 files = slots.write_shard(
-                    slots.kind_dir(self.slot_dir(step), kind), self.par.dp_rank, self.par.tp_rank, self.host[kind],
-                    {**self.model_states, "global_steps": step},
-                    max_bytes_per_s=self.args.max_write_mb_per_s * 1e6, mode=RING_FILE_MODE)
+                    slots.kind_dir(self.slot_dir(step), kind), self.par.dp_rank, self.par.tp_rank,
+                    self.layout.stored(self.host[kind], self.par.dp_rank), {**self.model_states, "global_steps": step},
+                    max_bytes_per_s=self.args.max_write_mb_per_s * 1e6, mode=RING_FILE_MODE, layout=self.layout)
                 written.update({slots.kind_file(kind, name): meta for name, meta in files.items()})
             self.written = written
             self.done_step = step

@@ -16,11 +16,13 @@ from averaging import slots
 from averaging.ema_swa import ShardAverages
 from core import pickles
 from core.config import ConfigError, FilePath, need
+from core.deepspeed_compat import flat_layout, full_shape, kept_whole, local_shard, master_flat_groups, zero_stage
 from core.distributed import Parallel
+from core.flat_layout import views
 from core.log import logger
 from core.run_dir import RUN_STATE, RunDir, find_run_dir
-from core.zero_checkpoint import RunState, split_partitions
-from core.zero_folder import Cut, TensorSource, ZeroFolder, tp_slice
+from core.zero_checkpoint import RunState
+from core.zero_folder import Cut, TensorSource, ZeroFolder, fill_flat_groups, tp_slice
 from launcher.checkpoint import (
     CheckpointArgs,
     check_layout,
@@ -97,7 +99,8 @@ def continue_from(engine, par: Parallel, checkpoint: str, averages: ShardAverage
                   key: Optional[str] = None) -> Start:
     """Collective. Weights, optimizer state, EMA/SWA, step and tokens of a complete checkpoint
     (verified here when `key` names where it came from; this run's own are verified before)."""
-    state = check_layout(checkpoint, par, key or "checkpoint", "continue it on the same layout")
+    state = check_layout(checkpoint, par, zero_stage(engine), key or "checkpoint",
+                         "continue it on the same layout and ZeRO stage (parallel.zero_stage)")
     if key is not None:
         load_checked(engine, par, checkpoint, key)
     else:
@@ -139,13 +142,13 @@ def initialize_from(engine, par: Parallel, source: str, keep_optimizer: bool) ->
     """Collective. Another run's weights (and, if asked, its optimizer state) into this fresh
     engine; the run then starts at step 0 of its own schedule (a re-warmup, in the usual recipe)."""
     if keep_optimizer and os.path.isfile(os.path.join(source, RUN_STATE)):
-        check_layout(source, par, "checkpoint.init_optimizer", MOMENTS_NEED_LAYOUT)
+        check_layout(source, par, zero_stage(engine), "checkpoint.init_optimizer", MOMENTS_NEED_LAYOUT)
         load_checked(engine, par, source, "checkpoint.init_optimizer")
         logger.info(f"initialised weights and optimizer state from {source}")
         return
     if keep_optimizer:
         moments = moments_for(source)
-        check_layout(moments, par, "checkpoint.init_optimizer", MOMENTS_NEED_LAYOUT)
+        check_layout(moments, par, zero_stage(engine), "checkpoint.init_optimizer", MOMENTS_NEED_LAYOUT)
         load_checked(engine, par, moments, "checkpoint.init_optimizer")  # the moments (and weights, replaced next)
         load_weights(engine, par, ZeroFolder(source))
         logger.info(f"initialised weights from {source} and optimizer state from {moments}")
@@ -157,8 +160,8 @@ def initialize_from(engine, par: Parallel, source: str, keep_optimizer: bool) ->
     logger.info(f"initialised weights from {source} (fresh optimizer state)")
 
 
-MOMENTS_NEED_LAYOUT = ("optimizer state moves only between equal layouts (set checkpoint.init_optimizer=false "
-                       "to take the weights)")
+MOMENTS_NEED_LAYOUT = ("optimizer state moves only between equal layouts and ZeRO stages (set parallel.zero_stage "
+                       "and the layout to the source's, or checkpoint.init_optimizer=false to take the weights)")
 
 
 def moments_for(source: str) -> str:
@@ -228,32 +231,34 @@ def initialize_grown(engine, par: Parallel, args: GrowthArgs, model_config: Mode
 
 @torch.no_grad()
 def load_weights(engine, par: Parallel, source: TensorSource) -> None:
-    """Put full (unsplit) weights into a ZeRO-3 engine of any layout, tensor by tensor: each rank
-    reads only its own cut (its tensor-parallel slice's data-parallel partition) into both the
-    optimizer's fp32 master partition and the model's working partition. From a ZeRO-3 folder of
-    the same layout that is exactly the bytes of the rank's own partition."""
-    shapes = engine._get_zero_param_shapes()
-    master = split_partitions(engine.optimizer.fp32_partitioned_groups_flat, shapes, par.dp)
-    layout = tensor_parallel_layout(engine.module)
+    """Put full (unsplit) weights into an engine of any layout and ZeRO stage: each rank reads only
+    its own cut into the optimizer's fp32 master partition (core.zero_folder.fill_flat_groups; from
+    a ZeRO folder of the same layout that is exactly the bytes of the rank's own partition), then the
+    model's working copy: at ZeRO-3 its chunk of each parameter (and the whole of those it keeps
+    gathered), at ZeRO-1/2 its whole tensor-parallel slice of every parameter."""
+    splits = tensor_parallel_layout(engine.module)
     params = dict(engine.module.named_parameters())
-    have = set(source.names())
-    missing = sorted(set(master) - have)
+    layout = flat_layout(engine, par.dp)
+    missing = sorted(set(layout.names()) - set(source.names()))
     if missing:
         raise ConfigError(f"checkpoint.init_from: the source has no {missing[0]} (and {len(missing) - 1} more "
                           f"parameters): a different model?")
-    cut = Cut(par.dp_rank, par.dp, par.tp_rank, par.tp)
-    for name, view in master.items():
-        p = params[name]
-        split = layout.get(name)
-        want = list(p.ds_shape)
-        if split is not None:
-            want[split[0]] *= par.tp
+    for name in layout.names():
+        want = list(full_shape(params[name]))
+        if name in splits:
+            want[splits[name][0]] *= par.tp
         if list(source.shape(name)) != want:
             raise ConfigError(f"checkpoint.init_from: {name} is {tuple(source.shape(name))} in the source, this "
                               f"model needs {tuple(want)}")
-        mine = source.piece(name, split, cut)
-        view.copy_(mine)
-        p.ds_tensor.data.copy_(mine.view_as(p.ds_tensor))
-        if p.data.numel() == p.ds_numel:  # gathered and kept whole (persistent): not re-gathered before use
-            p.data.copy_(tp_slice(source.tensor(name), split, cut).view_as(p.data))
+    master = master_flat_groups(engine)
+    fill_flat_groups(source, layout, Cut(par.dp_rank, par.dp, par.tp_rank, par.tp), splits, out=master)
+    held = views(master, layout, par.dp_rank)
+    for name in layout.names():
+        p, split = params[name], splits.get(name)
+        chunk = local_shard(p)
+        if chunk is not None:  # ZeRO-3: this rank's chunk, padding zero
+            elements, _ = held[name]
+            chunk.data.view(-1).zero_()[: elements.numel()].copy_(elements)
+        if chunk is None or kept_whole(p):
+            p.data.copy_(tp_slice(source.tensor(name), split, par.tp_rank, par.tp).view_as(p.data))
     source.close()

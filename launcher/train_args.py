@@ -16,10 +16,15 @@ class TrainArgs:
     seed: int = 1337
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     stop_at: Optional[int] = None  # checkpoint and stop after this step (the schedule still spans `steps`)
-    # Speed-ups, off by default and chosen by measurement (bench/gpu_check.py): a torch.compile backend for
-    # each transformer block (e.g. inductor; None: eager), and recomputing activations in backward.
+    # Speed-ups, off by default and chosen by measurement (bench/gpu_check.py): a torch.compile backend
+    # (e.g. inductor; None: eager) for the whole model at ZeRO-1/2, for each transformer block as one
+    # graph at ZeRO-3 (core/engine.py); and recomputing activations in backward.
     compile: Optional[str] = None
     activation_checkpointing: bool = False
+    # The ranks' one collective of their own (a warning signal, finished snapshot writes, the sidecar's
+    # liveness), every this many steps, and at snapshot and last steps: a signal stops every rank after
+    # the same step, at most vote_every - 1 steps after it arrives; other steps run DeepSpeed's only.
+    vote_every: int = 10
 
     def validate(self) -> None:
         need(self.steps > 0, f"train.steps: must be positive, got {self.steps}")
@@ -30,6 +35,7 @@ class TrainArgs:
              f"train.micro_batch_size={self.micro_batch_size}")
         need(self.grad_clip >= 0, f"train.grad_clip: must be >= 0, got {self.grad_clip}")
         need(self.seed >= 0, f"train.seed: must be >= 0, got {self.seed}")
+        need(self.vote_every >= 1, f"train.vote_every: must be >= 1, got {self.vote_every}")
         if self.stop_at is not None:
             need(0 < self.stop_at <= self.steps, f"train.stop_at={self.stop_at} must be in [1, train.steps={self.steps}]")
 

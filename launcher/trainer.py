@@ -21,7 +21,8 @@ from averaging.evaluate import HeldOut, validation_loss
 from averaging.sidecar import protocol
 from averaging.sidecar.supervisor import SidecarSupervisor
 from core.config import ConfigError, dump_yaml
-from core.distributed import Parallel, barrier, init_distributed, rank_env
+from core.deepspeed_compat import full_numel, master_flat_groups, zero_stage
+from core.distributed import Parallel, barrier, init_distributed, rank_env, vote
 from core.engine import build_engine, deepspeed_config
 from core.files import write_file_atomic, write_json_atomic
 from core.log import logger, rank_span, setup_logging
@@ -32,7 +33,7 @@ from core.zero_checkpoint import RunState
 from launcher import checkpoint
 from launcher.data import Prefetcher, TokenBatches, describe_mixture, ensure_prepared, job_batches
 from launcher.metrics import MetricsLogger
-from launcher.optim import build_optimizer, full_numel
+from launcher.optim import build_optimizer
 from launcher.plan import check_at_start
 from launcher.preemption import Preemption, requeue_slurm_job
 from launcher.snapshot import SnapshotWriter
@@ -91,9 +92,11 @@ def build(job: JobConfig) -> Training:
     model_config = job.model.resolve(batches.vocab_size, job.data.seq_len, job.parallel.tensor)
     # What the job needs of this machine (launcher/plan.py), printed once; a snapshot ring that cannot
     # fit where it would go is refused here, before the engine is built, not at every snapshot.
-    snapshot_root = check_at_start(job, par, model_config, run.path)
+    continues = checkpoint.continued_stage(job.checkpoint.dir or run.checkpoints, job.checkpoint.resume,
+                                           job.checkpoint.branch_from)
+    snapshot_root, planned = check_at_start(job, par, model_config, run.path, continues)
     ds_config = deepspeed_config(job.train.micro_batch_size, grad_accum, par.dp, job.train.grad_clip,
-                                 job.parallel.zero_stage, bf16=precision == "bf16",
+                                 planned.zero_stage, bf16=precision == "bf16",
                                  hidden_size=model_config.n_embd if job.parallel.zero_buckets == "auto" else None)
     if par.is_main:
         write_json_atomic(run.deepspeed_config, ds_config)
@@ -105,11 +108,8 @@ def build(job: JobConfig) -> Training:
     # partitions it without needing a broadcast to agree.
     torch.manual_seed(job.train.seed)
     engine = build_engine(lambda: build_model(model_config, par.tp_group), ds_config, par,
-                          lambda model: build_optimizer(model, job.optimizer, par.device))
+                          lambda model: build_optimizer(model, job.optimizer, par.device), job.train.compile)
     engine.module.checkpoint_blocks = job.train.activation_checkpointing
-    if job.train.compile:
-        for block in engine.module.blocks:  # block by block: ZeRO-3's gather hooks stay outside the graphs
-            block.compile(backend=job.train.compile)
     prefetcher = Prefetcher(batches, par.dp_rank, grad_accum, job.train.micro_batch_size,
                             pin=par.device.type == "cuda") if job.data.prefetch else None
     local = sum(full_numel(p) for p in engine.module.parameters())
@@ -117,7 +117,7 @@ def build(job: JobConfig) -> Training:
     logger.info(f"model: {job.model.size} {model_config.n_layer}L/{model_config.n_embd}d/{model_config.n_head}h, "
                 f"vocab {model_config.vocab_size}, {count_parameters(model_config) / 1e6:.2f}M parameters{per_rank}")
     logger.info(f"layout: world {par.world_size} = tensor {par.tp} × data {par.dp}{placement(par)}; {precision}; "
-                f"ZeRO stage {job.parallel.zero_stage}; {job.train.global_batch_size} sequences × "
+                f"ZeRO stage {planned.zero_stage} ({planned.stage_reason}); {job.train.global_batch_size} sequences × "
                 f"{job.data.seq_len} tokens per step ({grad_accum} accumulation steps of "
                 f"{job.train.micro_batch_size} per rank)")
     return Training(job, par, run, engine, batches, model_config, ds_config, precision, grad_accum, prefetcher,
@@ -135,8 +135,10 @@ def placement(par: Parallel) -> str:
         f"{h}: {rank_span(par.ranks_on(h))}" for h in hosts) + ")"
 
 
-def train_step(t: Training, step: int, snapshots: Optional[SnapshotWriter] = None) -> tuple[torch.Tensor, float]:
-    """One optimizer step (0-based index `step`): (this rank's mean loss over its micro-batches, lr)."""
+def train_step(t: Training, step: int, *copying) -> tuple[torch.Tensor, float]:
+    """One optimizer step (0-based index `step`): (this rank's mean loss over its micro-batches, lr).
+    `copying`: whatever may still be copying the master weights off the device (a SnapshotWriter,
+    ShardAverages): the update waits for it on the device (its `fence`)."""
     job, par, engine = t.job, t.par, t.engine
     lr = job.learning_rate(step)
     for group in engine.optimizer.param_groups:
@@ -149,8 +151,9 @@ def train_step(t: Training, step: int, snapshots: Optional[SnapshotWriter] = Non
     for micro, (x, y) in enumerate(micro_batches):
         _, loss = engine(x.to(par.device, non_blocking=True), y.to(par.device, non_blocking=True))
         engine.backward(loss)
-        if snapshots is not None and micro == t.grad_accum - 1:
-            snapshots.fence()  # the update must not overwrite a partition still being copied
+        if micro == t.grad_accum - 1:
+            for reader in copying:
+                reader.fence()  # the update must not overwrite a partition still being copied
         engine.step()
         loss_sum += loss.detach().float()
     return loss_sum / t.grad_accum, lr
@@ -202,7 +205,7 @@ def run_training(t: Training) -> dict:
     """The loop of one launch: restore, then steps until the end, a stop step or a signal; returns
     the last logged metrics."""
     job = t.job
-    averages = ShardAverages(job.ema, job.swa, t.engine.optimizer.fp32_partitioned_groups_flat, job.snapshot.every)
+    averages = ShardAverages(job.ema, job.swa, master_flat_groups(t.engine), job.snapshot.every)
     start = restore(t.engine, t.par, t.checkpoint_dir, job.checkpoint, job.growth, t.model_config, averages)
     if start.step >= job.train.steps:
         logger.info(f"{t.run.path} has already trained its {job.train.steps} steps (train.steps); to go on, raise "
@@ -240,7 +243,7 @@ class Loop:
         self.snapshots, self.sidecar = start_lawa(t, start.step, self.val_set, averages if averages.enabled else None)
         self.evals = protocol.follow_eval_log(run.path)  # the trainer prints the sidecar's lines as they come
         self.flops_per_step = flops_per_token(t.model_config, job.data.seq_len) * job.tokens_per_step
-        self.preemption = Preemption(job.checkpoint.on_signal, par.ctrl_group)
+        self.preemption = Preemption(job.checkpoint.on_signal)
         self.preempted = False
         self.result: dict = {}
         self.window = Window()
@@ -255,22 +258,41 @@ class Loop:
 
     def step(self) -> tuple[torch.Tensor, float]:
         """One optimizer step, then the averages, the preemption vote and the snapshot that follow it."""
-        loss, lr = train_step(self.t, self.step_no, self.snapshots)
+        loss, lr = train_step(self.t, self.step_no, *(p for p in (self.snapshots, self.averages) if p is not None))
         self.step_no += 1
         self.tokens += self.t.job.tokens_per_step
         self.window.steps += 1
         if self.averages.enabled:
             self.averages.update(self.step_no)
-        self.preempted = self.preemption.should_stop()
+        if self.vote_due():
+            self.vote()
         if self.snapshots is not None:
             snap_start = time.perf_counter()
             stats = self.snapshots.after_step(self.step_no, self.tokens, lr, final=self.at_end)
             self.window.add_snapshot(time.perf_counter() - snap_start, stats)
         return loss, lr
 
+    def vote_due(self) -> bool:
+        step = self.step_no
+        return step % self.t.job.train.vote_every == 0 or step == self.last_stop or \
+            (self.snapshots is not None and self.snapshots.due(step))
+
+    def vote(self) -> None:
+        """Collective: the trainers' one vote of their own, one small all-reduce of every flag at once
+        (a warning signal, the sidecar's liveness, the snapshot writes): not every step, so that a
+        steady-state step runs DeepSpeed's collectives only."""
+        signal = self.preemption.ballot()
+        alive = self.sidecar.ballot() if self.sidecar is not None else []
+        writes = self.snapshots.ballot() if self.snapshots is not None else []
+        result = vote(signal + alive + writes, self.t.par.ctrl_group)
+        self.preempted = Preemption.stop(result[:len(signal)])
+        if self.sidecar is not None:
+            self.sidecar.after_vote(result[len(signal):len(signal) + len(alive)])
+        if self.snapshots is not None:
+            self.snapshots.settle(result[len(signal) + len(alive):])
+
     def log_window(self, loss: torch.Tensor, lr: float) -> None:
-        """Collective: the window's loss, speed and snapshot costs; the sidecar's liveness vote and
-        its new records."""
+        """Collective: the window's loss, speed and snapshot costs; the sidecar's new records."""
         t, par, w = self.t, self.t.par, self.window
         loss_value = all_reduce_mean(loss, par)
         elapsed = w.compute_s
@@ -288,8 +310,6 @@ class Loop:
         norm_text = "n/a" if grad_norm is None else f"{grad_norm:.3f}"
         self.metrics.log(self.result, f"step {self.step_no}/{t.job.train.steps} | loss {loss_value:.4f} | "
                                       f"lr {lr:.2e} | {tok_s / 1e3:.1f}k tok/s | grad norm {norm_text}")
-        if self.sidecar is not None:
-            self.sidecar.check()
         show_new_evals(self.evals, par.is_main, self.metrics)
         self.window = Window()
 
@@ -306,7 +326,7 @@ class Loop:
                              f"step {step} | val loss {held_out.overall:.4f}" + (f" ({sources})" if sources else ""))
         if step % job.checkpoint.every == 0 or self.at_end:
             state = RunState(step=step, tokens=self.tokens, dp=par.dp, tp=par.tp,
-                             tensor_parallel_layout=self.tp_layout)
+                             tensor_parallel_layout=self.tp_layout, zero_stage=zero_stage(t.engine))
             tag = checkpoint.save(t.engine, t.checkpoint_dir, state, job.checkpoint.keep, par, self.averages)
             logger.info(f"saved checkpoint {os.path.join(t.checkpoint_dir, tag)}")
         self.window.paused += time.perf_counter() - pause_start

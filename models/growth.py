@@ -18,7 +18,7 @@ from typing import Literal, Optional
 
 import torch
 
-from core.zero_folder import Cut, StateDictSource, TensorSource
+from core.zero_folder import StateDictSource, TensorSource
 from models.registry import ModelConfig
 
 Order = Literal["stack", "interpolate"]
@@ -67,8 +67,9 @@ class Grown(TensorSource):
     def tensor(self, name: str) -> torch.Tensor:
         return self.source.tensor(self.origin[name]).clone()
 
-    def piece(self, name: str, split: Optional[list[int]], cut: Cut) -> torch.Tensor:
-        return self.source.piece(self.origin[name], split, cut)
+    def flat_range(self, name: str, split: Optional[list[int]], tp_rank: int, tp: int, start: int,
+                   stop: int) -> torch.Tensor:
+        return self.source.flat_range(self.origin[name], split, tp_rank, tp, start, stop)
 
 
 def grow(state_dict: dict[str, torch.Tensor], config: ModelConfig, factor: int,

@@ -87,16 +87,32 @@ def test_averages_appear_only_once_started_and_survive_a_state_dict_round_trip()
 
 
 def test_the_offload_path_keeps_the_ema_math():
-    """Offloaded, the EMA is updated from a copy of the weights; on CPU weights both placements are
-    host memory, so where it lives is checked on a GPU (bench/gpu_check.py); here, its values."""
-    weights = [torch.randn(10)]
+    """Offloaded, the EMA is updated by a worker thread from a staging copy of the weights, fenced
+    before it is read; the weights may change right after `update` returns (the next step), and the
+    EMA still holds the values they had. On CPU weights both placements are host memory, so where it
+    lives is checked on a GPU (bench/gpu_check.py); here, its values and its fences."""
+    weights = [torch.randn(1000), torch.randn(10)]
     avg = ShardAverages(EmaArgs(enabled=True, half_life=2.0, offload=True), SwaArgs(), weights, 0)
+    history = [[w.clone() for w in weights]]
     avg.update(0)
-    first = weights[0].clone()
-    weights[0].add_(1.0)
-    avg.update(1)
-    assert avg.ema[0].device.type == "cpu"
-    torch.testing.assert_close(avg.ema[0], ema_reference([[first], [weights[0]]], ema_decay(2.0, 1))[0])
+    for step in range(1, 6):
+        for w in weights:
+            w.add_(torch.randn_like(w))
+        history.append([w.clone() for w in weights])
+        avg.update(step)
+        avg.fence()
+        for w in weights:  # the next optimizer step, while the host update may still run
+            w.mul_(0.0)
+        for w, h in zip(weights, history[-1]):
+            w.copy_(h)
+    assert avg.host is not None and avg.ema_updates == 6
+    got = avg.current()["ema"]
+    want = ema_reference(history, ema_decay(2.0, 1))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+    restored = ShardAverages(avg.ema_args, avg.swa_args, weights, 0)
+    restored.load_state_dict(avg.state_dict())
+    assert restored.host is not None and all(torch.equal(a, b) for a, b in zip(restored.current()["ema"], got))
 
 
 def test_swa_learning_rate_phase_replaces_the_schedule_from_its_start():

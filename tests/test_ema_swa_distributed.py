@@ -52,7 +52,7 @@ def averaged_run(pydoc_data, tmp_path_factory) -> Path:
                f"{{path: {root / 'abab.txt'}, weight: 0}}]")
     run = root / "run"
     # The pydoc data's tokenizer: the continual-pretraining test below loads these weights on that data.
-    job = [*smoke(str(root / "data"), run, *AVERAGES), sources, "data.mixture=entropy",
+    job = [*smoke(str(root / "data"), run, *AVERAGES), sources, "data.mixture=entropy", "parallel.zero_stage=3",
            f"data.tokenizer={pydoc_data}/tokenizer.model", "logging.wandb.mode=offline", "logging.wandb.project=tests"]
     first = torchrun(2, *job, "train.stop_at=6")
     assert "stopped at step 6" in first.stdout
@@ -123,7 +123,7 @@ def test_continual_run_starts_from_another_runs_weights_on_another_layout(averag
     kept = tmp_path / "kept"
     proc = torchrun(2, *smoke(pydoc_data, kept, f"checkpoint.init_from={averaged_run / 'checkpoints'}",
                               "checkpoint.init_optimizer=true", "train.steps=2", "schedule.warmup_steps=2",
-                              "eval.every=0"))
+                              "eval.every=0", "parallel.zero_stage=3"))
     assert "initialised weights and optimizer state" in proc.stdout
     assert [r["lr"] for r in read_metrics(kept) if "lr" in r] == pytest.approx([1.5e-3, 3e-3])
     wrong = torchrun(1, *smoke(pydoc_data, tmp_path / "wrong", f"checkpoint.init_from={averaged_run / 'checkpoints'}",

@@ -19,9 +19,10 @@ pytestmark = pytest.mark.distributed
 
 @pytest.fixture(scope="module")
 def small_run(pydoc_data, tmp_path_factory) -> Path:
-    """The micro model (2 blocks), checkpoints at steps 3 and 6 (512 tokens per step)."""
+    """The micro model (2 blocks), checkpoints at steps 3 and 6 (512 tokens per step), at ZeRO-2:
+    the grown runs read DeepSpeed's own ZeRO-2 checkpoints into ZeRO-3 and ZeRO-1 engines."""
     run = tmp_path_factory.mktemp("gstack") / "small"
-    torchrun(2, *smoke(pydoc_data, run, "train.steps=6", "checkpoint.every=3", "eval.every=0"))
+    torchrun(2, *smoke(pydoc_data, run, "train.steps=6", "checkpoint.every=3", "eval.every=0", "parallel.zero_stage=2"))
     return run
 
 
@@ -29,7 +30,8 @@ def test_grown_run_starts_from_the_stacked_blocks_in_its_own_layout(small_run, p
     run = tmp_path / "grown"
     proc = torchrun(2, *smoke(pydoc_data, run, "model.n_layer=6", f"growth.from_run={small_run}", "growth.factor=3",
                               "growth.at_tokens=2000", "parallel.tensor=2", "train.steps=1", "schedule.warmup_steps=1",
-                              "optimizer.lr=1e-12", "optimizer.weight_decay=0", "checkpoint.every=1", "eval.every=0"))
+                              "optimizer.lr=1e-12", "optimizer.weight_decay=0", "checkpoint.every=1", "eval.every=0",
+                              "parallel.zero_stage=3"))
     assert "world 2 = tensor 2 × data 1" in proc.stdout
     assert "initialised by growing" in proc.stdout and "step_00000003 (2 -> 6 layers, stack)" in proc.stdout
     small = consolidate(str(small_run / "checkpoints" / "step_00000003"))

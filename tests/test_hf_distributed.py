@@ -46,7 +46,7 @@ def write_tasks(folder: Path) -> list[Path]:
 def neox_run(pydoc_data, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("neox") / "run"
     tasks = write_tasks(run.parent)
-    proc = torchrun(2, *smoke(pydoc_data, run, *NEOX, f"eval.tasks=[{tasks[0]}, {tasks[1]}]"))
+    proc = torchrun(2, *smoke(pydoc_data, run, *NEOX, f"eval.tasks=[{tasks[0]}, {tasks[1]}]", "parallel.zero_stage=2"))
     assert "raw vs the merges, validation loss" in proc.stdout
     return run
 

@@ -13,6 +13,7 @@ from averaging import slots
 from averaging.lawa import average_shards, average_state_dicts, average_tensors, select_spaced
 from core import zero_checkpoint
 from core.files import step_name
+from core.flat_layout import FlatLayout, LayoutMismatch, chunk_numel, views, zero_padding
 
 
 def test_select_spaced_takes_the_newest_k_at_least_spacing_apart():
@@ -48,15 +49,20 @@ def partition(full: dict[str, torch.Tensor], dp: int, rank: int) -> list[torch.T
         chunks = []
         for name in group:
             flat = full[name].flatten()
-            part = zero_checkpoint.partition_numel(flat.numel(), dp)
+            part = chunk_numel(flat.numel(), dp)
             padded = torch.cat([flat, torch.full((part * dp - flat.numel(),), 1e30)])  # garbage padding
             chunks.append(padded[rank * part:(rank + 1) * part])
         groups.append(torch.cat(chunks))
     return groups
 
 
+def by_name(groups: list[torch.Tensor], dp: int, rank: int, shapes=PARAM_SHAPES) -> dict[str, torch.Tensor]:
+    """Each parameter's elements held by `rank` under ZeRO-3, by name."""
+    return {name: view for name, (view, _) in views(groups, FlatLayout.zero3(shapes, dp), rank).items()}
+
+
 def consolidate(shards: list[list[torch.Tensor]], dp: int) -> dict[str, torch.Tensor]:
-    parts = [zero_checkpoint.split_partitions(s, PARAM_SHAPES, dp) for s in shards]
+    parts = [by_name(s, dp, rank) for rank, s in enumerate(shards)]
     return {name: torch.cat([p[name] for p in parts])[: math.prod(shape)].view(shape)
             for group in PARAM_SHAPES for name, shape in group.items()}
 
@@ -81,15 +87,16 @@ def test_zero_padding_clears_exactly_the_tail_past_each_parameter():
     model = random_model()
     for rank in range(dp):
         groups = partition(model, dp, rank)
-        zero_checkpoint.zero_padding(groups, PARAM_SHAPES, rank, dp)
+        layout = FlatLayout.zero3(PARAM_SHAPES, dp)
+        zero_padding(groups, layout, rank)
         assert all(torch.isfinite(g).all() and g.abs().max() < 1e29 for g in groups)
-        # the real values survive
-        for name, part in zero_checkpoint.split_partitions(groups, PARAM_SHAPES, dp).items():
+        # the real values survive, and only the tails past each parameter were cleared
+        for name, part in by_name(groups, dp, rank).items():
             flat = model[name].flatten()
-            size = zero_checkpoint.partition_numel(flat.numel(), dp)
-            real = flat[rank * size:(rank + 1) * size]
-            assert torch.equal(part[: real.numel()], real)
-            assert torch.count_nonzero(part[real.numel():]) == 0
+            size = chunk_numel(flat.numel(), dp)
+            assert torch.equal(part, flat[rank * size:(rank + 1) * size])
+        for g, start, stop in layout.padding(rank, [t.numel() for t in groups]):
+            assert torch.count_nonzero(groups[g][start:stop]) == 0
 
 
 def model_states(dp: int, step: int = 0) -> dict:
@@ -103,7 +110,7 @@ def write_slot(root: str, step: int, model: dict, dp: int = 2, commit: bool = Tr
     files = {}
     for rank in range(dp):
         groups = partition(model, dp, rank)
-        zero_checkpoint.zero_padding(groups, PARAM_SHAPES, rank, dp)
+        zero_padding(groups, FlatLayout.zero3(PARAM_SHAPES, dp), rank)
         files.update(slots.write_shard(path, rank, 0, groups, model_states(dp, step)))
     if commit:
         slots.commit(path, slots.SlotManifest(kind="raw", step=step, tokens=step * 10, lr=0.1, dp=dp, tp=1,
@@ -120,7 +127,7 @@ def test_slot_round_trip_and_commit_marker(tmp_path):
     groups, manifest = slots.read_shard(str(tmp_path / "step_00000004"), 1, 0)
     assert manifest.step == 4 and manifest.dp == 2
     expected = partition(model, 2, 1)
-    zero_checkpoint.zero_padding(expected, PARAM_SHAPES, 1, 2)
+    zero_padding(expected, FlatLayout.zero3(PARAM_SHAPES, 2), 1)
     assert all(torch.equal(a, b) for a, b in zip(groups, expected))
     with pytest.raises(slots.SlotVanished):
         slots.read_shard(str(tmp_path / "step_00000006"), 0, 0)
@@ -150,10 +157,10 @@ def test_a_slot_recycled_while_reading_is_reported_as_vanished(tmp_path):
 def test_slots_of_different_layouts_or_shapes_are_refused(tmp_path):
     a = slots.read_manifest(write_slot(str(tmp_path / "a"), 2, random_model(), dp=2))
     b = slots.read_manifest(write_slot(str(tmp_path / "b"), 4, random_model(), dp=1))
-    with pytest.raises(zero_checkpoint.LayoutMismatch, match=r"data 2 × tensor 1\) with step 4 \(data 1 × tensor 1"):
+    with pytest.raises(LayoutMismatch, match=r"data 2 × tensor 1, ZeRO-3\) with step 4 \(data 1 × tensor 1"):
         slots.check_compatible([a, b])
     c = dataclasses.replace(a, step=6, param_shapes=[[["w1", [5, 8]], ["w2", [4, 4]]], a.param_shapes[1]])
-    with pytest.raises(zero_checkpoint.LayoutMismatch, match=r"w1: \[5, 7\] vs \[5, 8\]"):
+    with pytest.raises(LayoutMismatch, match=r"w1: \[5, 7\] vs \[5, 8\]"):
         slots.check_compatible([a, c])
 
 
@@ -163,13 +170,13 @@ def test_layout_walk_handles_deepspeed_sub_groups_and_refuses_wrong_sizes():
     dp, model = 3, random_model()
     per_group = partition(model, dp, 1)
     merged_shapes = [OrderedDict((n, s) for g in PARAM_SHAPES for n, s in g.items())]
-    a = zero_checkpoint.split_partitions(per_group, PARAM_SHAPES, dp)
-    b = zero_checkpoint.split_partitions(per_group, merged_shapes, dp)
+    a = by_name(per_group, dp, 1)
+    b = by_name(per_group, dp, 1, merged_shapes)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    with pytest.raises(zero_checkpoint.LayoutMismatch):
-        zero_checkpoint.split_partitions([per_group[0][:-1], per_group[1]], PARAM_SHAPES, dp)
-    with pytest.raises(zero_checkpoint.LayoutMismatch):
-        zero_checkpoint.zero_padding(per_group, PARAM_SHAPES, 0, dp=2)  # written at dp=3
+    with pytest.raises(LayoutMismatch):
+        by_name([per_group[0][:-1], per_group[1]], dp, 1)
+    with pytest.raises(LayoutMismatch):
+        zero_padding(per_group, FlatLayout.zero3(PARAM_SHAPES, 2), 0)  # written at dp=3
 
 
 def test_a_slot_is_committed_once(tmp_path):
@@ -191,7 +198,7 @@ def test_node_parts_gathered_into_one_folder_read_as_a_whole_slot(tmp_path):
         files = {}
         for rank in ranks:
             groups = partition(model, dp, rank)
-            zero_checkpoint.zero_padding(groups, PARAM_SHAPES, rank, dp)
+            zero_padding(groups, FlatLayout.zero3(PARAM_SHAPES, dp), rank)
             files.update(slots.write_shard(path, rank, 0, groups, model_states(dp, 4)))
         slots.commit(path, slots.SlotManifest(kind="raw", step=4, tokens=40, lr=0.1, dp=dp, tp=1,
                                               param_shapes=zero_checkpoint.shapes_to_json(PARAM_SHAPES),
@@ -207,6 +214,6 @@ def test_node_parts_gathered_into_one_folder_read_as_a_whole_slot(tmp_path):
     assert whole.node is None and len(whole.files) == 4
     for rank in range(dp):
         expected = partition(model, dp, rank)
-        zero_checkpoint.zero_padding(expected, PARAM_SHAPES, rank, dp)
+        zero_padding(expected, FlatLayout.zero3(PARAM_SHAPES, dp), rank)
         got, _ = slots.read_shard(str(gathered), rank, 0, whole)  # checksum-verified
         assert all(torch.equal(a, b) for a, b in zip(got, expected))

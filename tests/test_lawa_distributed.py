@@ -17,6 +17,7 @@ from averaging import slots
 from averaging.lawa import average_state_dicts
 from averaging.sidecar.protocol import read_eval_log
 from conftest import BIN, REPO, launcher_env, read_metrics, run_launcher, torchrun
+from core import pickles
 from core.files import step_name
 
 pytestmark = pytest.mark.distributed
@@ -271,8 +272,9 @@ def test_a_run_restarts_from_a_merge_with_fresh_or_its_checkpoints_moments(lawa_
     from core.zero_checkpoint import optim_states_file
 
     def exp_avg_sq(checkpoint: Path) -> torch.Tensor:
-        state = torch.load(checkpoint / optim_states_file(0, 0), map_location="cpu", weights_only=False)
-        inner = state["optimizer_state_dict"]["optimizer_state_dict"]["state"]
+        outer = pickles.load(str(checkpoint / optim_states_file(0, 0)))["optimizer_state_dict"]
+        torch_state = outer.get("optimizer_state_dict") or outer["base_optimizer_state"]  # ZeRO-3's key, or 1/2's
+        inner = torch_state["state"]
         return torch.cat([inner[g]["exp_avg_sq"].flatten() for g in sorted(inner)])
 
     source = lawa_run / "merges" / "sqrt"

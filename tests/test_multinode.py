@@ -22,7 +22,7 @@ from averaging.lawa import average_state_dicts
 from averaging.sidecar.protocol import read_eval_log
 from conftest import BIN, REPO, launcher_env, read_metrics, torchrun
 from core.files import step_name
-from core.zero_checkpoint import shapes_from_json, split_partitions
+from core.flat_layout import views
 from core.zero_folder import consolidate
 from test_hf_distributed import hf_val_loss
 from test_lawa_distributed import wait_for
@@ -162,8 +162,9 @@ def test_two_nodes_tp2_dp2_with_the_sidecar(nodes, pydoc_data, tmp_path):
     # Replicated parameters are bitwise equal in the two tensor-parallel ranks' shards (both on node1).
     slot = str(node_slots(nodes.nodes[0], run) / step_name(16))
     manifest = slots.read_manifest(slot)
-    layout, shapes = manifest.tensor_parallel_layout, shapes_from_json(manifest.param_shapes)
-    parts = [split_partitions(slots.read_shard(slot, 0, t)[0], shapes, 2) for t in (0, 1)]
+    layout = manifest.tensor_parallel_layout  # (a ZeRO-1 slot: auto chose it on these CPUs)
+    parts = [{name: view for name, (view, _) in views(slots.read_shard(slot, 0, t)[0], manifest.layout(), 0).items()}
+             for t in (0, 1)]
     replicated = [n for n in parts[0] if n not in layout]
     assert replicated and all(torch.equal(parts[0][n], parts[1][n]) for n in replicated)
     # Offline averaging of TP slots (gathered from both nodes) writes the same layout and consolidates
@@ -198,7 +199,7 @@ def checkpointed(run: Path, step: int):
 
 def test_a_node_killed_mid_run_stops_the_other_with_one_line_and_the_same_command_resumes(nodes, pydoc_data, tmp_path):
     run = tmp_path / "killed"
-    args = fault_job(pydoc_data, run)
+    args = fault_job(pydoc_data, run, "parallel.zero_stage=2")
     procs = on_nodes(nodes, args, "killed", tmp_path / "logs")
     wait_for(checkpointed(run, 10), 300, "the first checkpoint")
     killed_at = time.monotonic()
@@ -250,9 +251,10 @@ def test_one_nodes_sidecar_killed_and_one_nodes_shm_full(nodes, pydoc_data, tmp_
     filler = node2.shm_path("/dev/shm/filler")
     log = tmp_path / "logs" / "node1.log"
     try:
-        wait_for(lambda: read_eval_log(str(run)), 300, "a first sidecar evaluation")
-        # Fill node2's /dev/shm: its next snapshot write fails (within 2 steps, however late the
-        # sidecar's first evaluation came: the run has 36 steps, the sidecar's start takes a while).
+        ring = node_slots(node2, run)
+        wait_for(lambda: ring.is_dir() and any(ring.glob("step_*")), 300, "a first snapshot on node2")
+        # Fill node2's /dev/shm: its next snapshot write fails (within 2 steps of the first one,
+        # however fast the trainers go: a ZeRO-1 step of this model takes a tenth of a second).
         subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=1M"], capture_output=True)
         abandoned = wait_for(lambda: re.search(r"snapshot of step (\d+) abandoned on every node: [^(]*node2 could not "
                                                r"(write it|commit its part) \(.*No space left", log.read_text()),

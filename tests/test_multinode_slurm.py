@@ -42,7 +42,7 @@ def cluster(tmp_path_factory):
 def test_two_node_job_preempted_requeued_and_resumed_exactly(cluster, pydoc_data, tmp_path):
     steps = 32
     run = tmp_path / "preempted"
-    overrides = [*tiny(pydoc_data, run, steps=steps), f"snapshot.dir=/dev/shm/lawa-test/{run.name}",
+    overrides = [*tiny(pydoc_data, run, steps=steps), "parallel.zero_stage=3", f"snapshot.dir=/dev/shm/lawa-test/{run.name}",
                  "snapshot.cleanup=false"]
     env = dict(launcher_env(), PYTHON=str(Path(os.sys.executable)), REPO=str(REPO))
     start = time.monotonic()

@@ -6,7 +6,6 @@ own zero_to_fp32 (or load it with transformers / safetensors / torch) and take t
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import socket
@@ -26,6 +25,7 @@ from averaging import offline, slots
 from conftest import REPO, launcher_env
 from core import zero_checkpoint
 from core.files import any_step_of, step_name
+from core.flat_layout import FlatLayout, zero_padding
 
 
 def cli(capsys, *argv) -> tuple[int, str, str]:
@@ -59,8 +59,9 @@ SHAPES = [OrderedDict([("a.weight", torch.Size([5, 3])), ("a.bias", torch.Size([
 
 def padding_mask(shapes, dp_rank: int, dp: int) -> list[torch.Tensor]:
     """True where rank dp_rank's flat groups hold padding."""
-    ones = [torch.ones(sum(zero_checkpoint.partition_numel(math.prod(shape), dp) for shape in group.values())) for group in shapes]
-    zero_checkpoint.zero_padding(ones, shapes, dp_rank, dp)
+    layout = FlatLayout.zero3(shapes, dp)
+    ones = [torch.ones(n) for n in layout.stored_lengths(dp_rank)]
+    zero_padding(ones, layout, dp_rank)
     return [t == 0 for t in ones]
 
 

@@ -19,7 +19,7 @@ SMOKE = str(REPO / "jobs/smoke.yaml")
 # The micro GPT (2 layers, 32 wide, 2 heads) with a 4096 vocabulary and 64-token sequences; snapshots
 # with EMA and SWA, so each slot holds three copies; LAWA over 2 snapshots needs at least 3 slots.
 SMALL = ["model.vocab_size=4096", "snapshot.every=10", "snapshot.slots=6", "lawa.k=2", "ema.enabled=true",
-         "swa.enabled=true", "sidecar.enabled=true", "parallel.tensor=2"]
+         "swa.enabled=true", "sidecar.enabled=true", "parallel.tensor=2", "parallel.zero_stage=3"]
 
 
 def small_case(**cluster):
@@ -74,6 +74,42 @@ def test_small_case_by_hand():
     assert part(result.host, "snapshot buffers") == per_node * 3 * 4 * partition
     assert part(result.host, "sidecar sums") == per_node * 1 * 4 * partition  # one merge (lawa)
     assert part(result.host, "the ring (/dev/shm is RAM)") == ring.need
+
+
+def test_zero_1_and_2_by_hand():
+    """ZeRO-1/2: the working weights and (ZeRO-1) the gradients whole on every rank, a dp-th of the
+    16 bytes of master, its gradient and AdamW's moments; 16-bit ZeRO-2 is DeepSpeed's own estimate."""
+    job, config, cl = small_case()
+    shape = model_shape(config)
+    local, dp = shape.local(2), 4
+    for stage, grads in ((1, 2 * local), (2, 2 * local / dp)):
+        result = plan(replace(job, parallel=replace(job.parallel, zero_stage=stage)), config, cl, shape)
+        assert result.zero_stage == stage
+        assert part(result.gpu, "model states") == 2 * local + grads + 16 * local / dp
+        assert part(result.host, "model build") == 4 * local * 2 * 1.5 * 2  # 2 ranks of each slice per node
+        partition = -(-local // (2 * dp)) * 2  # a dp-th of the group, padded to 2·dp elements
+        assert part(result.gpu, "EMA") == 4 * partition
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    two = plan(replace(job, parallel=replace(job.parallel, zero_stage=2)), config, cl, shape)
+    assert part(two.gpu, "model states") == estimate_zero2_model_states_mem_needs(local, 2, 2, cpu_offload=False)[1]
+
+
+def test_auto_picks_the_lowest_stage_whose_memory_fits():
+    """770M on 8 GPUs: each stage up needs less GPU memory; auto takes the lowest that fits, and says so."""
+    job = load_job(REPO / "jobs/gpt2_770m.yaml", ["parallel.zero_stage=auto"])
+    config = job.model.resolve(50304, job.data.seq_len, 1)
+    big = Cluster(nodes=1, gpus_per_node=8, gpu_mem=141 * GiB, host_mem=2048 * GiB, ring_room=512 * GiB)
+    need = {s: plan(replace(job, parallel=replace(job.parallel, zero_stage=s)), config, big).gpu.need for s in (1, 2, 3)}
+    assert need[1] > need[2] > need[3]
+    for gpu_mem, stage in ((need[1] + 1, 1), (need[1] - 1, 2), (need[2] - 1, 3)):
+        result = plan(job, config, replace(big, gpu_mem=gpu_mem))
+        assert (result.zero_stage, result.gpu.fits) == (stage, True), (gpu_mem, stage)
+        expected = "auto: the lowest stage whose GPU and host memory fit" + {1: "", 2: "; ZeRO-1 does not",
+                                                                            3: "; ZeRO-1 and 2 do not"}[stage]
+        assert result.stage_reason == expected and f"ZeRO stage {stage} ({expected})" in "\n".join(result.lines())
+    result = plan(job, config, replace(big, gpu_mem=need[3] - 1))
+    assert result.zero_stage == 3 and not result.gpu.fits and result.stage_reason.startswith("auto: no stage fits")
 
 
 def test_shm_verdict_flips_and_names_the_knobs():

@@ -44,9 +44,9 @@ def test_tensor_parallel_layers_match_the_dense_model(nproc, size):
 
 def test_tp2_zero3_training_matches_tp1_step_by_step(pydoc_data, tmp_path):
     tp2, tp1 = tmp_path / "tp2", tmp_path / "tp1"
-    out = torchrun(2, *job(pydoc_data, tp2, "parallel.tensor=2"))
-    assert "world 2 = tensor 2 × data 1" in out.stdout
-    run_launcher([sys.executable, "launcher/train.py", *job(pydoc_data, tp1)])
+    out = torchrun(2, *job(pydoc_data, tp2, "parallel.tensor=2", "parallel.zero_stage=3"))
+    assert "world 2 = tensor 2 × data 1" in out.stdout and "ZeRO stage 3" in out.stdout
+    run_launcher([sys.executable, "launcher/train.py", *job(pydoc_data, tp1, "parallel.zero_stage=3")])
     for key in ("loss", "grad_norm"):  # gradient clipping (1.0) is active in the first steps
         a, b = per_step(tp2, key), per_step(tp1, key)
         assert sorted(a) == list(range(1, 7))

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from averaging import slots
+from core.flat_layout import FlatLayout
 from core.weights import SAFETENSORS_INDEX, Weights, write_safetensors
-from core.zero_folder import Cut, StateDictSource, ZeroFolder, consolidate, dp_partition, release_pages, tp_slice
+from core.zero_folder import Cut, StateDictSource, ZeroFolder, consolidate, fill_flat_groups, release_pages
 from models.growth import Grown, grow
 from models.hf import export
 from models.registry import build_model, model_config
@@ -47,25 +48,30 @@ def state() -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def write_folder(folder, state, dp, tp) -> str:
-    layout = tp_layout(state) if tp > 1 else {}
-    matrices = [n for n in state if state[n].dim() == 2]
-    vectors = [n for n in state if state[n].dim() < 2]  # two flat groups, as DeepSpeed's decay/no-decay
-    slots.write_weights(str(folder), StateDictSource(state), dp, tp, layout, [matrices, vectors])
+def groups_of(state) -> list[list[str]]:
+    """Two flat groups, as DeepSpeed's decay / no-decay parameter groups."""
+    return [[n for n in state if state[n].dim() == 2], [n for n in state if state[n].dim() < 2]]
+
+
+def write_folder(folder, state, dp, tp, stage: int = 3) -> str:
+    slots.write_weights(str(folder), StateDictSource(state), dp, tp, tp_layout(state) if tp > 1 else {},
+                        groups_of(state), stage=stage)
     return str(folder)
 
 
-@pytest.mark.parametrize("dp, tp", [(1, 1), (3, 1), (2, 2), (1, 2)])
-def test_a_folder_consolidates_to_the_state_dict_it_was_cut_from(state, tmp_path, dp, tp):
-    got = consolidate(write_folder(tmp_path / "f", state, dp, tp))
+@pytest.mark.parametrize("dp, tp, stage", [(1, 1, 3), (3, 1, 3), (2, 2, 3), (1, 2, 3), (3, 1, 2), (2, 2, 1), (4, 1, 2)])
+def test_a_folder_consolidates_to_the_state_dict_it_was_cut_from(state, tmp_path, dp, tp, stage):
+    got = consolidate(write_folder(tmp_path / "f", state, dp, tp, stage))
     assert set(got) == set(state)
     assert all(torch.equal(got[k], state[k]) for k in state)
 
 
-def test_consolidation_equals_deepspeeds_zero_to_fp32(state, tmp_path):
+@pytest.mark.parametrize("stage", [3, 2])
+def test_consolidation_equals_deepspeeds_zero_to_fp32(state, tmp_path, stage):
+    """Our files of each stage are DeepSpeed's: its zero_to_fp32 reads them, to the same tensors."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    folder = write_folder(tmp_path / "step_00000001", state, 3, 1)
+    folder = write_folder(tmp_path / "step_00000001", state, 3, 1, stage)
     with contextlib.redirect_stdout(io.StringIO()):
         reference = get_fp32_state_dict_from_zero_checkpoint(str(tmp_path), tag="step_00000001")
     got = consolidate(folder)
@@ -73,20 +79,32 @@ def test_consolidation_equals_deepspeeds_zero_to_fp32(state, tmp_path):
     assert all(torch.equal(got[k], reference[k]) for k in reference)
 
 
-@pytest.mark.parametrize("source_dp, source_tp", [(3, 1), (2, 2)])
-def test_each_ranks_piece_is_its_cut_of_the_full_tensor(state, tmp_path, source_dp, source_tp):
-    """The cut a rank loads (init_from, growth) from a folder of any layout into any other: its
-    tensor-parallel slice's data-parallel partition, zero padded."""
-    source = ZeroFolder(write_folder(tmp_path / "f", state, source_dp, source_tp))
-    layout = tp_layout(state)
+@pytest.mark.parametrize("source_dp, source_tp, source_stage", [(3, 1, 3), (2, 2, 3), (3, 1, 2), (2, 2, 1)])
+def test_each_ranks_flat_groups_are_its_cut_of_the_full_weights(state, tmp_path, source_dp, source_tp, source_stage):
+    """What a rank loads (init_from, growth) from a folder of any layout and stage into any other:
+    read through the folder's own partitions, the same flat groups as cut from the full tensors."""
+    source = ZeroFolder(write_folder(tmp_path / "f", state, source_dp, source_tp, source_stage))
+    full, splits = StateDictSource(state), tp_layout(state)
     for dp in (1, 2, 4):
         for tp in (1, 2):
-            for dp_rank in range(dp):
-                for tp_rank in range(tp):
-                    cut = Cut(dp_rank, dp, tp_rank, tp)
-                    for name, full in state.items():
-                        want = dp_partition(tp_slice(full, layout.get(name), cut).reshape(-1), cut)
-                        assert torch.equal(source.piece(name, layout.get(name), cut), want), (name, cut)
+            for stage in (3, 2):
+                for dp_rank in range(dp):
+                    for tp_rank in range(tp):
+                        shapes = [{n: source.slice_shapes[n] if tp == source_tp else
+                                   torch.Size(tp_slice_shape(state[n], splits.get(n), tp)) for n in group}
+                                  for group in groups_of(state)]
+                        layout = FlatLayout.zero3(shapes, dp) if stage == 3 else FlatLayout.zero12(stage, shapes, dp)
+                        cut = Cut(dp_rank, dp, tp_rank, tp)
+                        got = fill_flat_groups(source, layout, cut, splits)
+                        want = fill_flat_groups(full, layout, cut, splits)
+                        assert all(torch.equal(a, b) for a, b in zip(got, want)), (dp, tp, stage, cut)
+
+
+def tp_slice_shape(tensor: torch.Tensor, split, tp: int) -> list[int]:
+    shape = list(tensor.shape)
+    if split is not None and tp > 1:
+        shape[split[0]] //= tp
+    return shape
 
 
 def test_an_unreadable_file_is_named_in_one_line(state, tmp_path):
@@ -100,10 +118,9 @@ def test_growth_as_a_view_equals_growing_the_state_dict(state, tmp_path):
     grown_state, grown_config = grow(state, CONFIG, 3, "interpolate")
     view = Grown(ZeroFolder(write_folder(tmp_path / "f", state, 2, 1)), CONFIG, 3, "interpolate")
     assert view.config == grown_config and set(view.names()) == set(grown_state)
-    cut = Cut(1, 2, 0, 1)
     for name, full in grown_state.items():
         assert tuple(view.shape(name)) == tuple(full.shape)
-        assert torch.equal(view.piece(name, None, cut), dp_partition(full.reshape(-1), cut))
+        assert torch.equal(view.flat_range(name, None, 0, 1, 3, 11), full.reshape(-1)[3:11])
 
 
 def test_safetensors_are_written_tensor_by_tensor_into_indexed_shards(state, tmp_path):
@@ -169,7 +186,8 @@ def test_a_slot_is_read_mapped_and_verified(state, tmp_path):
                                   param_shapes=[[[n, list(t.shape)] for n, t in state.items()]], files=files)
     slots.commit(str(folder), manifest)
     flat, _ = slots.read_shard(str(folder), 1, 0)
-    want = torch.cat([dp_partition(t.reshape(-1), Cut(1, 2)) for t in state.values()])
+    layout = FlatLayout.zero3([{n: t.shape for n, t in state.items()}], 2)
+    want = fill_flat_groups(StateDictSource(state), layout, Cut(1, 2), {})[0]
     assert torch.equal(flat[0], want)
     name = slots.optim_states_file(1, 0)
     data = bytearray((folder / name).read_bytes())

@@ -1,6 +1,6 @@
 """The trainers' side of the sidecar: each training rank starts one sidecar rank beside itself,
-and the trainers vote on liveness at log steps (one tiny gloo all-reduce) so that all restart the
-whole sidecar group together. Training never waits for the sidecar, except for its last
+and the trainers' vote (launcher/trainer.py: every train.vote_every steps, one tiny gloo all-reduce
+of all their flags) carries its liveness, so that all restart the whole sidecar group together. Training never waits for the sidecar, except for its last
 evaluation at the end (bounded by `sidecar.exit_timeout_s`).
 
 The sidecar group meets at a rendezvous store that the trainers' rank 0 hosts on a port the OS
@@ -16,7 +16,6 @@ import sys
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-import torch
 import torch.distributed as dist
 
 from core.config import need
@@ -68,11 +67,14 @@ class SidecarSupervisor:
         logger.info(f"sidecar started (generation {self.generation}, pid {self.proc.pid}, rendezvous "
                     f"{self.master_addr}:{port}); log: {log_path}")
 
-    def check(self) -> bool:
-        """Collective. Restarts the group if any rank's sidecar died; False once out of restarts."""
-        alive = torch.tensor([int(self.proc is not None and self.proc.poll() is None)], dtype=torch.int64)
-        dist.all_reduce(alive, op=dist.ReduceOp.MIN, group=self.par.ctrl_group)
-        if alive.item() == 1 or self.proc is None:
+    def ballot(self) -> list[int]:
+        """This rank's part of the trainers' vote: 1 while its sidecar runs, else 0."""
+        return [int(self.proc is not None and self.proc.poll() is None)]
+
+    def after_vote(self, result: list[int]) -> bool:
+        """Restarts the group (collective) when the vote says some rank's sidecar died; False once
+        out of restarts."""
+        if result[0] == 1 or self.proc is None:
             return self.proc is not None
         code = self.proc.poll()
         if self.generation >= self.args.restarts:

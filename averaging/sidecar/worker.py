@@ -40,30 +40,50 @@ from averaging.sidecar.protocol import (
     read_val_batches,
 )
 from core.config import ConfigError
-from core.deepspeed_compat import use_deepspeed
+from core.deepspeed_compat import local_shard, use_deepspeed
 from core.distributed import build_parallel, gather_objects, pick_device
 from core.engine import build_engine, inference_config
 from core.files import private_folder
+from core.flat_layout import FlatLayout, LayoutMismatch, chunk_numel, views
 from core.log import logger, setup_logging
 from core.run_dir import RunDir, ring_folders
-from core.zero_checkpoint import LayoutMismatch, split_partitions
 from core.zero_folder import ZeroFolder
 from models.registry import build_model, read_model_config
 
 PR_SET_PDEATHSIG = 1
 
 
-def load_partitions(params: dict[str, torch.nn.Parameter], flat_groups: list[torch.Tensor],
-                    param_shapes: list[dict[str, Any]], dp: int) -> None:
-    """Copy each parameter's partition out of the flat groups into its ZeRO-3 local shard."""
-    for name, part in split_partitions(flat_groups, param_shapes, dp).items():
-        p = params.get(name)
-        if p is None:
-            raise LayoutMismatch(f"snapshot parameter {name} is not in the model")
-        if p.ds_tensor.numel() != part.numel():
-            raise LayoutMismatch(f"{name}: snapshot partition of {part.numel()} elements, model's is "
-                                 f"{p.ds_tensor.numel()}")
-        p.ds_tensor.data.copy_(part.view_as(p.ds_tensor))
+@torch.no_grad()
+def load_partitions(params: dict[str, torch.nn.Parameter], flat_groups: list[torch.Tensor], layout: FlatLayout,
+                    dp_rank: int, dp_group) -> None:
+    """Put this rank's flat groups of a slot into the sidecar's model. ZeRO-3: each parameter's
+    chunk straight into its local shard (nothing gathered here; the forward gathers). ZeRO-1/2: the
+    data-parallel ranks all-gather their partitions into each group's whole flat, and every rank
+    copies every parameter whole, as their trainers hold them."""
+    missing = [name for name in layout.names() if name not in params]
+    if missing:
+        raise LayoutMismatch(f"snapshot parameter {missing[0]} is not in the model")
+    if layout.stage == 3:
+        for name, (elements, _) in views(flat_groups, layout, dp_rank).items():
+            chunk = local_shard(params[name])
+            if chunk.numel() != chunk_numel(layout.numel(name), layout.dp):
+                raise LayoutMismatch(f"{name}: snapshot chunk of {chunk_numel(layout.numel(name), layout.dp)} elements, "
+                                     f"model's is {chunk.numel()}")
+            chunk.data.view(-1).zero_()[: elements.numel()].copy_(elements)
+        return
+    device = next(iter(params.values())).device
+    gathered = []
+    for g, size in enumerate(layout.partition_sizes):
+        mine = torch.zeros(size, dtype=torch.float32, device=device)
+        mine[: flat_groups[g].numel()].copy_(flat_groups[g])
+        parts = [torch.empty_like(mine) for _ in range(layout.dp)]
+        dist.all_gather(parts, mine, group=dp_group)
+        gathered.append(parts)
+    whole = layout.whole_groups([[parts[r] for parts in gathered] for r in range(layout.dp)])
+    for name in layout.names():
+        g, offset = layout.place(name)
+        p = params[name]
+        p.data.copy_(whole[g][offset: offset + layout.numel(name)].view_as(p.data))
 
 
 def die_with_parent(parent_pid: Optional[int]) -> None:
@@ -314,11 +334,11 @@ class Sidecar:
     def _score(self, r: Reading) -> Scores:
         """Collective: the held-out loss (and task scores) of the raw weights, the headline merge,
         the trainers' EMA/SWA, then the other merges until a newer slot is committed."""
-        shapes = r.newest.shapes()
+        layout = r.newest.layout()
         s = Scores({}, {}, {}, [])
 
         def score(name: str, flat: list[torch.Tensor]) -> None:
-            load_partitions(self.params, flat, shapes, r.newest.dp)
+            load_partitions(self.params, flat, layout, self.par.dp_rank, self.par.dp_group)
             held_out = self._loss()
             s.losses[name], s.by_source[name] = held_out.overall, held_out.by_source
             s.tasks[name] = self._task_scores()
@@ -443,14 +463,15 @@ class Sidecar:
         if self.is_main and slots.is_committed(path):  # this step's best from before a restart
             slots.remove_slot(path)
         dist.barrier(group=self.par.ctrl_group)
+        layout = newest.layout()
         files = slots.write_shard(path, self.par.dp_rank, self.par.tp_rank, averaged,
-                                  {**model_states, "global_steps": newest.step})
+                                  {**model_states, "global_steps": newest.step}, layout=layout)
         merged = {name: meta for rank_files in self._gather(files) for name, meta in rank_files.items()}
         if self.is_main:
             slots.commit(path, slots.SlotManifest(
                 kind="lawa", step=newest.step, tokens=newest.tokens, lr=newest.lr, dp=newest.dp, tp=newest.tp,
                 param_shapes=newest.param_shapes, files=merged, tensor_parallel_layout=newest.tensor_parallel_layout,
-                ds_version=newest.ds_version, steps_averaged=steps[::-1], merge_weights=weights[::-1],
+                **layout.to_json(), ds_version=newest.ds_version, steps_averaged=steps[::-1], merge_weights=weights[::-1],
                 merge=merge.name, val_loss=loss))
             for step, old, _ in slots.list_slots(folder):
                 if step != newest.step:
