@@ -127,13 +127,14 @@ def show_cmd(cmd: list[str]) -> str:
     return prefix + " " + " ".join(shlex.quote(c) for c in cmd)
 
 
-def run_logged(cmd: list[str], log_path: Path, commands: list[str]) -> float:
-    """Runs a command from the repo root with its output in log_path; returns its wall time."""
-    commands.append(show_cmd(cmd))
+def run_logged(cmd: list[str], log_path: Path, commands: list[str], cwd: Path = REPO) -> float:
+    """Runs a command from the repo root (or another checkout's) with its output in log_path;
+    returns its wall time."""
+    commands.append(show_cmd(cmd) if cwd == REPO else f"(cd {shlex.quote(str(cwd))} && {show_cmd(cmd)})")
     print(f"  $ {commands[-1]}", flush=True)
     start = time.perf_counter()
     with open(log_path, "w") as log:
-        proc = subprocess.run(cmd, cwd=REPO, env=child_env(), stdout=log, stderr=subprocess.STDOUT, timeout=1800)
+        proc = subprocess.run(cmd, cwd=cwd, env=child_env(), stdout=log, stderr=subprocess.STDOUT, timeout=1800)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         tail = log_path.read_text()[-6000:]

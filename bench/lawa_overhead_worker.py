@@ -4,10 +4,10 @@
 
 builds the launcher's training setup from the job (launcher.trainer.build: the same engine, data
 and layout as a real run), trains a few steps, then
-  - snapshots with `SnapshotWriter.after_step` on due steps: `stall` is what it returns as
-    snapshot_stall_s (the copy of the fp32 partition), `after_step` its wall time (the copy, one
-    vote, starting the writer thread); `commit` is the wall time of after_step on the next, not-due
-    step, which votes and commits the finished slot; `write` is the time `join_write` waits for the
+  - snapshots with `SnapshotWriter.vote` + `after_step` on due steps: `stall` is what after_step
+    returns as snapshot_stall_s (the copy of the fp32 partition), `after_step` the wall time of both
+    (one vote, the copy, starting the writer thread); `commit` is the wall time of a vote on the
+    next step, which commits the finished slot; `write` is the time `join_write` waits for the
     background write (nothing else runs meanwhile). Median over snapshots of the slowest rank's value;
   - `engine.save_checkpoint(dir, tag)` between barriers, to disk (beside the run dir) and to
     /dev/shm; median of 3 of the slowest rank.
@@ -58,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
         step_s.append(timed_step(step))
         barrier()
         start = time.perf_counter()
+        writer.vote()  # the loop's vote at a snapshot step (its snapshot part)
         stats = writer.after_step(step, step * tokens_per_step, job.optimizer.lr)
         returned = time.perf_counter()
         if "snapshot_stall_s" not in stats:
@@ -69,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
         step += 1
         step_s.append(timed_step(step))
         start = time.perf_counter()
-        writer.after_step(step, step * tokens_per_step, job.optimizer.lr)  # not due: votes and commits
+        writer.vote()  # the next vote commits it
+        writer.after_step(step, step * tokens_per_step, job.optimizer.lr)  # not due: nothing more
         commit_wall.append(time.perf_counter() - start)
         if writer.last_committed != step - 1:
             raise RuntimeError(f"snapshot of step {step - 1} was not committed (last: {writer.last_committed})")
