@@ -25,7 +25,7 @@ from core.config import need
 from core.decay import DECAYS
 
 Weighting = Literal["uniform", "linear", "cosine", "1-sqrt"]
-RESERVED_NAMES = ("raw", "ema", "swa")  # the other methods the sidecar scores
+RESERVED_NAMES = ("raw", "ema", "swa", "forecast")  # the other methods the sidecar scores
 
 
 @dataclass
@@ -53,6 +53,9 @@ class LawaArgs:
     k: int = 5  # number of latest snapshots averaged (the default merge, and merges that give neither k nor window)
     spacing: int = 0  # minimum steps between averaged snapshots; 0: snapshot.every
     merges: list[MergeArgs] = field(default_factory=list)  # empty: one merge, `lawa`: uniform over lawa.k
+    # The merge whose score forecasts a cooldown (eval.jsonl's forecast_val_loss): a merge's name, none, or
+    # auto: the first merge on a wsd or constant schedule, none on one that decays all along.
+    forecast: str = "auto"
 
     def validate(self) -> None:
         need(self.k >= 1, f"lawa.k: must be >= 1, got {self.k}")
@@ -62,6 +65,9 @@ class LawaArgs:
         names = [m.name for m in self.merges]
         dupes = sorted({n for n in names if names.count(n) > 1})
         need(not dupes, f"lawa.merges: names must differ, {dupes[0] if dupes else ''!r} is used twice")
+        need(self.forecast in ("auto", "none") or self.forecast in ([m.name for m in self.merges] or ["lawa"]),
+             f"lawa.forecast: {self.forecast!r} names none of the merges "
+             f"({', '.join(names or ['lawa'])}); give one of them, auto or none")
 
     def resolve(self, snapshot_every: int, tokens_per_step: int) -> list[Merge]:
         """The merges in steps, as the sidecar selects them; the first is the headline (lawa_best/)."""

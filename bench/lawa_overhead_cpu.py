@@ -75,7 +75,7 @@ def training_run(job: str, mode: str, steps: int, every: int, data_dir: Path, wo
                  index: int, timeout_s: float, commands: list[str]) -> dict:
     run_dir = work / f"run_{mode}_{index}"
     overrides = [f"run_dir={run_dir}", f"data.dir={data_dir}", f"train.steps={steps}", f"logging.every={every}",
-                 "eval.every=0", "checkpoint.every=100000000"]
+                 "eval.every=0", "checkpoint.every=100000000", "cooldowns.at=[]"]
     if mode in ("on", "snap"):
         overrides += [f"snapshot.every={every}", f"sidecar.enabled={'true' if mode == 'on' else 'false'}",
                       "lawa.spacing=0", f"snapshot.dir={shm / f'{mode}_{index}'}"]

@@ -46,7 +46,10 @@ def run(name: str, shape: str, extra: list[str], work: Path, commands: list[str]
         checkout: Path = REPO) -> tuple[float, list[float]]:
     """(median tokens/s over windows 2..n, the losses by step) of one run of `checkout`'s launcher."""
     steps = STEPS[shape]
-    common = [f"train.steps={steps}", f"data.dir={REPO / 'data/stdlib'}", *SHAPES[shape]]
+    # The default job's schedule as it was measured (cosine), and none of its scheduled cooldowns (a
+    # --baseline checkout may predate that key).
+    common = [f"train.steps={steps}", f"data.dir={REPO / 'data/stdlib'}", "schedule.name=cosine",
+              *(["cooldowns.at=[]"] if checkout == REPO else []), *SHAPES[shape]]
     log = work / f"{shape}_{name}.log"
     if name == "ddp":
         run_logged(torchrun_cmd("bench/ddp_peer_worker.py", "--job", "jobs/tiny_cpu.yaml", "--steps", str(steps),

@@ -25,7 +25,7 @@ def run(layout_tp: int, steps: int, data_dir: str, run_dir: str) -> float:
     cmd = torchrun_cmd("launcher/train.py", "--job", "jobs/tiny_cpu.yaml",
                        f"run_dir={run_dir}", f"data.dir={data_dir}", f"parallel.tensor={layout_tp}", f"train.steps={steps}",
                        "train.micro_batch_size=8", "logging.every=10", "eval.every=0", "checkpoint.every=100000",
-                       "snapshot.every=0", "sidecar.enabled=false", "schedule.warmup_steps=10", nproc=4)
+                       "snapshot.every=0", "sidecar.enabled=false", "schedule.warmup_steps=10", "cooldowns.at=[]", nproc=4)
     run_logged(cmd, Path(run_dir + ".log"), [])
     records = [r for r in read_jsonl(RunDir(run_dir).metrics) if "tokens_per_s" in r]
     tokens_per_step = 32 * 128

@@ -14,7 +14,7 @@ import dataclasses
 import os
 import shutil
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterable, Optional
 
 from averaging.ema_swa import ShardAverages
 from core import pickles
@@ -70,8 +70,10 @@ def complete_checkpoints(ckpt_dir: str) -> list[tuple[int, str]]:
 
 
 def save(engine, ckpt_dir: str, state: RunState, keep: int, par: Parallel,
-         averages: Optional[ShardAverages] = None) -> str:
-    """Collective: every rank calls it (with its EMA/SWA, if any). Returns the tag written."""
+         averages: Optional[ShardAverages] = None, pinned: Iterable[int] = ()) -> str:
+    """Collective: every rank calls it (with its EMA/SWA, if any). Returns the tag written. The
+    newest `keep` complete checkpoints are kept, and those of the `pinned` steps (a scheduled
+    cooldown branches from them)."""
     tag = step_name(state.step)
     folder = os.path.join(ckpt_dir, tag)
     if par.is_main and os.path.isfile(os.path.join(folder, RUN_STATE)):
@@ -92,8 +94,10 @@ def save(engine, ckpt_dir: str, state: RunState, keep: int, par: Parallel,
         fsync_dir(folder)
         write_file_atomic(os.path.join(ckpt_dir, LATEST), tag)  # what zero_to_fp32 reads by default
         fsync_dir(ckpt_dir)
-        for _, old in complete_checkpoints(ckpt_dir)[:-keep]:
-            shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
+        pinned = set(pinned)
+        for step, old in complete_checkpoints(ckpt_dir)[:-keep]:
+            if step not in pinned:
+                shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
     barrier()
     return tag
 

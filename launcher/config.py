@@ -21,11 +21,12 @@ from averaging.lawa import LawaArgs, Merge, slots_needed
 from averaging.sidecar.supervisor import SidecarArgs
 from core.config import ConfigError, FilePath, dump_yaml, get_value, load_config, need
 from core.distributed import ParallelArgs
+from launcher.branch import CooldownsArgs
 from launcher.checkpoint import CheckpointArgs
 from launcher.data import DataArgs
 from launcher.metrics import LoggingArgs
 from launcher.optim import OptimizerArgs
-from launcher.schedule import ScheduleArgs, lr_at
+from launcher.schedule import ScheduleArgs, cooldown_start, lr_at
 from launcher.snapshot import SnapshotArgs
 from launcher.start import GrowthArgs
 from launcher.train_args import TrainArgs
@@ -54,13 +55,15 @@ class JobConfig:
     swa: SwaArgs = field(default_factory=SwaArgs)
     growth: GrowthArgs = field(default_factory=GrowthArgs)
     sidecar: SidecarArgs = field(default_factory=SidecarArgs)
+    cooldowns: CooldownsArgs = field(default_factory=CooldownsArgs)
 
     def validate(self) -> None:
         """Every section by its owner, then the combinations that cannot work."""
         self.model.validate(tp=self.parallel.tensor)
         self.schedule.validate(total_steps=self.train.steps)
         for section in (self.data, self.optimizer, self.train, self.parallel, self.checkpoint, self.eval,
-                        self.logging, self.snapshot, self.lawa, self.ema, self.swa, self.growth, self.sidecar):
+                        self.logging, self.snapshot, self.lawa, self.ema, self.swa, self.growth, self.sidecar,
+                        self.cooldowns):
             section.validate()
 
         m, d, p, snap = self.model, self.data, self.parallel, self.snapshot
@@ -87,6 +90,51 @@ class JobConfig:
                 need(snap.slots >= needed,
                      f"snapshot.slots={snap.slots} cannot hold merge {merge.describe()} at snapshot.every={snap.every} "
                      f"plus one being written: needs at least {needed}")
+
+        self._validate_cooldowns()
+
+    def _validate_cooldowns(self) -> None:
+        """Each scheduled cooldown branches from the stable phase and ends inside it, at a scored
+        snapshot: the merge the sidecar scored there is its forecast at equal compute."""
+        if not self.cooldowns.at:
+            return
+        sched, stable = self.schedule, self.stable_phase
+        need(stable is not None, f"cooldowns.at needs a stable phase to branch from: schedule.name=wsd or "
+                                 f"constant, not {sched.name}")
+        stable_end = stable[1]
+        for at, steps, _, _ in self.cooldown_branches():
+            need(steps > 0, "cooldowns.steps: give the cooldowns' length (schedule.cooldown_steps is 0)")
+            need(sched.warmup_steps <= at and at + steps <= stable_end,
+                 f"cooldowns.at: a {steps}-step cooldown from step {at} must start after the {sched.warmup_steps}-step "
+                 f"warmup and end by step {stable_end}, where the stable phase ends")
+            need(self.snapshot.every > 0 and self.sidecar.enabled and (at + steps) % self.snapshot.every == 0,
+                 f"cooldowns.at: the cooldown from step {at} ends at step {at + steps}, which must be a step the "
+                 f"sidecar scores (sidecar.enabled, a multiple of snapshot.every={self.snapshot.every}): the merges "
+                 f"there are its forecast")
+
+    @property
+    def stable_phase(self) -> Optional[tuple[int, int]]:
+        """(warmup's last step, stable phase's last step): the steps after the first, up to the
+        second, train at the peak learning rate; None for a schedule that decays all along."""
+        if self.schedule.name == "wsd":
+            return self.schedule.warmup_steps, cooldown_start(self.schedule, self.train.steps)
+        return (self.schedule.warmup_steps, self.train.steps) if self.schedule.name == "constant" else None
+
+    def cooldown_branches(self) -> list[tuple[int, int, str, float]]:
+        """(step, length, shape, min_lr_ratio) of each scheduled cooldown, defaults from the schedule's."""
+        c, s = self.cooldowns, self.schedule
+        return [(at, c.steps if c.steps is not None else s.cooldown_steps, c.shape or s.cooldown_shape,
+                 c.min_lr_ratio if c.min_lr_ratio is not None else s.min_lr_ratio) for at in c.at]
+
+    def forecast_merge(self) -> Optional[str]:
+        """The merge whose score is the run's forecast of a cooldown (lawa.forecast)."""
+        choice, merges = self.lawa.forecast, self.merges()
+        if choice != "auto":
+            return None if choice == "none" else choice
+        # A schedule that anneals the raw weights itself has nothing to forecast. Otherwise the
+        # headline merge: at CPU scale a uniform window forecasts real cooldowns better than one
+        # weighted like the decay (docs/results/wsd_default_cpu, docs/results/merges_cpu).
+        return None if self.stable_phase is None else merges[0].name
 
     @property
     def tokens_per_step(self) -> int:

@@ -26,10 +26,10 @@ from typing import Any, Optional
 
 from averaging.sidecar.protocol import SidecarSpec, merge_names, read_eval_log, scored_methods
 from core.config import ConfigError
-from core.files import read_jsonl
+from core.files import read_jsonl, write_file_atomic
 from core.run_dir import RunDir
-from launcher.branch import Branch, branches_of
 from launcher.config import load_job
+from launcher.forecast import Cooldown, cooldowns_of, end_of_run, forecast_table, forecasts, verdict
 
 NAMED = {"raw": ("raw", "black"), "lawa": ("LAWA", "tab:blue"), "ema": ("EMA", "tab:orange"),
          "swa": ("SWA", "tab:green")}
@@ -37,17 +37,6 @@ MERGE_COLORS = ("tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", 
 COOLDOWN_COLOR = "tab:red"
 RUN_STYLES = ("-", "--", ":", "-.")
 GAP_FRACTIONS = (0.25, 0.5, 0.75)
-
-
-@dataclass
-class Cooldown:
-    path: str
-    branch: Branch
-    losses: list[tuple[int, float]]  # (step, val loss) of the branch's evaluations
-
-    @property
-    def final(self) -> Optional[float]:
-        return self.losses[-1][1] if self.losses and self.losses[-1][0] == self.branch.end_step else None
 
 
 def label(method: str) -> str:
@@ -73,6 +62,8 @@ class Run:
     device_kind: str
     token_offset: int = 0  # tokens seen before step 0: those of the run it was grown from
     cooldowns: list[Cooldown] = field(default_factory=list)
+    forecast: Optional[str] = None  # the merge whose score forecasts a cooldown (eval.jsonl's "forecast")
+    stable_phase: Optional[tuple[int, int]] = None  # (warmup's last step, the last at the peak learning rate)
 
     def methods(self) -> list[str]:
         return scored_methods(self.evals)
@@ -86,17 +77,21 @@ class Run:
         return [p[0] for p in points], [p[1] for p in points]
 
 
-def schedule_of(path: str) -> list[tuple[int, float]]:
-    """Every step's learning rate, recomputed from the run's resolved config (the schedule is a
-    pure function of the step); empty when the config cannot be read."""
+def job_of(path: str) -> Optional[Any]:
+    """The run's resolved job, or None when its config cannot be read."""
     config = RunDir(path).config
     if not os.path.isfile(config):
-        return []
+        return None
     try:
-        job = load_job(config)
+        return load_job(config)
     except ConfigError:
-        return []
-    return [(step + 1, job.learning_rate(step)) for step in range(job.train.steps)]
+        return None
+
+
+def schedule_of(job) -> list[tuple[int, float]]:
+    """Every step's learning rate, recomputed from the run's job (the schedule is a pure function
+    of the step); empty without one."""
+    return [] if job is None else [(step + 1, job.learning_rate(step)) for step in range(job.train.steps)]
 
 
 def load_run(path: str) -> Run:
@@ -106,14 +101,13 @@ def load_run(path: str) -> Run:
                          f"(sidecar.enabled=true), or scored with `torchrun ... -m averaging.sidecar --run-dir {path}`?")
     metrics = read_jsonl(RunDir(path).metrics)
     steps = [r for r in metrics if "lr" in r]
-    lrs = schedule_of(path) or sorted({r["step"]: r["lr"] for r in steps}.items())
+    job = job_of(path)
+    lrs = schedule_of(job) or sorted({r["step"]: r["lr"] for r in steps}.items())
     per_step = [(r["tokens"] / r["step"]) / r["tokens_per_s"] for r in steps if r.get("tokens_per_s") and r["step"]]
     spec = SidecarSpec.read(path) if SidecarSpec.exists(path) else None
     grown = [r for r in metrics if r.get("event") == "growth"]
-    cooldowns = [Cooldown(p, b, [(r["step"], r["val_loss"]) for r in read_jsonl(RunDir(p).metrics)
-                                 if "val_loss" in r and r["step"] > b.step])
-                 for p, b in branches_of(path)]
-    return Run(cooldowns=cooldowns, name=os.path.basename(os.path.normpath(path)), path=path, evals=evals, lrs=lrs,
+    return Run(cooldowns=cooldowns_of(path), forecast=next((r["forecast"] for r in evals[::-1] if "forecast" in r), None),
+               stable_phase=job.stable_phase if job is not None else None, name=os.path.basename(os.path.normpath(path)), path=path, evals=evals, lrs=lrs,
                peak_lr=max((lr for _, lr in lrs), default=None),
                seconds_per_step=statistics.median(per_step) if per_step else None,
                devices=spec.dp * spec.tp if spec else 1, device_kind=spec.training_device if spec else "device",
@@ -216,6 +210,10 @@ def cooldown_tables(run: Run) -> list[str]:
     lines += ["", "At the branch step the merges cost nothing beyond the training already done; at the branch's end "
               "the parent has trained the same extra steps at its peak learning rate that the cooldown spent "
               "decaying it, on the same batches. \"–\": not scored at that step.", ""]
+    found = forecasts(run.evals, run.cooldowns)
+    if found:
+        lines += [f"#### {run.name}: forecast errors (each merge at the cooldown's end minus the cooldown)", "",
+                  forecast_table(found, run.forecast), "", verdict(run.evals, found, run.forecast, run.stable_phase), ""]
     return lines
 
 
@@ -295,15 +293,16 @@ def figure(runs: list[Run], out_png: str, overlay: bool) -> None:
         suffix = f" ({run.name})" if overlay else ""
         methods = run.methods()
         for method in methods:
+            name = label(method) + (" (forecast)" if method == run.forecast else "") + suffix
             for row, x in ((0, "step"), (1, "tokens")):
                 xs, ys = run.series(method, x)
-                axes[row][col].plot(xs, ys, style, color=color(method, methods), label=label(method) + suffix,
+                axes[row][col].plot(xs, ys, style, color=color(method, methods), label=name,
                                     lw=1.8 if method != "raw" else 1.3, marker="." if len(xs) < 40 else None)
             if method != "raw":  # a 0.01-0.04 gain is invisible on the loss axes; here it is the axis
                 gaps = [(r["step"], r[f"{method}_val_loss"] - r["raw_val_loss"]) for r in run.evals
                         if f"{method}_val_loss" in r]
                 axes[2][col].plot([g[0] for g in gaps], [g[1] for g in gaps], style, color=color(method, methods),
-                                  label=label(method) + suffix, lw=1.5)
+                                  label=name, lw=2.6 if method == run.forecast else 1.5)
         for j, cd in enumerate(run.cooldowns):
             start = run.at_step(cd.branch.step)
             points = ([(cd.branch.step, start["raw_val_loss"])] if start else []) + cd.losses
@@ -405,6 +404,32 @@ def default_out(run_dirs: list[str]) -> str:
     return os.path.join("reports", "_vs_".join(os.path.basename(os.path.normpath(d)) for d in run_dirs))
 
 
+def end_of_run_report(run_dir: str) -> str:
+    """What a run prints at its end (and again once its scheduled cooldowns have run): the short
+    table, the forecast errors and the verdict (launcher/forecast.py); writes RUN_DIR/report/."""
+    run = load_run(run_dir)
+    text = end_of_run(run.evals, run.cooldowns, run.forecast, run.stable_phase)
+    out = default_out([run_dir])
+    write_report([run], out)
+    return f"{text}\n\nplotted in {os.path.join(out, 'report.png')}, tabulated in {os.path.join(out, 'report.md')}"
+
+
+def write_report(runs: list[Run], out: str, overlay: bool = False) -> str:
+    """report.png (and sources.png for a run on several sources) and report.md into `out`;
+    returns the Markdown, with a last line naming what was written."""
+    os.makedirs(out, exist_ok=True)
+    figure(runs, os.path.join(out, "report.png"), overlay)
+    text = markdown(runs)
+    sources = sources_of(runs)
+    if sources:
+        source_figure(runs, sources, os.path.join(out, "sources.png"))
+        text += "\n![held-out loss per source](sources.png)\n\n" + "\n".join(source_table(runs, sources))
+    write_file_atomic(os.path.join(out, "report.md"), "# Raw vs the merges, EMA and SWA\n\n"
+                      "![validation loss and learning rate](report.png)\n\n" + text)
+    return text + (f"wrote {os.path.join(out, 'report.png')}{' and sources.png' if sources else ''} and "
+                   f"{os.path.join(out, 'report.md')}")
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
@@ -417,19 +442,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = args.out or default_out(args.run_dirs)
-    os.makedirs(out, exist_ok=True)
-    figure(runs, os.path.join(out, "report.png"), args.overlay)
-    text = markdown(runs)
-    sources = sources_of(runs)
-    if sources:
-        source_figure(runs, sources, os.path.join(out, "sources.png"))
-        text += "\n![held-out loss per source](sources.png)\n\n" + "\n".join(source_table(runs, sources))
-    with open(os.path.join(out, "report.md"), "w") as f:
-        f.write("# Raw vs the merges, EMA and SWA\n\n![validation loss and learning rate](report.png)\n\n" + text)
+    text = write_report(runs, args.out or default_out(args.run_dirs), args.overlay)
     print(text)
-    print(f"wrote {os.path.join(out, 'report.png')}{' and sources.png' if sources else ''} and "
-          f"{os.path.join(out, 'report.md')}")
     return 0
 
 

@@ -7,24 +7,24 @@
 Reads the job, joins the process group, prepares the data if its shards are missing, builds the
 model under `deepspeed.zero.Init`, and trains with periodic validation and checkpoints
 (launcher/trainer.py). A run directory that already holds a complete checkpoint is resumed from it.
+Once the run has reached train.steps, the real cooldowns its job schedules (`cooldowns.at`) branch
+from their checkpoints in turn, in the same processes (launcher/cooldown.py).
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-import time
-from typing import Callable
 
 if __package__ in (None, ""):
     # Run as a script (the deepspeed launcher and torchrun do this): make the repo importable
     # even when the project is not pip-installed.
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from core.config import ConfigError  # noqa: E402
-from core.distributed import exit_process, rank_env  # noqa: E402
+from core.distributed import exit_process  # noqa: E402
 from launcher.config import JobConfig, load_job  # noqa: E402
-from launcher.trainer import train  # noqa: E402
+from launcher.cooldown import run_scheduled_cooldowns  # noqa: E402
+from launcher.trainer import run_job  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -37,21 +37,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return run_job(lambda: load_job(args.job, args.overrides))
+    loaded: list[JobConfig] = []
 
+    def make_job() -> JobConfig:
+        loaded.append(load_job(args.job, args.overrides))
+        return loaded[-1]
 
-def run_job(make_job: Callable[[], JobConfig]) -> int:
-    """Train the job `make_job` builds; a config error is one line from rank 0 and exit status 2."""
-    is_main = rank_env().rank == 0
-    try:
-        train(make_job())
-    except ConfigError as e:
-        if is_main:
-            print(f"config error: {e}", file=sys.stderr, flush=True)
-        else:  # every rank finds the same mistake: give rank 0 time to say it before torchrun stops it
-            time.sleep(3)
-        return 2
-    return 0
+    code = run_job(make_job)
+    if code != 0 or not loaded[0].cooldowns.at:
+        return code
+    return run_scheduled_cooldowns(loaded[0])
 
 
 if __name__ == "__main__":

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -36,6 +37,7 @@ from launcher.metrics import MetricsLogger
 from launcher.optim import build_optimizer
 from launcher.plan import check_at_start
 from launcher.preemption import Preemption, requeue_slurm_job
+from launcher.report import end_of_run_report
 from launcher.snapshot import SnapshotWriter
 from launcher.start import Start, restore
 from models.registry import ModelConfig, build_model, count_parameters, flops_per_token, write_model_config
@@ -182,6 +184,20 @@ class Window:
         return time.perf_counter() - self.start - self.paused
 
 
+def run_job(make_job: Callable[[], JobConfig]) -> int:
+    """Train the job `make_job` builds; a config error is one line from rank 0 and exit status 2."""
+    is_main = rank_env().rank == 0
+    try:
+        train(make_job())
+    except ConfigError as e:
+        if is_main:
+            print(f"config error: {e}", file=sys.stderr, flush=True)
+        else:  # every rank finds the same mistake: give rank 0 time to say it before torchrun stops it
+            time.sleep(3)
+        return 2
+    return 0
+
+
 def train(job: JobConfig) -> dict:
     """Runs the job in this process (one rank of the world); returns the last logged metrics. A
     peer lost on the way (its node died, or vanished) ends the process with one line and exit
@@ -324,10 +340,11 @@ class Loop:
             sources = ", ".join(f"{n} {v:.4f}" for n, v in held_out.by_source.items())
             self.metrics.log({"step": step, "tokens": self.tokens, "val_loss": held_out.overall, **by_source},
                              f"step {step} | val loss {held_out.overall:.4f}" + (f" ({sources})" if sources else ""))
-        if step % job.checkpoint.every == 0 or self.at_end:
+        if step % job.checkpoint.every == 0 or self.at_end or step in job.cooldowns.at:
             state = RunState(step=step, tokens=self.tokens, dp=par.dp, tp=par.tp,
                              tensor_parallel_layout=self.tp_layout, zero_stage=zero_stage(t.engine))
-            tag = checkpoint.save(t.engine, t.checkpoint_dir, state, job.checkpoint.keep, par, self.averages)
+            tag = checkpoint.save(t.engine, t.checkpoint_dir, state, job.checkpoint.keep, par, self.averages,
+                                  pinned=job.cooldowns.at)
             logger.info(f"saved checkpoint {os.path.join(t.checkpoint_dir, tag)}")
         self.window.paused += time.perf_counter() - pause_start
 
@@ -379,7 +396,7 @@ def start_lawa(t: Training, step: int, val_set: HeldOut,
             device=job.sidecar.device, training_device=par.device.type, precision=t.precision,
             poll_seconds=job.sidecar.poll_seconds, tensorboard=job.logging.tensorboard,
             export_hf=job.sidecar.export_hf, tasks=[os.path.abspath(p) for p in job.eval.tasks],
-            task_limit=job.eval.task_limit).write(run.path)
+            task_limit=job.eval.task_limit, forecast=job.forecast_merge()).write(run.path)
     if par.tp_rank == 0:
         protocol.write_val_batches(run.path, par.dp_rank, val_set)
     barrier()
@@ -397,9 +414,9 @@ def show_new_evals(evals, is_main: bool, metrics: MetricsLogger) -> None:
 
 
 def show_eval_table(run_dir: str, is_main: bool) -> None:
-    records = protocol.read_eval_log(run_dir) if is_main else []
-    if records:
-        logger.info("\nraw vs the merges, validation loss (eval.jsonl):\n" + protocol.format_eval_table(records))
+    """The main rank prints the end-of-run table and verdict, and writes the run's report."""
+    if is_main and protocol.read_eval_log(run_dir):
+        logger.info("\n" + end_of_run_report(run_dir))
 
 
 def finish_lawa(snapshots: SnapshotWriter, sidecar: Optional[SidecarSupervisor], par: Parallel, run_dir: str,

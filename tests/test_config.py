@@ -21,7 +21,10 @@ def test_every_shipped_job_loads(job_file):
 def test_default_job_is_the_tiny_cpu_job():
     job = load_job()
     assert job.name == "tiny_cpu" and job.data.sources[0].path == "builtin:stdlib"
-    assert [m.name for m in job.merges()] == ["lawa", "wsm_1sqrt"]
+    assert [m.name for m in job.merges()] == ["lawa", "lawa_20", "wsm_1sqrt"]
+    # warmup-stable-decay, its headline merge the forecast of the cooldowns it schedules after the run
+    assert job.schedule.name == "wsd" and job.stable_phase == (25, 210) and job.forecast_merge() == "lawa"
+    assert job.cooldown_branches() == [(60, 40, "1-sqrt", 0.1), (170, 40, "1-sqrt", 0.1)]
 
 
 def test_overrides_reach_typed_fields():
@@ -47,14 +50,14 @@ def test_overrides_reach_typed_fields():
     ("train.steps", "not of the form section.key=value"),
     ("model.size=gpt5", "model.size: unknown size 'gpt5'"),
     ("model.n_head=5", "model.n_embd=128 is not divisible by model.n_head=5"),
-    ("schedule.warmup_steps=5000", "schedule.warmup_steps=5000 exceeds the decay length (train.steps=250)"),
+    ("schedule.warmup_steps=5000", "schedule: the cooldown would start at step 210, inside the 5000-step warmup"),
     ("train.micro_batch_size=5", "train.global_batch_size=32 is not divisible by train.micro_batch_size=5"),
     ("train.precision=fp16", "train.precision: must be one of auto, fp32, bf16"),
     ("parallel.zero_stage=4", "parallel.zero_stage: must be one of auto, 1, 2, 3, got 4"),
     ("parallel.zero_stage=0", "parallel.zero_stage: must be one of auto, 1, 2, 3, got 0"),
     ("parallel.tensor=3", "model.n_head=4 is not divisible by parallel.tensor=3"),
     ("train.stop_at=251", "train.stop_at=251 must be in [1, train.steps=250]"),
-    ("schedule.name=wsd", "schedule.cooldown_steps: schedule.name=wsd needs a cooldown length > 0"),
+    ("schedule.cooldown_steps=0", "schedule.cooldown_steps: schedule.name=wsd needs a cooldown length > 0"),
     ("schedule.name=cosne", "schedule.name: must be one of cosine, linear, constant, wsd, got 'cosne'"),
     ("schedule.name=wsd & schedule.cooldown_steps=240", "the cooldown would start at step 10, inside the 25-step warmup"),
     ("schedule.name=wsd & schedule.cooldown_steps=50 & schedule.cooldown_shape=sqrt",

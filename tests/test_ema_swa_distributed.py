@@ -53,7 +53,8 @@ def averaged_run(pydoc_data, tmp_path_factory) -> Path:
     run = root / "run"
     # The pydoc data's tokenizer: the continual-pretraining test below loads these weights on that data.
     job = [*smoke(str(root / "data"), run, *AVERAGES), sources, "data.mixture=entropy", "parallel.zero_stage=3",
-           f"data.tokenizer={pydoc_data}/tokenizer.model", "logging.wandb.mode=offline", "logging.wandb.project=tests"]
+           f"data.tokenizer={pydoc_data}/tokenizer.model", "logging.wandb.mode=offline", "logging.wandb.project=tests",
+           "lawa.forecast=lawa"]
     first = torchrun(2, *job, "train.stop_at=6")
     assert "stopped at step 6" in first.stdout
     second = torchrun(2, *job, "sidecar.enabled=true")
@@ -166,7 +167,8 @@ def test_per_source_losses_from_the_trainer_and_the_sidecar_and_one_wandb_run(av
     tags = set()
     for events in (run / "tensorboard").rglob("events.*"):
         tags |= set(EventAccumulator(str(events)).Reload().Tags()["scalars"])
-    assert {"val_loss_by_source/abab/trainer", "val_loss_by_source/sums/lawa", "val_loss_by_source/pydoc/ema"} <= tags
+    assert {"val_loss_by_source/abab/trainer", "val_loss_by_source/sums/lawa", "val_loss_by_source/pydoc/ema",
+            "val_loss/forecast"} <= tags
 
     # W&B, offline: both launches in one run (the id kept in the run dir), every row on the training
     # step axis, the sidecar's rows (read by the trainer after later steps) at their own step.
@@ -183,6 +185,7 @@ def test_per_source_losses_from_the_trainer_and_the_sidecar_and_one_wandb_run(av
     sidecar = {r["step"]: r for r in rows if "sidecar/raw_val_loss" in r}
     assert set(sidecar) == {r["step"] for r in evals} and sidecar[12]["tokens"] == 12 * 512
     assert sidecar[12]["sidecar/lawa_val_loss"] == final["lawa_val_loss"]
+    assert final["forecast"] == "lawa" and sidecar[12]["sidecar/forecast_val_loss"] == final["lawa_val_loss"]
     assert sidecar[12]["sidecar/val_loss_by_source/abab/swa"] == final["val_loss_by_source"]["swa"]["abab"]
     for p in runs:  # W&B's own row counter only grows; our `step` axis is what places each row
         counters = [r["_step"] for r in history(p)]

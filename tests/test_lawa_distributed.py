@@ -23,8 +23,9 @@ from core.files import step_name
 pytestmark = pytest.mark.distributed
 
 LAWA = ["snapshot.every=2", "snapshot.slots=8", "lawa.k=3", "lawa.spacing=2"]
-# A constant LR after warmup, checkpoints at 6 and 12: the parent of the cooldown branch tests.
-STABLE = ["schedule.name=constant", "checkpoint.every=6", "checkpoint.keep=3"]
+# A constant LR after warmup, checkpoints at 6 and 12 (and 2, kept for the cooldown the job schedules
+# from it): the parent of the cooldown branch tests.
+STABLE = ["schedule.name=constant", "checkpoint.every=6", "checkpoint.keep=2", "cooldowns.at=[2]", "cooldowns.steps=4"]
 # Beside LAWA (the headline), one merge per schedule-derived weighting; 3072 tokens = 6 smoke steps.
 MERGES = ("lawa.merges=[{name: lawa}, {name: lin, window_tokens: 3072, weights: linear}, "
           "{name: cos, k: 4, weights: cosine}, {name: sqrt, window_tokens: 3072, weights: 1-sqrt}]")
@@ -105,6 +106,7 @@ def lawa_run(pydoc_data, tmp_path_factory) -> Path:
             sock.close()
     assert "raw vs the merges, validation loss" in proc.stdout, proc.stdout[-3000:]
     assert "sidecar died" not in proc.stdout and "generation 0" in proc.stdout
+    (run.parent / "stdout.txt").write_text(proc.stdout)
     return run
 
 
@@ -261,9 +263,42 @@ def test_a_cooldown_branch_continues_the_parent_and_the_report_sets_it_beside_th
     # Refused with one line: a step with no checkpoint, and a branch whose LR before the branch point
     # would not be the parent's.
     missing = cooldown(lawa_run, "--at", "4", "--steps", "2", check=False)
-    assert missing.returncode != 0 and "has no complete checkpoint of step 4; it has 6, 12" in missing.stderr
+    assert missing.returncode != 0 and "has no complete checkpoint of step 4; it has 2, 6, 12" in missing.stderr
     decaying = cooldown(lawa_run, "--at", "6", "--steps", "2", "schedule.warmup_steps=1", check=False)
     assert decaying.returncode != 0 and "branch from the stable phase" in decaying.stderr
+
+
+def test_the_cooldown_a_job_schedules_runs_after_it_and_is_forecast_by_the_merges_at_its_end(lawa_run):
+    """cooldowns.at=[2], cooldowns.steps=4: after step 12 the same command branches a real cooldown
+    from the checkpoint of step 2 (kept, though checkpoint.keep=2) for steps 3-6; each merge's
+    forecast error is its score at step 6 in eval.jsonl minus the cooldown's loss at step 6."""
+    from launcher.forecast import cooldowns_of, forecasts
+
+    out = (lawa_run.parent / "stdout.txt").read_text()
+    assert "cooldown 1/1: linear over 4 steps from step 2 (cooldowns.at)" in out
+    branch = lawa_run.parent / "smoke_cd2_4_linear"
+    assert json.loads((branch / "branch.json").read_text())["step"] == 2
+    metrics = [r for r in read_metrics(branch) if "loss" in r]
+    assert [r["step"] for r in metrics] == [3, 4, 5, 6]
+    assert metrics[0]["lr"] == pytest.approx(3e-3) and metrics[-1]["lr"] < 3e-3 / 2
+    parent = step_losses(lawa_run)  # the parent's state at step 2; the cooldown's first update is at the peak
+    assert (parent[3], parent[4]) == (metrics[0]["loss"], metrics[1]["loss"]) and parent[6] != metrics[3]["loss"]
+    cooldown_loss = [r["val_loss"] for r in read_metrics(branch) if "val_loss" in r and r["step"] == 6][0]
+
+    records = read_eval_log(str(lawa_run))
+    at_end = {r["step"]: r for r in records}[6]
+    (found,) = forecasts(records, cooldowns_of(str(lawa_run)))
+    assert found.cooldown.final == cooldown_loss
+    for merge in ("lawa", "lin", "cos", "sqrt"):
+        assert found.errors[merge] == pytest.approx(at_end[f"{merge}_val_loss"] - cooldown_loss, abs=1e-12)
+    # The forecast (auto on a constant schedule: the headline merge)
+    assert all(r["forecast"] == "lawa" and r["forecast_val_loss"] == r["lawa_val_loss"] for r in records)
+    table = out[out.index("the merges vs real cooldowns at the same compute"):]
+    assert f"| linear, 4 steps from 2 | 6 | {cooldown_loss:.4f} | {found.errors['raw']:+.4f} |" in table
+    assert f" {found.errors['lawa']:+.4f} |" in table
+    assert f"off the cooldown's loss by: lawa (the forecast) {abs(found.errors['lawa']):.3f} on average" in table
+    assert (lawa_run / "report" / "report.png").stat().st_size > 10_000
+    assert "forecast errors" in (lawa_run / "report" / "report.md").read_text()
 
 
 def test_a_run_restarts_from_a_merge_with_fresh_or_its_checkpoints_moments(lawa_run, pydoc_data, tmp_path):

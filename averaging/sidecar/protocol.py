@@ -41,6 +41,7 @@ class SidecarSpec:
     export_hf: bool
     tasks: list[str] = field(default_factory=list)  # absolute paths
     task_limit: int = 0
+    forecast: Optional[str] = None  # the merge whose score forecasts a cooldown (eval.jsonl's forecast_val_loss)
 
     def write(self, run_dir: str) -> None:
         run = RunDir(run_dir)
@@ -152,15 +153,3 @@ def format_eval_line(r: dict[str, Any]) -> str:
                         for name in tasks.get(head, {}))
     skipped = f"; skipped {', '.join(r['skipped'])} (behind)" if r.get("skipped") else ""
     return f"lawa | step {r['step']}: raw val {raw:.4f}, {scores} [{head}: {steps}]{task_text}{skipped}"
-
-
-def format_eval_table(records: list[dict[str, Any]]) -> str:
-    """Validation loss per scored snapshot, and each method minus raw (negative: better than raw)."""
-    methods = scored_methods(records)[1:]
-    lines = ["| step | raw |" + "".join(f" {m} |" for m in methods) + "".join(f" {m} − raw |" for m in methods),
-             "|---:|---:|" + "---:|" * (2 * len(methods))]
-    for r in records:
-        cells = [f" {r[f'{m}_val_loss']:.4f} |" if f"{m}_val_loss" in r else " |" for m in methods]
-        gaps = [f" {r[f'{m}_val_loss'] - r['raw_val_loss']:+.4f} |" if f"{m}_val_loss" in r else " |" for m in methods]
-        lines.append(f"| {r['step']} | {r['raw_val_loss']:.4f} |" + "".join(cells) + "".join(gaps))
-    return "\n".join(lines)

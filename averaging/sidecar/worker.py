@@ -389,6 +389,8 @@ class Sidecar:
             **{f"{name}_val_loss": loss for name, loss in s.losses.items() if name != "raw"},
             "k": len(r.selected[headline.name]),
             "steps_averaged": r.selected[headline.name][::-1], "merges": merges_record, "averages": r.newest.averages,
+            **({"forecast": self.spec.forecast, "forecast_val_loss": s.losses[self.spec.forecast]}
+               if self.spec.forecast in s.losses else {}),
             **({"tasks": s.tasks} if self.tasks else {}),
             **({"val_loss_by_source": s.by_source} if s.by_source["raw"] else {}),
             "best": merges_record[headline.name]["best"], "skipped": s.skipped, "read_s": r.read_s,
@@ -405,6 +407,8 @@ class Sidecar:
                     self.tb.add_scalar(f"val_loss_minus_raw/{name}", loss - s.losses["raw"], step)
                 for source, value in s.by_source[name].items():  # a panel per source, every method in it
                     self.tb.add_scalar(f"val_loss_by_source/{source}/{name}", value, step)
+            if "forecast_val_loss" in record:  # its own chart: what a cooldown ending here would reach
+                self.tb.add_scalar("val_loss/forecast", record["forecast_val_loss"], step)
             self.tb.flush()
         logger.info(format_eval_line(record))
 
