@@ -154,4 +154,9 @@ def end_of_run(records: list[dict[str, Any]], cooldowns: list[Cooldown], forecas
     if found:
         text += ("\n\nthe merges vs real cooldowns at the same compute (each merge's score where the cooldown ends, "
                  "minus the cooldown's loss):\n" + forecast_table(found, forecast))
+    scored = {r["step"] for r in records}
+    for cd in cooldowns:
+        if cd.final is not None and cd.branch.end_step not in scored:
+            text += (f"\nno forecast for the cooldown from step {cd.branch.step}: the sidecar did not score step "
+                     f"{cd.branch.end_step} (its slot left the ring first; sidecar/rank0.log says why)")
     return text + "\n\n" + verdict(records, found, forecast, stable_phase)

@@ -65,7 +65,10 @@ def test_the_end_of_run_table_is_short_and_ends_with_a_sentence_of_what_it_shows
     assert len(rows) <= 12 and rows[-1] is evals[-1]
     text = end_of_run(evals, [cooldown(60, 40, 5.85)], "wsm", stable_phase=(0, 200))
     assert "one in 3 of 25 scored steps, and the last" in text and "| 250 |" in text and "wsm (forecast) − raw" in text
-    assert "| 1-sqrt, 40 steps from 60 | 100 | 5.8500 |" in text
+    assert "| 1-sqrt, 40 steps from 60 | 100 | 5.8500 |" in text and "no forecast" not in text
+    # A cooldown whose end step the sidecar never scored is named, not silently dropped.
+    missed = end_of_run(records(25), [cooldown(60, 40, 5.85), cooldown(85, 20, 5.8)], "wsm", stable_phase=(0, 200))
+    assert "no forecast for the cooldown from step 85: the sidecar did not score step 105" in missed
     sentence = verdict(evals, forecasts(evals, [cooldown(60, 40, 5.85)]), "wsm", stable_phase=(0, 200))
     assert sentence.startswith("Through the stable phase (steps 1–200), lawa scored below raw at 20 of 20 steps")
     assert "wsm scored below raw at 10 of 20 steps" in sentence

@@ -179,7 +179,7 @@ def test_sidecar_lawa_loss_equals_single_process_loss_of_the_consolidated_averag
 def test_training_losses_are_the_same_with_the_sidecar_on_and_off(lawa_run, pydoc_data, tmp_path):
     plain = tmp_path / "plain"
     torchrun(2, "--job", "jobs/smoke.yaml", f"data.dir={pydoc_data}", f"run_dir={plain}", "train.steps=12",
-             "logging.every=2", "eval.every=6", *STABLE)
+             "logging.every=2", "eval.every=6", *STABLE, "cooldowns.at=[]")  # a forecast needs the sidecar
     assert step_losses(plain) == step_losses(lawa_run)
 
 
@@ -198,6 +198,7 @@ def test_a_sidecar_that_fell_behind_leaves_a_bad_slot_out_and_scores_the_last_on
     shutil.copytree(lawa_run, copy, ignore=shutil.ignore_patterns("checkpoints", "lawa_best", "merges", "eval.jsonl"))
     spec = SidecarSpec.read(str(copy))
     spec.snapshot_dir = str(copy / "snaps")
+    spec.forecast_steps = []  # a cooldown's end would be scored before the newest (the next test)
     spec.write(str(copy))
     later = {s: copy / "snaps" / step_name(s) / "COMMITTED" for s in (6, 8, 10, 12)}
     for marker in later.values():
@@ -226,6 +227,32 @@ def test_a_sidecar_that_fell_behind_leaves_a_bad_slot_out_and_scores_the_last_on
     assert out.count("leaving out step 10: ") == 1 and "manifest.json cannot be read" in out, out[-3000:]
     assert "behind: step 6 was committed while step 4 was scored; scoring the newest, 8" in out
     assert read_eval_log(str(copy))[-1]["steps_averaged"] == [12, 8, 6]  # 10 left out of the merge too
+
+
+def test_a_sidecar_behind_scores_where_a_scheduled_cooldown_ends_with_every_merge_before_the_newest(lawa_run,
+                                                                                                    tmp_path):
+    """The cooldown scheduled from step 2 ends at 6 (the spec's forecast_steps). A sidecar started
+    on a copy of the finished run, every slot up to 12 committed, scores 6 first, with every merge
+    (a sidecar behind skips all but the headline elsewhere), then 12."""
+    import shutil
+
+    from averaging.sidecar.protocol import SidecarSpec
+
+    copy = tmp_path / "copy"
+    shutil.copytree(lawa_run, copy, ignore=shutil.ignore_patterns("checkpoints", "lawa_best", "merges", "eval.jsonl"))
+    spec = SidecarSpec.read(str(copy))
+    assert spec.forecast_steps == [6]
+    spec.snapshot_dir = str(copy / "snaps")
+    spec.write(str(copy))
+    out = run_launcher([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "averaging.sidecar",
+                        "--run-dir", str(copy), "--once"]).stdout
+    records = read_eval_log(str(copy))
+    assert [r["step"] for r in records] == [6, 12]
+    assert "scoring step 6, where a scheduled cooldown ends, before the newer 12" in out, out[-3000:]
+    assert all(f"{m}_val_loss" in records[0] for m in ("lawa", "lin", "cos", "sqrt"))
+    assert records[0]["steps_averaged"] == [6, 4, 2]
+    original = {r["step"]: r for r in read_eval_log(str(lawa_run))}[6]
+    assert records[0]["lawa_val_loss"] == pytest.approx(original["lawa_val_loss"], abs=1e-6)
 
 
 def cooldown(run: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -279,15 +306,18 @@ def test_the_cooldown_a_job_schedules_runs_after_it_and_is_forecast_by_the_merge
     branch = lawa_run.parent / "smoke_cd2_4_linear"
     assert json.loads((branch / "branch.json").read_text())["step"] == 2
     metrics = [r for r in read_metrics(branch) if "loss" in r]
-    assert [r["step"] for r in metrics] == [3, 4, 5, 6]
-    assert metrics[0]["lr"] == pytest.approx(3e-3) and metrics[-1]["lr"] < 3e-3 / 2
-    parent = step_losses(lawa_run)  # the parent's state at step 2; the cooldown's first update is at the peak
-    assert (parent[3], parent[4]) == (metrics[0]["loss"], metrics[1]["loss"]) and parent[6] != metrics[3]["loss"]
+    assert [r["step"] for r in metrics] == [4, 6]  # the parent's logging.every=2
+    assert 3e-3 / 2 < metrics[0]["lr"] < 3e-3 and metrics[-1]["lr"] < 3e-3 / 2
+    # The parent's state at step 2; the cooldown's first update (step 3) is at the peak, so the loss
+    # at step 4 is the parent's, and the decay after it parts them.
+    parent = step_losses(lawa_run)
+    assert parent[4] == metrics[0]["loss"] and parent[6] != metrics[1]["loss"]
     cooldown_loss = [r["val_loss"] for r in read_metrics(branch) if "val_loss" in r and r["step"] == 6][0]
 
     records = read_eval_log(str(lawa_run))
     at_end = {r["step"]: r for r in records}[6]
-    (found,) = forecasts(records, cooldowns_of(str(lawa_run)))
+    # (other tests branch their own cooldowns from this run)
+    found = {f.cooldown.branch.step: f for f in forecasts(records, cooldowns_of(str(lawa_run)))}[2]
     assert found.cooldown.final == cooldown_loss
     for merge in ("lawa", "lin", "cos", "sqrt"):
         assert found.errors[merge] == pytest.approx(at_end[f"{merge}_val_loss"] - cooldown_loss, abs=1e-12)

@@ -42,6 +42,9 @@ class SidecarSpec:
     tasks: list[str] = field(default_factory=list)  # absolute paths
     task_limit: int = 0
     forecast: Optional[str] = None  # the merge whose score forecasts a cooldown (eval.jsonl's forecast_val_loss)
+    # Where the job's scheduled cooldowns end: scored with every merge, before newer slots, even when
+    # behind (the end-of-run forecast table compares the merges there).
+    forecast_steps: list[int] = field(default_factory=list)
 
     def write(self, run_dir: str) -> None:
         run = RunDir(run_dir)

@@ -224,15 +224,15 @@ class Sidecar:
 
     def run(self, once: bool) -> None:
         """Score each newly committed slot until the trainers are done and their last snapshot is
-        scored (or they are gone); with `once`, the newest slot only."""
+        scored (or they are gone); with `once`, until the newest slot is scored."""
         waiting_since: Optional[float] = None
         while True:
             look = self._look()
-            newest = max(look.committed, default=None)
-            if newest is not None and newest > self.last_step:
-                self._say_passed_over(look.committed, newest)
-                if self.evaluate(look.committed):
-                    self.last_step = newest
+            target = self.next_target(look.committed)
+            if target is not None:
+                self._say_passed_over(look.committed, target)
+                if self.evaluate([s for s in look.committed if s <= target]):
+                    self.last_step = target
                 continue  # look again at once: a retry, or a slot committed meanwhile
             if look.orphaned:
                 return
@@ -263,12 +263,24 @@ class Sidecar:
         return Look(sorted(common), next((v[0] for v in views if v[0] is not None), None),
                     not all(v[2] for v in views))
 
-    def _say_passed_over(self, committed: list[int], newest: int) -> None:
-        passed = [s for s in committed if self.last_step < s < newest]
-        if passed and self.last_step >= 0 and self.is_main:
-            which = f"step {passed[0]} was" if len(passed) == 1 else f"steps {', '.join(map(str, passed))} were"
-            logger.warning(f"behind: {which} committed while step {self.last_step} was scored; scoring the newest, "
-                           f"{newest}")
+    def next_target(self, committed: list[int]) -> Optional[int]:
+        """The slot to score next: the newest committed past the last scored, unless a scheduled
+        cooldown ends at an older one still in the ring (its forecast needs that step's score)."""
+        newer = [s for s in committed if s > self.last_step]
+        due = [s for s in newer if s in self.spec.forecast_steps]
+        return min(due) if due else max(newer, default=None)
+
+    def _say_passed_over(self, committed: list[int], target: int) -> None:
+        if not self.is_main:
+            return
+        passed = [s for s in committed if self.last_step < s < target]
+        which = (f"step {target}, where a scheduled cooldown ends, before the newer {max(committed)}"
+                 if target < max(committed) else f"the newest, {target}")
+        if passed and self.last_step >= 0:
+            some = f"step {passed[0]} was" if len(passed) == 1 else f"steps {', '.join(map(str, passed))} were"
+            logger.warning(f"behind: {some} committed while step {self.last_step} was scored; scoring {which}")
+        elif target < max(committed):
+            logger.info(f"scoring {which}")
 
     def evaluate(self, committed: list[int]) -> bool:
         """Collective. Score the newest committed slot raw, every merge of it, and the trainers'
@@ -356,8 +368,9 @@ class Sidecar:
         for kind, flat in r.averages.items():
             score(kind, flat)
         for i, merge in enumerate(rest):
-            # The headline keeps up with every commit; the others give way when the sidecar falls behind.
-            if self._behind(r.newest.step):
+            # The headline keeps up with every commit; the others give way when the sidecar falls
+            # behind, except where a scheduled cooldown ends (the forecast table compares them all).
+            if r.newest.step not in self.spec.forecast_steps and self._behind(r.newest.step):
                 s.skipped = [m.name for m in rest[i:]]
                 if self.is_main:
                     logger.warning(f"behind: a snapshot newer than step {r.newest.step} is committed; skipped "
