@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Literal, NoReturn, Optional
 
 import torch
@@ -215,7 +216,16 @@ def init_distributed(tp: int, env: Optional[RankEnv] = None, device: str = "auto
     os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),
                       MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port))
     chosen = pick_device(env.local_rank, device)
-    use_deepspeed(chosen.type).init_distributed(dist_backend="nccl" if chosen.type == "cuda" else "gloo", auto_mpi_discovery=False,
+    backend = "nccl" if chosen.type == "cuda" else "gloo"
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and restart is not None and not dist.is_initialized():
+        # torchrun's agent keeps one store across its worker restarts (--max-restarts), and the
+        # process group's keys carry no attempt: restarted workers would read the dead ones'
+        # addresses and fail to connect, or hang. Each attempt gets keys of its own.
+        store = dist.TCPStore(env.master_addr, env.master_port, is_master=False, timeout=timedelta(minutes=10))
+        dist.init_process_group(backend, store=dist.PrefixStore(f"lawa/attempt_{restart}", store), rank=env.rank,
+                                world_size=env.world_size, timeout=timedelta(minutes=30))
+    use_deepspeed(chosen.type).init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                verbose=False)
     return build_parallel(tp, env.local_rank, chosen)
 
