@@ -94,6 +94,38 @@ def write_shard(slot_dir: str, dp_rank: int, tp_rank: int, flat_groups: list[tor
     return written
 
 
+RESTART = "restart"  # a restart slot's sub-folder: each rank's optimizer moments
+MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's, per master flat group, in the partition's own layout
+
+
+def moments_file(dp_rank: int, tp_rank: int) -> str:
+    return f"{RESTART}/zero_pp_rank_{dp_rank}_mp_rank_{tp_rank:02d}_moments.pt"
+
+
+def write_moments(slot_dir: str, dp_rank: int, tp_rank: int, moments: dict[str, list[torch.Tensor]],
+                  max_bytes_per_s: float = 0.0, mode: Optional[int] = None) -> dict[str, dict]:
+    """One rank's optimizer moments ({name in MOMENTS: its flat groups, padded as the partition})
+    into a restart slot; returns {file name: {"bytes", "xxh3"}} for the manifest."""
+    name = moments_file(dp_rank, tp_rank)
+    os.makedirs(os.path.dirname(os.path.join(slot_dir, name)), mode=0o700 if mode is not None else 0o777,
+                exist_ok=True)
+    data = serialize({key: moments[key] for key in MOMENTS})
+    write_file_atomic(os.path.join(slot_dir, name), data, max_bytes_per_s, mode)
+    fsync_dir(os.path.join(slot_dir, RESTART))
+    return {name: record_of(data)}
+
+
+def read_moments(slot_dir: str, dp_rank: int, tp_rank: int, manifest: SlotManifest) -> dict[str, list[torch.Tensor]]:
+    """This rank's optimizer moments of a committed restart slot, checksum-verified."""
+    if not manifest.restart:
+        raise SlotUnusable(f"{slot_dir} is not a restart slot (weights only)")
+    name = moments_file(dp_rank, tp_rank)
+    moments = _read_verified(slot_dir, name, manifest)
+    if not isinstance(moments, dict) or any(not isinstance(moments.get(key), list) for key in MOMENTS):
+        raise SlotCorrupt(f"{slot_dir}/{name} holds no optimizer moments")
+    return moments
+
+
 def model_states_metadata(param_shapes: list[dict[str, Any]], dp: int, tp: int, splits: dict[str, list[int]],
                           module: Optional[dict] = None, buffer_names: Optional[list[str]] = None,
                           shared_params: Optional[dict] = None) -> dict[str, Any]:

@@ -95,3 +95,40 @@ def treat_as_leaves(model, classes: list) -> None:
     from deepspeed.utils import set_z3_leaf_modules
 
     set_z3_leaf_modules(model, classes)
+
+
+def optimizer_states(engine) -> list[dict]:
+    """The inner optimizer's (AdamW's) state of each master flat group, in `master_flat_groups`
+    order: exp_avg and exp_avg_sq shaped like the group, step a scalar tensor. Empty dicts before
+    the first step."""
+    inner = engine.optimizer.optimizer
+    return [inner.state[flat] for flat in master_flat_groups(engine)]
+
+
+def set_step_counters(engine, steps: int, samples: int) -> None:
+    """The engine's own counters, as its load_checkpoint would leave them."""
+    engine.global_steps = steps
+    engine.global_samples = samples
+
+
+def refresh_working_copy(engine, dp_group) -> None:
+    """Collective over the data-parallel group, after the master partitions were written in place:
+    the model's working weights from them. ZeRO-1/2: each rank's partition into the working flat,
+    all-gathered (DeepSpeed's own update after a step). ZeRO-3: each rank's chunk into its working
+    partition, and the parameters it keeps gathered (persistence threshold) gathered again."""
+    import torch
+    import torch.distributed as dist
+
+    optimizer = engine.optimizer
+    with torch.no_grad():
+        if zero_stage(engine) in (1, 2):
+            optimizer.update_lp_params()
+            return
+        for master, working in zip(optimizer.fp32_partitioned_groups_flat, optimizer.fp16_partitioned_groups_flat):
+            working.data.copy_(master.data)
+        for param in engine.module.parameters():
+            if kept_whole(param):
+                chunk = param.ds_tensor.data.view(-1)
+                parts = [torch.empty_like(chunk) for _ in range(dist.get_world_size(dp_group))]
+                dist.all_gather(parts, chunk, group=dp_group)
+                param.data.copy_(torch.cat(parts)[: param.ds_numel].view_as(param.data))

@@ -60,6 +60,9 @@ class SlotManifest:
     val_loss: Optional[float] = None  # lawa: the held-out loss that made it the best
     node: Optional[str] = None  # the node whose part of the slot this folder holds; None: all of it
     nodes: dict[str, list[int]] = field(default_factory=dict)  # node -> the ranks whose files it holds
+    # Restart slots (snapshot.restart_every): the optimizer's step count of each flat group; each
+    # rank's moments are in restart/ (averaging.slots.write_moments). Empty: weights only.
+    restart: dict[str, Any] = field(default_factory=dict)
     format: int = MANIFEST_FORMAT
 
     def shapes(self) -> list[dict[str, torch.Size]]:

@@ -226,8 +226,9 @@ def _resources(job: JobConfig, shape: Shape, cl: Cluster) -> tuple[dict[str, Res
     side = weights + layer + logits if sidecar else 0.0
 
     host = []
+    restarts = snap and job.snapshot.restart_every > 0
     if snap:  # pinned copies of the partition the background thread writes from, one per kind
-        host.append(("snapshot buffers", R * E * len(kinds)))
+        host.append(("snapshot buffers", R * E * (len(kinds) + (2 if restarts else 0))))
     if job.ema.enabled and job.ema.offload:
         host.append(("EMA (ema.offload)", R * E))
     if sidecar:
@@ -242,11 +243,18 @@ def _resources(job: JobConfig, shape: Shape, cl: Cluster) -> tuple[dict[str, Res
         host.append(("sidecar engine", R * side))
     gpu_parts = (*device, *((("sidecar", side + CUDA_OVERHEAD),) if sidecar_gpu else ()), ("CUDA", CUDA_OVERHEAD))
 
-    ring = R * E * len(kinds) * job.snapshot.slots * (cl.nodes if cl.ring_shared else 1)
-    if ring and cl.ring_in_ram:
-        host.append(("the ring (/dev/shm is RAM)", ring))
+    copies = cl.nodes if cl.ring_shared else 1
+    ring = R * E * len(kinds) * job.snapshot.slots * copies
     label = (f"{job.snapshot.slots} slots × {len(kinds)} ({' + '.join(kinds)}) × {size(R * E)} (a node's {R} "
              f"partition{'s' if R > 1 else ''})" + (f" × {cl.nodes} nodes" if cl.ring_shared else ""))
+    if restarts:
+        # Restart slots add AdamW's two moments; the ring keeps its newest restart slot beyond its
+        # window too (launcher/snapshot.py: _recycle).
+        held = -(-job.snapshot.slots // job.snapshot.restart_every) + 1
+        ring += R * E * (2 * held + len(kinds)) * copies
+        label += f" + {held} restart points × 2 moments + 1 kept beyond the window"
+    if ring and cl.ring_in_ram:
+        host.append(("the ring (/dev/shm is RAM)", ring))
     where = ("in all" if cl.ring_shared else "per node") + ("" if cl.ring_in_ram else f" in {cl.ring_place}")
     unchecked = "not checked here (snapshot.dir): the launcher checks its free space at start"
     resources = {

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from averaging import slots
 from averaging.ema_swa import ShardAverages
 from core.config import ConfigError, FilePath, need
-from core.deepspeed_compat import flat_layout, master_flat_groups, model_states
+from core.deepspeed_compat import flat_layout, master_flat_groups, model_states, optimizer_states
 from core.distributed import Parallel, gather_objects, vote
 from core.files import private_folder
 from core.flat_layout import zero_padding
@@ -42,9 +42,14 @@ class SnapshotArgs:
     if_busy: Literal["skip", "wait"] = "skip"  # when the previous write still runs at the next snapshot
     max_write_mb_per_s: float = 0.0  # throttle the background write (shared disks); 0: unlimited
     cleanup: bool = True  # delete slots under /dev/shm when training ends normally (they hold RAM)
+    # Every this many snapshots is also a restart point: it carries the optimizer's moments, and a run
+    # restarted on the same nodes resumes from the newest one when it is newer than its newest
+    # checkpoint (launcher/ring_restart.py); 0: weights only.
+    restart_every: int = 0
 
     def validate(self) -> None:
         need(self.every >= 0, f"snapshot.every: must be >= 0, got {self.every}")
+        need(self.restart_every >= 0, f"snapshot.restart_every: must be >= 0, got {self.restart_every}")
         need(self.slots >= 2, f"snapshot.slots: must be >= 2 (one is being written while others are read), "
                               f"got {self.slots}")
         need(self.max_write_mb_per_s >= 0, f"snapshot.max_write_mb_per_s: must be >= 0, got {self.max_write_mb_per_s}")
@@ -149,6 +154,7 @@ class SnapshotWriter:
     def __init__(self, args: SnapshotArgs, engine, par: Parallel, root: str, resume_step: int,
                  averages: Optional[ShardAverages] = None):
         self.args = args
+        self.engine = engine
         self.averages = averages
         self.par = par
         self.root = root
@@ -197,6 +203,10 @@ class SnapshotWriter:
 
     def due(self, step: int, final: bool = False) -> bool:
         return step % self.args.every == 0 or final
+
+    def is_restart_point(self, step: int) -> bool:
+        every = self.args.every * self.args.restart_every
+        return every > 0 and step % every == 0
 
     def ballot(self) -> list[int]:
         """This rank's part of a vote: the newest step it finished writing, and (negated) whether it
@@ -314,7 +324,7 @@ class SnapshotWriter:
             param_shapes=shapes_to_json(self.param_shapes), files=files,
             tensor_parallel_layout=self.model_states["tensor_parallel_layout"], **self.layout.to_json(),
             ds_version=self.model_states["ds_version"], averages=p["averages"],
-            node=None if self.shared else self.par.host,
+            node=None if self.shared else self.par.host, restart=p["restart"],
             nodes={host: self.par.ranks_on(host) for host in dict.fromkeys(self.par.hosts)})
         if self.keeper:
             # The fsyncs run off the training thread; the next write waits for them (see _write).
@@ -335,6 +345,11 @@ class SnapshotWriter:
     def _start(self, step: int, tokens: int, lr: float) -> float:
         start = time.perf_counter()
         sources = {"raw": self.flat, **(self.averages.current() if self.averages is not None else {})}
+        restart: dict[str, Any] = {}
+        if self.is_restart_point(step):
+            states = optimizer_states(self.engine)
+            sources.update({key: [state[key] for state in states] for key in slots.MOMENTS})
+            restart = {"optimizer_steps": [float(state["step"]) for state in states]}
         for kind in sources:
             if kind not in self.host:
                 self.host[kind] = self._host_buffers()
@@ -352,7 +367,7 @@ class SnapshotWriter:
                     host.copy_(flat.detach().view(-1))
         stall = time.perf_counter() - start
         averages = self.averages.describe() if self.averages is not None else {}
-        self.pending = {"step": step, "tokens": tokens, "lr": lr, "averages": averages}
+        self.pending = {"step": step, "tokens": tokens, "lr": lr, "averages": averages, "restart": restart}
         self.thread = threading.Thread(target=self._write, args=(step, self.copy_event, list(sources)), daemon=True,
                                        name=f"snapshot-{step}")
         self.thread.start()
@@ -366,7 +381,11 @@ class SnapshotWriter:
             if self.keeper:
                 self._recycle(step)
             written = {}
-            for kind in kinds:
+            moments = {kind: self.host[kind] for kind in kinds if kind in slots.MOMENTS}
+            if moments:
+                written.update(slots.write_moments(self.slot_dir(step), self.par.dp_rank, self.par.tp_rank, moments,
+                                                   self.args.max_write_mb_per_s * 1e6, RING_FILE_MODE))
+            for kind in (k for k in kinds if k not in slots.MOMENTS):
                 zero_padding(self.host[kind], self.layout, self.par.dp_rank)
                 files = slots.write_shard(
                     slots.kind_dir(self.slot_dir(step), kind), self.par.dp_rank, self.par.tp_rank,
@@ -379,14 +398,17 @@ class SnapshotWriter:
             self.failed = e
 
     def _recycle(self, step: int) -> None:
-        """Make room in the ring: keep the newest slots-1 committed slots besides the one being written."""
+        """Make room in the ring: keep the newest slots-1 committed slots besides the one being
+        written, and the newest committed restart slot wherever it falls."""
         existing = [(s, path, committed) for s, path, committed in slots.list_slots(self.root) if s != step]
         for _s, path, committed in existing:
             if not committed:
                 slots.remove_slot(path)
         committed = [path for s, path, c in existing if c]
+        restarts = [path for path in committed if os.path.isdir(os.path.join(path, slots.RESTART))]
         for path in committed[: max(0, len(committed) - (self.args.slots - 1))]:
-            slots.remove_slot(path)
+            if not restarts or path != restarts[-1]:
+                slots.remove_slot(path)
 
     def cleanup(self) -> None:
         """After a normal end: free node-local memory (committed slots elsewhere stay)."""

@@ -32,6 +32,7 @@ from launcher.checkpoint import (
     newest_verified,
     verify,
 )
+from launcher.ring_restart import resume_from_ring
 from models.growth import Grown, Order
 from models.registry import ModelConfig, config_to_dict, read_model_config
 from models.tensor_parallel import tensor_parallel_layout
@@ -58,14 +59,19 @@ class Start:
 
 
 def restore(engine, par: Parallel, ckpt_dir: str, args: CheckpointArgs, growth: GrowthArgs,
-            model_config: ModelConfig, averages: ShardAverages) -> Start:
-    """Collective. Resume from this run's newest checkpoint that verifies; else start from
-    `checkpoint.branch_from`, `growth.from_run` or `checkpoint.init_from` (at most one is set: the
-    job's validation); else keep the fresh initialisation."""
+            model_config: ModelConfig, averages: ShardAverages, ring: Optional[str] = None) -> Start:
+    """Collective. Resume from the newest of: a restart slot in the snapshot `ring` (when given)
+    and this run's newest checkpoint that verifies; else start from `checkpoint.branch_from`,
+    `growth.from_run` or `checkpoint.init_from` (at most one is set: the job's validation); else
+    keep the fresh initialisation."""
     if complete_checkpoints(ckpt_dir) and not args.resume:
         raise ConfigError(f"{ckpt_dir} holds checkpoints but checkpoint.resume is false: "
                           f"choose another run_dir or delete them")
     own = newest_verified(ckpt_dir, par)
+    if ring is not None and args.resume:
+        resumed = resume_from_ring(engine, par, ring, RunState.read(own).step if own else -1, averages)
+        if resumed is not None:
+            return Start(*resumed)
     if own is not None:
         return continue_from(engine, par, own, averages, "resumed")
     with pickles.trusting(args.trust_pickle):

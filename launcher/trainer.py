@@ -222,7 +222,8 @@ def run_training(t: Training) -> dict:
     the last logged metrics."""
     job = t.job
     averages = ShardAverages(job.ema, job.swa, master_flat_groups(t.engine), job.snapshot.every)
-    start = restore(t.engine, t.par, t.checkpoint_dir, job.checkpoint, job.growth, t.model_config, averages)
+    ring = t.snapshot_root if job.snapshot.every and job.snapshot.restart_every else None
+    start = restore(t.engine, t.par, t.checkpoint_dir, job.checkpoint, job.growth, t.model_config, averages, ring)
     if start.step >= job.train.steps:
         logger.info(f"{t.run.path} has already trained its {job.train.steps} steps (train.steps); to go on, raise "
                     f"train.steps, or start a new run with run_dir=<another directory>")

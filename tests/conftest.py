@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -50,3 +52,31 @@ def pydoc_data(tmp_path_factory) -> str:
     job = load_job(REPO / "jobs/smoke.yaml", [f"data.dir={tmp_path_factory.mktemp('pydoc')}"])
     prepare(job.data, progress=False)
     return job.data.dir
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL torchrun and every process under it (its workers run in sessions of their own)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return
+    procs = [root, *root.children(recursive=True)]
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=30)
+    assert not alive, alive
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")

@@ -16,7 +16,7 @@ import torch
 from averaging import slots
 from averaging.lawa import average_state_dicts
 from averaging.sidecar.protocol import read_eval_log
-from conftest import BIN, REPO, launcher_env, read_metrics, run_launcher, torchrun
+from conftest import BIN, REPO, kill_tree, launcher_env, read_metrics, run_launcher, torchrun, wait_for
 from core import pickles
 from core.files import step_name
 
@@ -359,34 +359,6 @@ def test_a_run_restarts_from_a_merge_with_fresh_or_its_checkpoints_moments(lawa_
     kept, fresh = (exp_avg_sq(runs[k] / "checkpoints" / step_name(1)) for k in ("true", "false"))
     assert bool((kept >= 0.95 * parent_v * (1 - 1e-6)).all())
     assert not bool((fresh >= 0.95 * parent_v * (1 - 1e-6)).all())
-
-
-def kill_tree(pid: int) -> None:
-    """SIGKILL torchrun and every process under it (its workers run in sessions of their own)."""
-    import psutil
-
-    try:
-        root = psutil.Process(pid)
-    except psutil.NoSuchProcess:
-        return
-    procs = [root, *root.children(recursive=True)]
-    for p in procs:
-        try:
-            p.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=30)
-    assert not alive, alive
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_sigkill_during_a_snapshot_write_leaves_only_valid_committed_slots(pydoc_data, tmp_path):

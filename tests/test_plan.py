@@ -75,6 +75,12 @@ def test_small_case_by_hand():
     assert part(result.host, "sidecar sums") == per_node * 1 * 4 * partition  # one merge (lawa)
     assert part(result.host, "the ring (/dev/shm is RAM)") == ring.need
 
+    # Restart points every 2nd snapshot: each holds AdamW's two moments besides the weights; of 6
+    # slots 3 can be restart points, and the ring keeps the newest one (every kind) beyond its window.
+    restarting = plan(replace(job, snapshot=replace(job.snapshot, restart_every=2)), config, cl, shape)
+    assert restarting.ring.need == ring.need + per_node * 4 * partition * (2 * (3 + 1) + 3)
+    assert part(restarting.host, "snapshot buffers") == per_node * (3 + 2) * 4 * partition
+
 
 def test_zero_1_and_2_by_hand():
     """ZeRO-1/2: the working weights and (ZeRO-1) the gradients whole on every rank, a dp-th of the
