@@ -257,6 +257,13 @@ class SnapshotWriter:
             raise RuntimeError(f"snapshot write failed: {self.failed!r}")
 
     @property
+    def restart_pending(self) -> bool:
+        """A restart slot is written but not yet committed: the loop votes at each step until it is
+        (a bounded run of small votes per restart point), so that a failure loses about one snapshot
+        interval, not two."""
+        return self.pending is not None and bool(self.pending["restart"])
+
+    @property
     def last_committed(self) -> Optional[int]:
         return self.committed[-1] if self.committed else None
 

@@ -292,7 +292,7 @@ class Loop:
     def vote_due(self) -> bool:
         step = self.step_no
         return step % self.t.job.train.vote_every == 0 or step == self.last_stop or \
-            (self.snapshots is not None and self.snapshots.due(step))
+            (self.snapshots is not None and (self.snapshots.due(step) or self.snapshots.restart_pending))
 
     def vote(self) -> None:
         """Collective: the trainers' one vote of their own, one small all-reduce of every flag at once
