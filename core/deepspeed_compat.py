@@ -105,6 +105,11 @@ def optimizer_states(engine) -> list[dict]:
     return [inner.state[flat] for flat in master_flat_groups(engine)]
 
 
+def step_count_on_device(engine) -> bool:
+    """Whether the inner AdamW keeps its step counts on the device (fused or capturable), not the CPU."""
+    return any(group.get("fused") or group.get("capturable") for group in engine.optimizer.optimizer.param_groups)
+
+
 def set_step_counters(engine, steps: int, samples: int) -> None:
     """The engine's own counters, as its load_checkpoint would leave them."""
     engine.global_steps = steps

@@ -21,6 +21,7 @@ from core.deepspeed_compat import (
     optimizer_states,
     refresh_working_copy,
     set_step_counters,
+    step_count_on_device,
     zero_stage,
 )
 from core.distributed import Parallel, gather_objects
@@ -62,6 +63,7 @@ def apply(engine, par: Parallel, part: dict[str, Any], averages: ShardAverages) 
     """Collective: the part into the engine (master, moments, working copy, counters) and averages."""
     manifest = part["manifest"]
     states = optimizer_states(engine)
+    on_device = step_count_on_device(engine)
     for g, master in enumerate(master_flat_groups(engine)):
         stored = part["weights"][g].view(-1)
         master.data.view(-1).zero_()[: stored.numel()].copy_(stored)
@@ -72,7 +74,10 @@ def apply(engine, par: Parallel, part: dict[str, Any], averages: ShardAverages) 
                 state[key] = torch.zeros_like(master.data)
             state[key].view(-1).copy_(saved.to(state[key].device))
         step = manifest.restart["optimizer_steps"][g]
-        state["step"] = torch.tensor(step, dtype=torch.float32) if "step" not in state else state["step"].fill_(step)
+        if "step" in state:
+            state["step"].fill_(step)
+        else:  # as AdamW makes it on its first step: on the device when fused, else on the CPU
+            state["step"] = torch.tensor(step, dtype=torch.float32, device=master.device if on_device else "cpu")
     refresh_working_copy(engine, par.dp_group)
     set_step_counters(engine, manifest.step, manifest.step * _samples_per_step(engine))
     if averages.enabled:
