@@ -43,6 +43,11 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return read_jsonl(RunDir(str(run_dir)).metrics)
 
 
+def step_losses(run_dir: Path) -> dict[int, float]:
+    """Each step's loss, as last logged (a resumed run logs the steps it trains again)."""
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+
+
 @pytest.fixture(scope="session")
 def pydoc_data(tmp_path_factory) -> str:
     """The embedded corpus prepared once per test session with the jobs' tokenizer settings."""

@@ -16,7 +16,7 @@ import torch
 from averaging import slots
 from averaging.lawa import average_state_dicts
 from averaging.sidecar.protocol import read_eval_log
-from conftest import BIN, REPO, kill_tree, launcher_env, read_metrics, run_launcher, torchrun, wait_for
+from conftest import BIN, REPO, kill_tree, launcher_env, read_metrics, run_launcher, step_losses, torchrun, wait_for
 from core import pickles
 from core.files import step_name
 
@@ -64,10 +64,6 @@ def single_process_val_losses(run_dir: Path, state_dict: dict[str, torch.Tensor]
 
 def single_process_val_loss(run_dir: Path, state_dict: dict[str, torch.Tensor]) -> float:
     return single_process_val_losses(run_dir, state_dict)[0]
-
-
-def step_losses(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
 
 
 def held_ports(count: int) -> tuple[int, list[socket.socket]]:

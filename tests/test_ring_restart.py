@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from averaging import slots
-from conftest import BIN, REPO, kill_tree, launcher_env, read_metrics, torchrun, wait_for
+from conftest import BIN, REPO, kill_tree, launcher_env, step_losses, torchrun, wait_for
 from core.files import step_name
 
 # Restart points at steps 10, 20, 30, 40; no checkpoint before the end.
@@ -22,11 +22,6 @@ ARGS = ["snapshot.every=5", "snapshot.restart_every=2", "train.steps=40", "check
 def smoke(data_dir: str, run_dir: Path, *extra: str) -> list[str]:
     return ["--job", "jobs/smoke.yaml", f"data.dir={data_dir}", f"run_dir={run_dir}",
             f"snapshot.dir={run_dir / 'snaps'}", *ARGS, *extra]
-
-
-def step_losses(run_dir: Path) -> dict[int, float]:
-    """Each step's loss, as last logged (a resumed run logs the steps it trains again)."""
-    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
 
 
 def restart_slot_at_least(snaps: Path, step: int):

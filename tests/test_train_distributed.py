@@ -9,17 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, read_metrics, run_launcher, torchrun
+from conftest import BIN, read_metrics, run_launcher, step_losses, torchrun
 
 pytestmark = pytest.mark.distributed
 
 
 def smoke_args(data_dir: str, run_dir: Path, *extra: str) -> list[str]:
     return ["--job", "jobs/smoke.yaml", f"data.dir={data_dir}", f"run_dir={run_dir}", *extra]
-
-
-def step_losses(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
 
 
 def test_two_rank_run_learns_and_leaves_a_complete_run_dir(pydoc_data, tmp_path):
