@@ -119,13 +119,18 @@ class SlurmCluster:
                                                             "NODE_FAIL", "OUT_OF_MEMORY")) -> dict[str, str]:
         # Poll scontrol rather than `sbatch --wait`, which polls slowly.
         deadline = time.monotonic() + timeout
+        hurried = False
         while time.monotonic() < deadline:
             info = self.job(job_id)
             if info.get("JobState") in states:
                 return info
-            if info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime":
-                # Slurm holds a requeued job for about two minutes; a test need not wait for that.
-                self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
+            held = info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime"
+            if held and not hurried:
+                # Slurm holds a requeued job for about two minutes; a test need not wait for that. Not
+                # "now": slurmd refuses a launch in the same second as the kill that revoked the job's
+                # credential ("Job credential revoked"), and the job ends FAILED.
+                self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now+2", check=False)
+            hurried = held
             time.sleep(0.5)
         raise TimeoutError(f"job {job_id} not finished after {timeout}s: {self.job(job_id).get('JobState')}")
 
