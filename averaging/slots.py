@@ -126,6 +126,32 @@ def read_moments(slot_dir: str, dp_rank: int, tp_rank: int, manifest: SlotManife
     return moments
 
 
+BUDDY = "buddy"  # <root>/buddy/<node>/step_N/: another node's part of a restart slot (snapshot.replicate)
+
+
+def buddy_path(root: str, node: str, step: int) -> str:
+    """Where a node keeps its copy of `node`'s part of the restart slot of `step`."""
+    return os.path.join(root, BUDDY, node, step_name(step))
+
+
+def buddy_copies(root: str) -> list[tuple[str, int, str]]:
+    """(node, step, path) of every committed buddy copy under root, oldest first. A copy is that
+    node's part folder as it committed it (manifest, marker and files), so it reads as a slot."""
+    found = []
+    for node in sorted(os.listdir(os.path.join(root, BUDDY))) if os.path.isdir(os.path.join(root, BUDDY)) else []:
+        for step, path, committed in list_slots(os.path.join(root, BUDDY, node)):
+            if committed:
+                found.append((node, step, path))
+    return sorted(found, key=lambda copy: copy[1])
+
+
+def part_files(manifest: SlotManifest) -> list[str]:
+    """Every file of a node's part of a committed slot, relative to its folder: what a copy of it
+    holds (its markers last, so a copy written in this order is committed last)."""
+    markers = [node_manifest(manifest.node)] if manifest.node is not None else []
+    return [*manifest.files, *markers, MANIFEST, COMMITTED]
+
+
 def model_states_metadata(param_shapes: list[dict[str, Any]], dp: int, tp: int, splits: dict[str, list[int]],
                           module: Optional[dict] = None, buffer_names: Optional[list[str]] = None,
                           shared_params: Optional[dict] = None) -> dict[str, Any]:

@@ -8,6 +8,8 @@
              eval.jsonl                the sidecar's records (raw vs averaged losses per snapshot)
              tensorboard/              TensorBoard events (the sidecar's under tensorboard/sidecar)
              wandb/, wandb_id          Weights & Biases' local files, and the run's W&B id (a resume continues it)
+             run_id                    a random id made at the run's first start: restart slots in the ring
+                                       carry it, so a ring another run left at the same path is never resumed from
              checkpoints/step_N/       full DeepSpeed checkpoints (+ run_state.json once complete)
              lawa_best/step_N/         the best of the headline merge (the first of lawa.merges), a committed slot
              merges/<name>/step_N/     the best of every other merge
@@ -36,6 +38,7 @@ EVAL = "eval.jsonl"
 TENSORBOARD = "tensorboard"
 WANDB = "wandb"
 WANDB_ID = "wandb_id"
+RUN_ID = "run_id"
 CHECKPOINTS = "checkpoints"
 LAWA_BEST = "lawa_best"
 LAWA_BEST_HF = "lawa_best_hf"
@@ -107,6 +110,18 @@ class RunDir:
     @property
     def wandb_id(self) -> str:
         return self.join(WANDB_ID)
+
+    @property
+    def run_id(self) -> str:
+        return self.join(RUN_ID)
+
+    def read_run_id(self) -> Optional[str]:
+        """The run's id (None before its first start made one)."""
+        try:
+            with open(self.run_id) as f:
+                return f.read().strip() or None
+        except FileNotFoundError:
+            return None
 
     @property
     def checkpoints(self) -> str:

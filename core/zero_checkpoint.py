@@ -63,6 +63,9 @@ class SlotManifest:
     # Restart slots (snapshot.restart_every): the optimizer's step count of each flat group; each
     # rank's moments are in restart/ (averaging.slots.write_moments). Empty: weights only.
     restart: dict[str, Any] = field(default_factory=dict)
+    # raw slots: the id of the run that wrote it (<run_dir>/run_id): a ring that another run, or an
+    # earlier run in a recreated run directory, left at the same path never restarts this one
+    run: Optional[str] = None
     format: int = MANIFEST_FORMAT
 
     def shapes(self) -> list[dict[str, torch.Size]]:

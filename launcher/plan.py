@@ -253,6 +253,11 @@ def _resources(job: JobConfig, shape: Shape, cl: Cluster) -> tuple[dict[str, Res
         held = -(-job.snapshot.slots // job.snapshot.restart_every) + 1
         ring += R * E * (2 * held + len(kinds)) * copies
         label += f" + {held} restart points × 2 moments + 1 kept beyond the window"
+        if job.snapshot.replicate == "buddy" and cl.nodes > 1 and not cl.ring_shared:
+            # The previous node's part of its newest restart slot (every kind and the moments), and
+            # the next one arriving beside it (launcher/buddy.py).
+            ring += 2 * R * E * (2 + len(kinds))
+            label += " + 2 buddy copies of the previous node's part (kept, arriving)"
     if ring and cl.ring_in_ram:
         host.append(("the ring (/dev/shm is RAM)", ring))
     where = ("in all" if cl.ring_shared else "per node") + ("" if cl.ring_in_ram else f" in {cl.ring_place}")

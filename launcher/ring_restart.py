@@ -6,10 +6,12 @@ rank holds and that verifies is as good as a checkpoint of its step, and newer t
 
 Every rank reads and verifies its own files first; the engine is touched only once all agree. A
 slot some rank cannot use (torn, corrupt, missing on a node) is passed over in one line, for an
-older one or the checkpoint.
+older one or the checkpoint. A node that lost its part (replaced, rebooted) gets it back first from
+the buddy copy on another node, when the run keeps them (snapshot.replicate: launcher/buddy.py).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -26,11 +28,27 @@ from core.deepspeed_compat import (
 )
 from core.distributed import Parallel, gather_objects
 from core.log import logger
+from core.run_dir import RunDir
+from launcher.buddy import restore_from_buddies
 
 
-def restart_steps(root: str, par: Parallel, stage: int, after: int) -> list[int]:
-    """The committed restart slots in this rank's view of the ring, newer than step `after`, whose
-    manifest says they hold this rank's files of this run's layout."""
+@dataclass(frozen=True)
+class RestartKey:
+    """What a restart slot must be to restart this run: written by it (its run id), in its layout."""
+
+    run_id: Optional[str]
+    dp: int
+    tp: int
+    stage: int
+
+    def fits(self, manifest: slots.SlotManifest) -> bool:
+        return bool(manifest.restart) and self.run_id is not None and manifest.run == self.run_id and \
+            (manifest.dp, manifest.tp, manifest.zero_stage) == (self.dp, self.tp, self.stage)
+
+
+def restart_steps(root: str, par: Parallel, key: RestartKey, after: int) -> list[int]:
+    """The committed restart slots of this run in this rank's view of the ring, newer than step
+    `after`, whose manifest says they hold this rank's files."""
     found = []
     for step, path, committed in slots.list_slots(root):
         if not committed or step <= after:
@@ -39,9 +57,7 @@ def restart_steps(root: str, par: Parallel, stage: int, after: int) -> list[int]
             manifest = slots.read_manifest(path)
         except slots.SlotError:
             continue
-        mine = slots.moments_file(par.dp_rank, par.tp_rank)
-        if manifest.restart and mine in manifest.files and \
-                (manifest.dp, manifest.tp, manifest.zero_stage) == (par.dp, par.tp, stage):
+        if key.fits(manifest) and slots.moments_file(par.dp_rank, par.tp_rank) in manifest.files:
             found.append(step)
     return found
 
@@ -91,18 +107,25 @@ def _samples_per_step(engine) -> int:
     return int(engine.train_batch_size())
 
 
-def resume_from_ring(engine, par: Parallel, root: str, after: int, averages: ShardAverages) -> Optional[tuple[int, int, str]]:
+def resume_from_ring(engine, par: Parallel, root: str, run_dir: str, after: int,
+                     averages: ShardAverages) -> Optional[tuple[int, int, str]]:
     """Collective. (step, tokens, slot folder) of the restart slot the run resumed from, once loaded;
     None when no restart slot newer than step `after` (the newest checkpoint's; -1: none) is held
     and readable on every rank."""
-    views = gather_objects(restart_steps(root, par, zero_stage(engine), after), par.ctrl_group)
+    key = RestartKey(RunDir(run_dir).read_run_id(), par.dp, par.tp, zero_stage(engine))
+    copies = restore_from_buddies(root, par, restart_steps(root, par, key, after), after, key.fits)
+    views = gather_objects(restart_steps(root, par, key, after), par.ctrl_group)
     common = sorted(set.intersection(*(set(v) for v in views)))
     anywhere = sorted(set().union(*(set(v) for v in views)))
     if not common:
         if anywhere and par.is_main:
             lacking = sorted({par.hosts[r] for r, v in enumerate(views) if anywhere[-1] not in v})
+            copy = "no usable buddy copy of its part" if copies else \
+                "no buddy copy of its part (snapshot.replicate: buddy keeps one on the next node)"
+            then = f"resuming from the newest checkpoint (step {after})" if after >= 0 else \
+                "no checkpoint yet: the run starts over"
             logger.warning(f"the ring's restart slot of step {anywhere[-1]} is not on {', '.join(lacking)} (its "
-                           f"/dev/shm was lost or replaced); resuming from the newest checkpoint instead")
+                           f"/dev/shm was lost or replaced) and there is {copy}; {then}")
         return None
     for step in reversed(common):
         path = slots.slot_path(root, step)

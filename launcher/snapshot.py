@@ -31,6 +31,7 @@ from core.flat_layout import zero_padding
 from core.log import logger
 from core.run_dir import SHM, RunDir, ring_folders, user_shm_root
 from core.zero_checkpoint import shapes_to_json
+from launcher.buddy import BuddyReplicator
 from models.tensor_parallel import tensor_parallel_layout
 
 
@@ -46,10 +47,16 @@ class SnapshotArgs:
     # restarted on the same nodes resumes from the newest one when it is newer than its newest
     # checkpoint (launcher/ring_restart.py); 0: weights only.
     restart_every: int = 0
+    # buddy: each node's part of every restart slot is copied, in the background, to the next node's
+    # ring too, so a node replaced with an empty /dev/shm restarts from the ring (launcher/buddy.py).
+    replicate: Literal["none", "buddy"] = "none"
 
     def validate(self) -> None:
         need(self.every >= 0, f"snapshot.every: must be >= 0, got {self.every}")
         need(self.restart_every >= 0, f"snapshot.restart_every: must be >= 0, got {self.restart_every}")
+        need(self.replicate == "none" or self.restart_every > 0,
+             "snapshot.replicate: buddy copies the restart slots, and snapshot.restart_every is 0 (none are "
+             "written); set it, e.g. snapshot.restart_every=4")
         need(self.slots >= 2, f"snapshot.slots: must be >= 2 (one is being written while others are read), "
                               f"got {self.slots}")
         need(self.max_write_mb_per_s >= 0, f"snapshot.max_write_mb_per_s: must be >= 0, got {self.max_write_mb_per_s}")
@@ -152,8 +159,9 @@ class SnapshotWriter:
     into each slot (the averages in sub-folders `ema/`, `swa/` of the same layout)."""
 
     def __init__(self, args: SnapshotArgs, engine, par: Parallel, root: str, resume_step: int,
-                 averages: Optional[ShardAverages] = None):
+                 averages: Optional[ShardAverages] = None, run_dir: Optional[str] = None):
         self.args = args
+        self.run_id = RunDir(run_dir).read_run_id() if run_dir else None
         self.engine = engine
         self.averages = averages
         self.par = par
@@ -179,6 +187,14 @@ class SnapshotWriter:
         # Who commits, recycles and cleans the ring: one rank per node when each node has its own
         # storage (each commits its node's part of every slot), one rank in all when it is shared.
         self.keeper = par.is_main if self.shared else par.is_node_first
+        self.buddies: Optional[BuddyReplicator] = None
+        if args.replicate == "buddy" and args.restart_every:
+            if self.shared or len(set(par.hosts)) < 2:
+                if par.is_main:
+                    logger.info(f"note: snapshot.replicate=buddy copies nothing here: "
+                                f"{'the ring is on storage every node shares' if self.shared else 'there is one node'}")
+            else:
+                self.buddies = BuddyReplicator(par, root, resume_step)
         if self.keeper:
             # Torn slots of a crash, and slots from past the checkpoint we resume from (the resumed
             # run writes those steps again), are not part of this run's history.
@@ -247,6 +263,8 @@ class SnapshotWriter:
         self.vote()  # starts the last commit (off this thread) ...
         self._join_commit()
         self.vote()  # ... and a second vote hears of any node whose commit failed
+        if self.buddies is not None:
+            self.buddies.join()  # the last copies land before the run stops (bounded: its checkpoint needs none)
 
     def join_write(self) -> None:
         """Wait for this rank's background write in flight, if any (the next vote commits it);
@@ -331,7 +349,7 @@ class SnapshotWriter:
             param_shapes=shapes_to_json(self.param_shapes), files=files,
             tensor_parallel_layout=self.model_states["tensor_parallel_layout"], **self.layout.to_json(),
             ds_version=self.model_states["ds_version"], averages=p["averages"],
-            node=None if self.shared else self.par.host, restart=p["restart"],
+            node=None if self.shared else self.par.host, restart=p["restart"], run=self.run_id,
             nodes={host: self.par.ranks_on(host) for host in dict.fromkeys(self.par.hosts)})
         if self.keeper:
             # The fsyncs run off the training thread; the next write waits for them (see _write).
@@ -348,6 +366,8 @@ class SnapshotWriter:
             slots.commit(slot_dir, manifest, mode=RING_FILE_MODE)
         except OSError as e:  # reported by the next vote, which abandons the slot on every node
             self.commit_failure = (manifest.step, str(e))
+        if manifest.restart and self.buddies is not None:  # (a part not committed is sent as nothing)
+            self.buddies.submit(manifest.step)
 
     def _start(self, step: int, tokens: int, lr: float) -> float:
         start = time.perf_counter()

@@ -59,9 +59,9 @@ class Start:
 
 
 def restore(engine, par: Parallel, ckpt_dir: str, args: CheckpointArgs, growth: GrowthArgs,
-            model_config: ModelConfig, averages: ShardAverages, ring: Optional[str] = None) -> Start:
-    """Collective. Resume from the newest of: a restart slot in the snapshot `ring` (when given)
-    and this run's newest checkpoint that verifies; else start from `checkpoint.branch_from`,
+            model_config: ModelConfig, averages: ShardAverages, ring: Optional[str] = None, run_dir: str = "") -> Start:
+    """Collective. Resume from the newest of: a restart slot that run `run_dir` wrote in the snapshot
+    `ring` (when given) and this run's newest checkpoint that verifies; else start from `checkpoint.branch_from`,
     `growth.from_run` or `checkpoint.init_from` (at most one is set: the job's validation); else
     keep the fresh initialisation."""
     if complete_checkpoints(ckpt_dir) and not args.resume:
@@ -69,7 +69,7 @@ def restore(engine, par: Parallel, ckpt_dir: str, args: CheckpointArgs, growth: 
                           f"choose another run_dir or delete them")
     own = newest_verified(ckpt_dir, par)
     if ring is not None and args.resume:
-        resumed = resume_from_ring(engine, par, ring, RunState.read(own).step if own else -1, averages)
+        resumed = resume_from_ring(engine, par, ring, run_dir, RunState.read(own).step if own else -1, averages)
         if resumed is not None:
             return Start(*resumed)
     if own is not None:

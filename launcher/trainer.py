@@ -11,6 +11,7 @@ import dataclasses
 import os
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
@@ -82,6 +83,8 @@ def build(job: JobConfig) -> Training:
     if par.is_main:
         os.makedirs(run.path, exist_ok=True)
         write_file_atomic(run.config, dump_yaml(job))
+        if run.read_run_id() is None:
+            write_file_atomic(run.run_id, uuid.uuid4().hex + "\n")
     barrier()
 
     try:
@@ -223,7 +226,8 @@ def run_training(t: Training) -> dict:
     job = t.job
     averages = ShardAverages(job.ema, job.swa, master_flat_groups(t.engine), job.snapshot.every)
     ring = t.snapshot_root if job.snapshot.every and job.snapshot.restart_every else None
-    start = restore(t.engine, t.par, t.checkpoint_dir, job.checkpoint, job.growth, t.model_config, averages, ring)
+    start = restore(t.engine, t.par, t.checkpoint_dir, job.checkpoint, job.growth, t.model_config, averages, ring,
+                    t.run.path)
     if start.step >= job.train.steps:
         logger.info(f"{t.run.path} has already trained its {job.train.steps} steps (train.steps); to go on, raise "
                     f"train.steps, or start a new run with run_dir=<another directory>")
@@ -386,7 +390,7 @@ def start_lawa(t: Training, step: int, val_set: HeldOut,
     if job.snapshot.every == 0:
         return None, None
     root = t.snapshot_root
-    snapshots = SnapshotWriter(job.snapshot, t.engine, par, root, resume_step=step, averages=averages)
+    snapshots = SnapshotWriter(job.snapshot, t.engine, par, root, resume_step=step, averages=averages, run_dir=run.path)
     logger.info(f"snapshots: every {job.snapshot.every} steps into a ring of {job.snapshot.slots} slots in {root}")
     # What the sidecar needs, so that it can also be started by hand on this run directory.
     if par.is_main:

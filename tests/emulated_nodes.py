@@ -104,6 +104,13 @@ class Node:
         """Take the node's link down: its packets are dropped, nobody is told (a silent death)."""
         _ip("-n", self.netns, "link", "set", "lawa0", "down")
 
+    def wipe_shm(self) -> None:
+        """Empty the node's /dev/shm, as a replacement node (or a rebooted one) would find it."""
+        root = self.shm_path("/dev/shm")
+        for entry in os.listdir(root):
+            path = os.path.join(root, entry)
+            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+
     def shm_path(self, path: str) -> str:
         """A path under this node's /dev/shm as the machine sees it (through the holder's root)."""
         return f"/proc/{self.pid}/root{path}"

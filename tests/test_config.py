@@ -158,6 +158,8 @@ def test_resolved_config_round_trips(tmp_path):
     (["snapshot.if_busy=queue"], "snapshot.if_busy: must be one of skip, wait"),
     (["sidecar.device=tpu"], "sidecar.device: must be one of auto, cpu, cuda"),
     (["lawa.k=0"], "lawa.k: must be >= 1"),
+    (["snapshot.replicate=buddy"], "snapshot.replicate: buddy copies the restart slots, and snapshot.restart_every is 0"),
+    (["snapshot.replicate=all"], "snapshot.replicate: must be one of none, buddy"),
 ])
 def test_lawa_settings_are_checked_up_front(overrides, message):
     with pytest.raises(ConfigError) as info:

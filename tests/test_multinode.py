@@ -281,3 +281,71 @@ def test_one_nodes_sidecar_killed_and_one_nodes_shm_full(nodes, pydoc_data, tmp_
     records = read_eval_log(str(run))
     assert records[-1]["step"] == 36 and any(r["step"] > step for r in records)
     assert "sidecar died" in log.read_text()
+
+
+def restart_job(data_dir: str, run: Path, *extra: str) -> list[str]:
+    """Restart slots at steps 8, 16, 24 (every 2nd snapshot), copied to the other node; no checkpoint
+    before the end."""
+    return job(data_dir, run, "train.steps=32", "eval.every=0", "checkpoint.every=1000", "logging.every=1",
+               "sidecar.enabled=false", "snapshot.restart_every=2", "snapshot.replicate=buddy", *extra)
+
+
+def buddy_copy(node, run: Path, of: str, at_least: int):
+    root = node_slots(node, run)
+    return lambda: any(n == of and s >= at_least for n, s, _ in slots.buddy_copies(str(root)))
+
+
+def kill_after_buddy_copy(cluster, args: list[str], run: Path, logs: Path) -> int:
+    """Start the job, kill both nodes once node1 holds node2's part of a restart slot, empty node2's
+    /dev/shm (a replacement node); returns the newest step node1 holds a copy of."""
+    procs = on_nodes(cluster, args, run.name, logs)
+    try:
+        wait_for(buddy_copy(cluster.nodes[0], run, "node2", 8), 300, "node2's part of a restart slot on node1")
+    finally:
+        for node in reversed(cluster.nodes):
+            node.kill()
+        wait_all(procs, 60)
+    assert max(losses(run)) < 32
+    cluster.nodes[1].wipe_shm()
+    return max(s for n, s, _ in slots.buddy_copies(str(node_slots(cluster.nodes[0], run))) if n == "node2")
+
+
+def test_a_replaced_node_restarts_from_its_buddys_copy_of_the_ring_exactly(nodes, pydoc_data, tmp_path):
+    """snapshot.replicate=buddy: each node's part of every restart slot is copied to the other node
+    while training runs. Both nodes' processes are killed once node1 holds node2's part of a restart
+    slot, and node2's /dev/shm is emptied (a replacement node): the same command restores node2's
+    part from node1's copy, resumes from that restart slot, and trains on to the losses of an
+    uninterrupted run, bit for bit. With node1's copy damaged too, the run says so in one line and
+    falls back (here: no checkpoint yet, so it starts over), and never uses the damaged copy."""
+    reference = tmp_path / "uninterrupted"
+    torchrun(4, *restart_job(pydoc_data, reference, "parallel.zero_stage=1", "snapshot.replicate=none"))
+    expected = losses(reference)
+
+    run = tmp_path / "replaced"
+    args = restart_job(pydoc_data, run, "parallel.zero_stage=1")
+    copied = kill_after_buddy_copy(nodes, args, run, tmp_path / "logs")
+    # node1 kept node2's part as node2 committed it (files, checksums, its manifest), as a slot
+    # folder of its own.
+    copy = slots.read_manifest(str(node_slots(nodes.nodes[0], run) / slots.BUDDY / "node2" / step_name(copied)))
+    assert copy.node == "node2" and copy.restart and copy.run == (run / "run_id").read_text().strip() and {slots.moments_file(2, 0), slots.moments_file(3, 0)} <= set(copy.files)
+    run_on_nodes(nodes, args, "replaced-again", tmp_path / "logs-again")
+    log = (tmp_path / "logs-again" / "node1.log").read_text()
+    restored = re.search(r"node2 lacked its part of the ring's restart slot of step (\d+) \(ranks 2-3\): restored "
+                         r"from the buddy copy on node1 \(([\d.]+) MiB", log)
+    assert restored and int(restored.group(1)) >= copied, log[-3000:]
+    assert f"resumed from the ring's restart slot of step {restored.group(1)} in" in log, log[-3000:]
+    assert losses(run) == expected
+
+    damaged = tmp_path / "damaged"
+    args = restart_job(pydoc_data, damaged, "parallel.zero_stage=1")
+    copied = kill_after_buddy_copy(nodes, args, damaged, tmp_path / "logs-damaged")
+    moments = node_slots(nodes.nodes[0], damaged) / slots.BUDDY / "node2" / step_name(copied) / slots.moments_file(3, 0)
+    moments.write_bytes(moments.read_bytes()[:-8] + b"\0" * 8)
+    run_on_nodes(nodes, args, "damaged-again", tmp_path / "logs-damaged-again")
+    log = (tmp_path / "logs-damaged-again" / "node1.log").read_text()
+    assert f"node2's part of the ring's restart slot of step {copied} could not be restored from the buddy copy " \
+           f"on node1: " in log and "does not match" in log, log[-3000:]
+    assert f"the ring's restart slot of step {copied} is not on node2 (its /dev/shm was lost or replaced) and there " \
+           f"is no usable buddy copy of its part; no checkpoint yet: the run starts over" in log, log[-3000:]
+    assert "resumed from the ring" not in log
+    assert losses(damaged) == expected

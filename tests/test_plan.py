@@ -80,6 +80,10 @@ def test_small_case_by_hand():
     restarting = plan(replace(job, snapshot=replace(job.snapshot, restart_every=2)), config, cl, shape)
     assert restarting.ring.need == ring.need + per_node * 4 * partition * (2 * (3 + 1) + 3)
     assert part(restarting.host, "snapshot buffers") == per_node * (3 + 2) * 4 * partition
+    # Buddy copies: the previous node's part of its newest restart slot (3 kinds + 2 moments), kept
+    # and arriving.
+    buddies = plan(replace(job, snapshot=replace(job.snapshot, restart_every=2, replicate="buddy")), config, cl, shape)
+    assert cl.nodes == 2 and buddies.ring.need == restarting.ring.need + 2 * per_node * 4 * partition * (3 + 2)
 
 
 def test_zero_1_and_2_by_hand():

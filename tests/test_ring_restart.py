@@ -91,3 +91,18 @@ def test_a_killed_trainer_resumes_from_the_rings_restart_slot_exactly_and_a_corr
     assert f"the ring's restart slot of step {newest} cannot be used (" in out and "does not match" in out, out[-3000:]
     assert f"resumed from the ring's restart slot of step {older} in" in out, out[-3000:]
     assert step_losses(again) == step_losses(plain)
+
+    if stage == 1:  # A new run whose ring is at the same path never resumes from that one's slots.
+        other = tmp_path / "other"
+        out = torchrun(2, *smoke(pydoc_data, other, stage_arg, f"snapshot.dir={again / 'snaps'}")).stdout
+        assert "resumed from the ring" not in out and step_losses(other) == step_losses(plain)
+
+
+def test_folders_cross_a_ring_of_ranks_whole_and_what_cannot_be_kept_is_refused_in_step(tmp_path):
+    """core.file_transfer, as buddy copies use it: three gloo ranks each send a folder to the next
+    and receive the previous one's at once (several chunks each way, one rank sending nothing), and
+    every file arrives as sent; a file named outside the receiving folder, or one that cannot be
+    written, is refused, and the next transfer between the two ranks still arrives whole."""
+    proc = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=3", "tests/file_transfer_worker.py",
+                           str(tmp_path)], cwd=REPO, env=launcher_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.count("] ok") == 3, proc.stdout[-3000:] + proc.stderr[-3000:]
