@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -15,15 +16,27 @@ from core.config import FilePath, need
 class EvalArgs:
     every: int = 100  # validation loss every this many steps, and at the end; 0: only at the end
     batches: int = 8  # micro-batches of held-out data per data-parallel rank
-    tasks: list[FilePath] = field(default_factory=list)  # zero-shot task files the sidecar scores at each commit
+    # Scored by the sidecar through lm-evaluation-harness (averaging/harness.py) on raw, every merge
+    # and EMA/SWA: .jsonl files in the two formats there, and the harness's task names.
+    tasks: list[FilePath] = field(default_factory=list)
+    harness_tasks: list[str] = field(default_factory=list)  # your YAMLs' names (harness_include), or the harness's
+    harness_include: Optional[FilePath] = None  # a folder of your task YAMLs
     task_limit: int = 0  # first N examples of each task; 0: all
+    task_every: int = 0  # score the tasks at slots whose step is a multiple of this; 0: every slot scored
 
     def validate(self) -> None:
         need(self.every >= 0, f"eval.every: must be >= 0, got {self.every}")
         need(self.batches > 0, f"eval.batches: must be positive, got {self.batches}")
         for i, task in enumerate(self.tasks):
             need(os.path.isfile(task), f"eval.tasks[{i}]: no such file: {task}")
+        need(self.harness_include is None or os.path.isdir(self.harness_include),
+             f"eval.harness_include: no such folder: {self.harness_include}")
         need(self.task_limit >= 0, f"eval.task_limit: must be >= 0, got {self.task_limit}")
+        need(self.task_every >= 0, f"eval.task_every: must be >= 0, got {self.task_every}")
+
+    @property
+    def all_tasks(self) -> list[str]:
+        return [*self.tasks, *self.harness_tasks]
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """Zero-shot scoring throughput on CPU: one (context, continuation) per forward, as the scorer
-was before batching, against `averaging.zero_shot`'s batched scoring, on the same examples.
+was before batching, against `averaging.scoring`'s batched engine (the harness backend's), on the same examples.
 
     .venv/bin/python bench/zero_shot_throughput.py                  # gpt2-125m shape, ~2-3 min on 2 cores
     .venv/bin/python bench/zero_shot_throughput.py --size tiny --choice 64 --last-word 128
@@ -28,22 +28,14 @@ import os
 import random
 import sys
 import time
+from dataclasses import dataclass
 from functools import partial
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from averaging.zero_shot import (  # noqa: E402
-    DEFAULT_BATCH_TOKENS,
-    Request,
-    Task,
-    add_request,
-    continuation_ids,
-    evaluate_task,
-    full_logits,
-    summarize,
-)
+from averaging.scoring import DEFAULT_BATCH_TOKENS, Encoded, full_logits, score_shard, to_sequence  # noqa: E402
 from common import machine_info  # noqa: E402
 from core.tokenizer import Tokenizer  # noqa: E402
 from models.registry import build_model, count_parameters, model_config  # noqa: E402
@@ -62,6 +54,72 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                                        show_progress=False))
     return Tokenizer("huggingface", tok.to_str(), eos_token="<|endoftext|>")
+
+
+@dataclass
+class Request:
+    context: str
+    continuations: list[str]
+    answer: int
+
+
+@dataclass
+class Task:
+    name: str
+    kind: str  # "choice" or "last_word"
+    requests: list[Request]
+
+
+def continuation_ids(encode, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    whole, ctx = encode(context + continuation), encode(context)
+    return (ctx, whole[len(ctx):]) if whole[: len(ctx)] == ctx and len(whole) > len(ctx) else (ctx, encode(continuation))
+
+
+def add_request(sums: dict[str, float], kind: str, request: Request, scored: list) -> None:
+    """acc (and acc_norm per character) of a choice, acc and token log-likelihood of a last word."""
+    sums["n"] += 1
+    if kind == "last_word":
+        total, greedy, count = scored[0]
+        sums["correct"] += greedy
+        sums["logprob"] += total
+        sums["tokens"] += count
+    else:
+        best = max(range(len(scored)), key=lambda i: scored[i][0])
+        best_norm = max(range(len(scored)), key=lambda i: scored[i][0] / max(1, len(request.continuations[i])))
+        sums["correct"] += best == request.answer
+        sums["correct_norm"] += best_norm == request.answer
+
+
+def summarize(task: Task, sums: dict[str, float]) -> dict[str, float]:
+    if task.kind == "last_word":
+        return {"acc": sums["correct"] / sums["n"], "ppl": math.exp(-sums["logprob"] / max(1.0, sums["tokens"])),
+                "n": int(sums["n"])}
+    return {"acc": sums["correct"] / sums["n"], "acc_norm": sums["correct_norm"] / sums["n"], "n": int(sums["n"])}
+
+
+def task_sequences(task: Task, encode, block_size: int) -> tuple[list[Encoded], list[tuple[int, int]]]:
+    keys = [(i, j) for i, r in enumerate(task.requests) for j in range(len(r.continuations))]
+    return [to_sequence(*continuation_ids(encode, task.requests[i].context, task.requests[i].continuations[j]),
+                        block_size) for i, j in keys], keys
+
+
+def evaluate_task(task: Task, logits, encode, block_size: int, device, shard=(0, 1),
+                  batch_tokens: int = DEFAULT_BATCH_TOKENS) -> dict[str, float]:
+    """The sums over every request, scored by averaging/scoring.py's batched engine; with n > 1
+    ranks (torchrun) each scores its shard of the sequences and the ranks swap their scores."""
+    sequences, keys = task_sequences(task, encode, block_size)
+    scores = score_shard(sequences, logits, device, shard, batch_tokens)
+    if shard[1] > 1:
+        import torch.distributed as dist
+
+        parts = [None] * shard[1]
+        dist.all_gather_object(parts, scores)
+        scores = {k: v for part in parts for k, v in part.items()}
+    by_key = {keys[k]: v for k, v in scores.items()}
+    sums = {"n": 0.0, "correct": 0.0, "correct_norm": 0.0, "logprob": 0.0, "tokens": 0.0}
+    for i, request in enumerate(task.requests):
+        add_request(sums, task.kind, request, [by_key[i, j] for j in range(len(request.continuations))])
+    return sums
 
 
 def span(words: list[str], start: int, tokens: int, encode) -> str:
@@ -169,10 +227,8 @@ def score_zero3(tasks: list[Task], config, encode, batch_tokens: int) -> int:
                 dist.barrier()
                 start = time.perf_counter()
                 sums = evaluate_task(task, logits, encode, config.block_size, device, (par.dp_rank, par.dp), budget)
-                totals = [None] * par.dp
-                dist.all_gather_object(totals, sums)
                 timings.append(time.perf_counter() - start)
-                metrics.append(summarize(task, {k: sum(t[k] for t in totals) for k in sums}))
+                metrics.append(summarize(task, sums))
             equal = same_metrics(*metrics)
             ok &= equal
             if par.is_main:

@@ -78,7 +78,11 @@ class JobConfig:
         need(not (self.ema.enabled or self.swa.enabled) or snap.every > 0,
              "ema.enabled/swa.enabled need snapshot.every > 0 (the averages are snapshotted beside the weights "
              "and scored by the sidecar)")
-        need(not self.eval.tasks or snap.every > 0, "eval.tasks are scored by the sidecar: they need snapshot.every > 0")
+        need(not self.eval.all_tasks or snap.every > 0,
+             "eval.tasks and eval.harness_tasks are scored by the sidecar: they need snapshot.every > 0")
+        need(not self.eval.task_every or snap.every == 0 or self.eval.task_every % snap.every == 0,
+             f"eval.task_every={self.eval.task_every} must be a multiple of snapshot.every={snap.every} "
+             "(the tasks are scored at snapshot steps)")
         need(not self.sidecar.enabled or snap.every > 0,
              "sidecar.enabled needs snapshot.every > 0 (the sidecar averages snapshots)")
         if snap.every > 0:

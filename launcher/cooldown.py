@@ -60,7 +60,7 @@ def branch_job(parent_dir: str, at: int, steps: int, shape: str, min_lr_ratio: f
                f"train.steps={at + steps}", "train.stop_at=null", f"checkpoint.branch_from={checkpoint}",
                "checkpoint.init_from=null", "checkpoint.init_optimizer=false", "growth.from_run=null",
                f"checkpoint.every={steps}", "checkpoint.keep=1", "snapshot.every=0", "sidecar.enabled=false",
-               "ema.enabled=false", "swa.enabled=false", "eval.tasks=[]", f"eval.every={max(1, steps // 4)}"]
+               "ema.enabled=false", "swa.enabled=false", "eval.tasks=[]", "eval.harness_tasks=[]", f"eval.every={max(1, steps // 4)}"]
     job = load_job(config, derived + overrides)
     # The branch must be the parent up to `at`: the same learning rate at every step before it.
     for step in range(at):

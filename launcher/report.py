@@ -175,6 +175,7 @@ def markdown(runs: list[Run]) -> str:
                          + " | ".join(saved + gaps) + " |")
         lines.append("")
         lines += cooldown_tables(run)
+        lines += task_table(run)
     if len(runs) > 1:
         lines += across_runs(runs)
     lines.append("Device-hours: steps saved × the run's median compute time per step (from metrics.jsonl) × its "
@@ -215,6 +216,27 @@ def cooldown_tables(run: Run) -> list[str]:
         lines += [f"#### {run.name}: forecast errors (each merge at the cooldown's end minus the cooldown)", "",
                   forecast_table(found, run.forecast), "", verdict(run.evals, found, run.forecast, run.stable_phase), ""]
     return lines
+
+
+def task_table(run: Run) -> list[str]:
+    """The evaluation tasks' metrics (lm-evaluation-harness) per method at the newest step they were
+    scored, and at the first, so that a user sees what the merges change downstream."""
+    scored = [r for r in run.evals if r.get("tasks")]
+    if not scored:
+        return []
+    methods = [m for m in run.methods() if m in scored[-1]["tasks"]]
+    lines = [f"#### {run.name}: evaluation tasks", "",
+             "| step | task | metric | " + " | ".join(label(m) for m in methods) + " |",
+             "|---:|---|---|" + "---:|" * len(methods)]
+    for record in ([scored[0]] if len(scored) > 1 else []) + [scored[-1]]:
+        tasks = record["tasks"]
+        for task, metrics in tasks["raw"].items():
+            for metric in (m for m in metrics if m != "n"):
+                values = [tasks.get(m, {}).get(task, {}).get(metric) for m in methods]
+                lines.append(f"| {record['step']} | {task} | {metric} | "
+                             + " | ".join("–" if v is None else f"{v:.4f}" for v in values) + " |")
+    return lines + ["", f"Scored by the sidecar through lm-evaluation-harness ({len(scored)} of {len(run.evals)} "
+                        "evaluations); `python -m averaging.lm_eval FOLDER --tasks ...` scores any slot the same way.", ""]
 
 
 def across_runs(runs: list[Run]) -> list[str]:

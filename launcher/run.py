@@ -6,7 +6,8 @@
 
 Before any rank starts it loads and validates the job (keys, types, combinations), the layout
 against the process count (parallel.tensor and the batch sizes against nnodes × nproc-per-node),
-and that what the job reads is there (data sources, tokenizer, init_from / growth runs). A bad job
+and that what the job reads is there (data sources, tokenizer, init_from / growth runs, the
+evaluation tasks and their data, offline). A bad job
 is one line and exit status 2, with no rank, no rendezvous and no JIT build started. Otherwise the
 process becomes `torchrun` (or the DeepSpeed launcher) on launcher/train.py with the same job and
 overrides; other launcher options pass through as given (write them `--option=value`).
@@ -41,6 +42,14 @@ def check(job, world_size: Optional[int]) -> str:
     for key, path in (("data.tokenizer", job.data.tokenizer), ("checkpoint.init_from", job.checkpoint.init_from),
                       ("checkpoint.branch_from", job.checkpoint.branch_from), ("growth.from_run", job.growth.from_run)):
         need(path is None or os.path.exists(path), f"{key}: no such file or directory: {path!r}")
+    if job.eval.all_tasks:  # the sidecar would stop on them only after training started
+        from averaging.harness import HarnessTaskError, load_tasks
+
+        try:
+            load_tasks(job.eval.all_tasks, job.eval.harness_include)
+        except HarnessTaskError as e:
+            key = "eval.tasks" if str(e).split(":")[0].endswith(".jsonl") else "eval.harness_tasks"
+            raise ConfigError(f"{key}: {e}") from None
     if world_size is None:
         return f"{job.name}: layout checked by the ranks (an elastic node count)"
     accumulation = job.train.accumulation_steps(world_size // job.parallel.tensor)

@@ -401,7 +401,9 @@ def start_lawa(t: Training, step: int, val_set: HeldOut,
             device=job.sidecar.device, training_device=par.device.type, precision=t.precision,
             poll_seconds=job.sidecar.poll_seconds, tensorboard=job.logging.tensorboard,
             export_hf=job.sidecar.export_hf, tasks=[os.path.abspath(p) for p in job.eval.tasks],
-            task_limit=job.eval.task_limit, forecast=job.forecast_merge(),
+            harness_tasks=job.eval.harness_tasks, task_limit=job.eval.task_limit, task_every=job.eval.task_every,
+            harness_include=os.path.abspath(job.eval.harness_include) if job.eval.harness_include else None,
+            forecast=job.forecast_merge(),
             forecast_steps=[at + steps for at, steps, _, _ in job.cooldown_branches()]).write(run.path)
     if par.tp_rank == 0:
         protocol.write_val_batches(run.path, par.dp_rank, val_set)

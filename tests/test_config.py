@@ -76,6 +76,8 @@ def test_overrides_reach_typed_fields():
     ("checkpoint.init_from=a & checkpoint.branch_from=b", "checkpoint.init_from and checkpoint.branch_from each say"),
     ("growth.at_tokens=100", "growth.at_tokens needs growth.from_run"),
     ("eval.tasks=[/no/such.jsonl]", "eval.tasks[0]: no such file: /no/such.jsonl"),
+    ("eval.harness_include=/no/tasks", "eval.harness_include: no such folder: /no/tasks"),
+    ("eval.harness_tasks=[x] & eval.task_every=7", "eval.task_every=7 must be a multiple of snapshot.every="),
     ("data.sources=[{path: a, weight: 0}]", "data.sources: at least one weight must be positive"),
     ("logging.wandb.mode=cloud", "logging.wandb.mode: must be one of online, offline, disabled, got 'cloud'"),
     ("data.mixture=optimal", "data.mixture: must be one of weights, natural, entropy, got 'optimal'"),

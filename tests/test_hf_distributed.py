@@ -10,6 +10,7 @@ import pytest
 
 from averaging import slots
 from averaging.evaluate import hf_held_out_loss
+from averaging.harness import flat_results
 from averaging.sidecar.protocol import read_eval_log, read_every_val_batches
 from conftest import BIN, REPO, read_metrics, torchrun
 from core.zero_folder import consolidate
@@ -18,6 +19,8 @@ from test_lawa_distributed import smoke
 
 pytestmark = pytest.mark.distributed
 
+HARNESS_DIR = REPO / "tests" / "harness_tasks"
+HARNESS_TASKS = ["tiny_perplexity", "tiny_completion"]
 NEOX = ["model.size=neox-micro", "snapshot.every=4", "snapshot.slots=6", "lawa.k=2", "lawa.spacing=4",
         "train.steps=12", "eval.every=0", "sidecar.enabled=true", "sidecar.export_hf=true"]
 
@@ -46,22 +49,37 @@ def write_tasks(folder: Path) -> list[Path]:
 def neox_run(pydoc_data, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("neox") / "run"
     tasks = write_tasks(run.parent)
-    proc = torchrun(2, *smoke(pydoc_data, run, *NEOX, f"eval.tasks=[{tasks[0]}, {tasks[1]}]", "parallel.zero_stage=2"))
+    proc = torchrun(2, *smoke(pydoc_data, run, *NEOX, f"eval.tasks=[{tasks[0]}, {tasks[1]}]", "parallel.zero_stage=2",
+                              f"eval.harness_tasks=[{', '.join(HARNESS_TASKS)}]", f"eval.harness_include={HARNESS_DIR}",
+                              "eval.task_every=12"))
     assert "raw vs the merges, validation loss" in proc.stdout
     return run
 
 
-def test_sidecar_task_scores_equal_a_single_process_scoring_the_same_weights(neox_run):
-    final = read_eval_log(str(neox_run))[-1]
-    assert final["step"] == 12 and final["tasks"]["raw"]["last_word"]["n"] == 7
-    proc = subprocess.run([str(BIN / "python"), "-m", "averaging.zero_shot", str(neox_run / "snaps" / "step_00000012"),
-                           "--tasks", str(neox_run.parent / "last_word.jsonl"), str(neox_run.parent / "choice.jsonl")],
+def test_sidecar_task_scores_equal_the_offline_command_on_the_same_slot(neox_run, tmp_path):
+    """lm-evaluation-harness online: the jsonl formats and the harness's own YAML tasks (rolling
+    perplexity, greedy generation), scored by the two sidecar ranks on raw and the merge at the
+    steps eval.task_every names, equal `python -m averaging.lm_eval` in one process on that slot."""
+    records = {r["step"]: r for r in read_eval_log(str(neox_run))}
+    assert all("tasks" not in r for step, r in records.items() if step != 12)  # task_every=12
+    online = records[12]["tasks"]
+    assert set(online) >= {"raw", "lawa"} and online["raw"]["last_word"]["n"] == 7
+    assert set(online["raw"]) == {"last_word", "choice", *HARNESS_TASKS}
+    out = tmp_path / "offline.json"
+    proc = subprocess.run([str(BIN / "python"), "-m", "averaging.lm_eval", str(neox_run / "snaps" / "step_00000012"),
+                           "--tasks", str(neox_run.parent / "last_word.jsonl"), str(neox_run.parent / "choice.jsonl"),
+                           *HARNESS_TASKS, "--include_path", str(HARNESS_DIR), "--output_path", str(out)],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    single = json.loads(proc.stdout.strip().splitlines()[-1])
-    for task, metrics in single.items():
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    offline = flat_results(json.loads(out.read_text()))
+    assert set(offline) == set(online["raw"])
+    for task, metrics in offline.items():
+        assert set(metrics) == set(online["raw"][task]), task
         for key, value in metrics.items():
-            assert final["tasks"]["raw"][task][key] == pytest.approx(value, rel=1e-4), (task, key)
+            assert online["raw"][task][key] == pytest.approx(value, rel=1e-5), (task, key)
+    report = (neox_run / "report" / "report.md").read_text()  # written at the end of the run
+    row = next(line for line in report.splitlines() if "| tiny_perplexity | bits_per_byte |" in line)
+    assert row.startswith("| 12 |") and f"{online['raw']['tiny_perplexity']['bits_per_byte']:.4f}" in row
 
 
 def test_sidecar_exports_its_best_average_and_transformers_scores_it_the_same(neox_run):

@@ -30,6 +30,10 @@ def front(*args: str, script: str = "") -> subprocess.CompletedProcess:
     (["--job", "jobs/smoke.yaml", "data.tokenizer=/no/tokenizer.json"], "data.tokenizer: no such file or directory"),
     (["--job", "jobs/smoke.yaml", "checkpoint.init_from=/no/run/checkpoints"], "checkpoint.init_from: no such file"),
     (["--job", "jobs/nosuch.yaml"], "nosuch.yaml"),
+    (["--job", "jobs/smoke.yaml", "eval.harness_tasks=[no_such_task]", "snapshot.every=2"],
+     "eval.harness_tasks: no_such_task: the harness has no task of this name"),
+    (["--job", "jobs/smoke.yaml", "eval.harness_tasks=[lambada_openai]", "snapshot.every=2"],
+     "eval.harness_tasks: lambada_openai: cannot load its data (it needs a dataset from the internet"),
     (["--rdzv-endpoint", "node1:29400", "--job", "jobs/smoke.yaml"], "'node1:29400' is not of the form section.key=value"),
 ])
 def test_a_bad_job_is_one_line_and_exit_2_before_any_rank(tmp_path, capsys, args, message):

@@ -39,8 +39,11 @@ class SidecarSpec:
     poll_seconds: float
     tensorboard: bool
     export_hf: bool
-    tasks: list[str] = field(default_factory=list)  # absolute paths
+    tasks: list[str] = field(default_factory=list)  # .jsonl task files, absolute paths
+    harness_tasks: list[str] = field(default_factory=list)  # lm-evaluation-harness task names
+    harness_include: Optional[str] = None  # absolute
     task_limit: int = 0
+    task_every: int = 0  # tasks scored at slots whose step is a multiple of this; 0: every one
     forecast: Optional[str] = None  # the merge whose score forecasts a cooldown (eval.jsonl's forecast_val_loss)
     # Where the job's scheduled cooldowns end: scored with every merge, before newer slots, even when
     # behind (the end-of-run forecast table compares the merges there).
@@ -152,7 +155,10 @@ def format_eval_line(r: dict[str, Any]) -> str:
     steps = ",".join(str(s) for s in r["steps_averaged"])
     tasks = r.get("tasks", {})
     head = merge_names(r)[0]
-    task_text = "".join(f"; {name} acc raw {tasks['raw'][name]['acc']:.3f} {head} {tasks[head][name]['acc']:.3f}"
-                        for name in tasks.get(head, {}))
+    task_text = ""
+    for name, metrics in tasks.get(head, {}).items():
+        metric = next((m for m in ("acc", *metrics) if m in metrics and m != "n"), None)
+        if metric is not None:
+            task_text += f"; {name} {metric} raw {tasks['raw'][name][metric]:.3f} {head} {metrics[metric]:.3f}"
     skipped = f"; skipped {', '.join(r['skipped'])} (behind)" if r.get("skipped") else ""
     return f"lawa | step {r['step']}: raw val {raw:.4f}, {scores} [{head}: {steps}]{task_text}{skipped}"

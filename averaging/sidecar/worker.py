@@ -183,14 +183,9 @@ class Sidecar:
         self.engine = build_engine(lambda: build_model(self.model_config, self.par.tp_group), ds_config, self.par)
         self.params = dict(self.engine.module.named_parameters())
         self.val = read_val_batches(run_dir, self.par.dp_rank)
-        self.tasks, self.encode = [], None
-        if spec.tasks:
-            from averaging.zero_shot import load_task
-            from core.tokenizer import load_tokenizer
-            from models.hf import run_tokenizer
-
-            self.tasks = [load_task(path, spec.task_limit) for path in spec.tasks]
-            self.encode = load_tokenizer(run_tokenizer(run_dir)).encode
+        self.tasks, self.lm = None, None
+        if spec.tasks or spec.harness_tasks:
+            self._load_tasks()
         self.bad_steps: set[int] = set()
         done = read_eval_log(run_dir)
         self.last_step = done[-1]["step"] if done else -1
@@ -353,7 +348,7 @@ class Sidecar:
             load_partitions(self.params, flat, layout, self.par.dp_rank, self.par.dp_group)
             held_out = self._loss()
             s.losses[name], s.by_source[name] = held_out.overall, held_out.by_source
-            s.tasks[name] = self._task_scores()
+            s.tasks[name] = self._task_scores(r.newest.step)
 
         def score_merge(merge) -> None:
             if r.selected[merge.name] == [r.newest.step]:  # one snapshot: the raw model itself
@@ -404,7 +399,7 @@ class Sidecar:
             "steps_averaged": r.selected[headline.name][::-1], "merges": merges_record, "averages": r.newest.averages,
             **({"forecast": self.spec.forecast, "forecast_val_loss": s.losses[self.spec.forecast]}
                if self.spec.forecast in s.losses else {}),
-            **({"tasks": s.tasks} if self.tasks else {}),
+            **({"tasks": s.tasks} if s.tasks.get("raw") else {}),
             **({"val_loss_by_source": s.by_source} if s.by_source["raw"] else {}),
             "best": merges_record[headline.name]["best"], "skipped": s.skipped, "read_s": r.read_s,
             "average_s": r.average_s, "bytes_averaged": r.bytes_read,
@@ -420,6 +415,11 @@ class Sidecar:
                     self.tb.add_scalar(f"val_loss_minus_raw/{name}", loss - s.losses["raw"], step)
                 for source, value in s.by_source[name].items():  # a panel per source, every method in it
                     self.tb.add_scalar(f"val_loss_by_source/{source}/{name}", value, step)
+            for name, by_task in s.tasks.items():  # a section per task and metric, every method in it
+                for task, metrics in by_task.items():
+                    for metric, value in metrics.items():
+                        if metric != "n":
+                            self.tb.add_scalar(f"tasks/{task}/{metric}/{name}", value, step)
             if "forecast_val_loss" in record:  # its own chart: what a cooldown ending here would reach
                 self.tb.add_scalar("val_loss/forecast", record["forecast_val_loss"], step)
             self.tb.flush()
@@ -442,31 +442,41 @@ class Sidecar:
                 logger.info(f"exported the best LAWA average (step {best[-1]}) to {self.paths.lawa_best_hf}")
         dist.barrier(group=self.par.ctrl_group)
 
-    def _task_scores(self) -> dict[str, dict[str, float]]:
-        """Collective: each data-parallel rank scores its share of every task's examples."""
-        if not self.tasks:
+    def _load_tasks(self) -> None:
+        """The job's evaluation tasks through lm-evaluation-harness, loaded once (offline); each
+        data-parallel rank scores its share of every task's requests on the sidecar's engine."""
+        import logging
+
+        os.environ.setdefault("TQDM_DISABLE", "1")  # the harness's progress bars, once per model scored
+        logging.getLogger("lm_eval").setLevel(logging.WARNING)
+        from averaging.harness import HarnessTaskError, ShardedLM, load_tasks
+        from core.tokenizer import load_tokenizer
+        from models.hf import run_tokenizer
+
+        try:
+            self.tasks = load_tasks(self.spec.tasks + self.spec.harness_tasks, self.spec.harness_include)
+        except HarnessTaskError as e:
+            raise SystemExit(f"eval tasks: {e}") from None
+        self.lm = ShardedLM(self._full_logits, load_tokenizer(run_tokenizer(self.run_dir)),
+                            self.model_config.block_size, self.device, (self.par.dp_rank, self.par.dp), self._gather)
+
+    def _full_logits(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        logits, _ = self.engine(x, keep=keep)  # (N, V/tp): this rank's slice of the vocabulary
+        if self.par.tp > 1:
+            parts = [torch.empty_like(logits) for _ in range(self.par.tp)]
+            dist.all_gather(parts, logits.contiguous(), group=self.par.tp_group)
+            logits = torch.cat(parts, dim=-1)
+        return logits  # (N, V)
+
+    def _task_scores(self, step: int) -> dict[str, dict[str, float]]:
+        """Collective: every task's metrics on the loaded weights, at the steps the job scores them."""
+        if self.tasks is None or (self.spec.task_every and step % self.spec.task_every):
             return {}
-        from averaging.zero_shot import evaluate_task, summarize
+        from averaging.harness import evaluate, flat_results
 
-        def full_logits(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-            logits, _ = self.engine(x, keep=keep)  # (N, V/tp): this rank's slice of the vocabulary
-            if self.par.tp > 1:
-                parts = [torch.empty_like(logits) for _ in range(self.par.tp)]
-                dist.all_gather(parts, logits.contiguous(), group=self.par.tp_group)
-                logits = torch.cat(parts, dim=-1)
-            return logits  # (N, V)
-
-        scores = {}
         self.engine.eval()
         with torch.no_grad():
-            for task in self.tasks:
-                sums = evaluate_task(task, full_logits, self.encode, self.model_config.block_size, self.device,
-                                     (self.par.dp_rank, self.par.dp))
-                # Tensor-parallel ranks of one data-parallel rank scored the same examples: count once.
-                gathered = self._gather(sums if self.par.tp_rank == 0 else None)
-                total = {k: sum(g[k] for g in gathered if g is not None) for k in sums}
-                scores[task.name] = summarize(task, total)
-        return scores
+            return flat_results(evaluate(self.lm, self.tasks, self.spec.task_limit))
 
     def _loss(self) -> HeldOutLoss:
         return validation_loss(self.engine, self.val, self.device, self.par.dp_group, self.par.dp)
