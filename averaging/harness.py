@@ -42,7 +42,11 @@ TaskDict = dict[str, Any]  # lm_eval's TaskManager.load() result
 
 
 class HarnessTaskError(ValueError):
-    """A task the harness cannot run here: one line naming it."""
+    """A task the harness cannot run here: one line naming it (`task`: the name or file as given)."""
+
+    def __init__(self, message: str, task: Optional[str] = None):
+        super().__init__(message)
+        self.task = task
 
 
 # ---------------------------------------------------------------------------------------------
@@ -56,11 +60,11 @@ def jsonl_task(path: str) -> dict[str, Any]:
     with open(path) as f:
         first = next((line for line in f if line.strip()), None)
     if first is None:
-        raise HarnessTaskError(f"{path}: no examples")
+        raise HarnessTaskError(f"{path}: no examples", path)
     try:
         record = json.loads(first)
     except json.JSONDecodeError as e:
-        raise HarnessTaskError(f"{path}: the first record is not JSON ({e.msg})") from None
+        raise HarnessTaskError(f"{path}: the first record is not JSON ({e.msg})", path) from None
     common = {"task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": os.path.abspath(path)}},
               "test_split": "test", "target_delimiter": ""}
     if "text" in record:
@@ -74,7 +78,7 @@ def jsonl_task(path: str) -> dict[str, Any]:
                 "doc_to_choice": "{{ choices }}", "doc_to_target": "{{ answer }}",
                 "metric_list": [{"metric": "acc"}, {"metric": "acc_norm"}]}
     raise HarnessTaskError(f"{path}:1: expected {{\"text\": ...}} (last word) or {{\"context\", \"choices\", "
-                           f"\"answer\"}} (multiple choice)")
+                           f"\"answer\"}} (multiple choice)", path)
 
 
 def task_specs(names: list[str]) -> list[Any]:
@@ -97,14 +101,14 @@ def load_tasks(names: list[str], include: Optional[str] = None) -> TaskDict:
     for name in wanted:
         if name not in manager.all_tasks:
             where = f" or in {include}" if include else " (set the include folder for your own task YAMLs)"
-            raise HarnessTaskError(f"{name}: the harness has no task of this name{where}")
+            raise HarnessTaskError(f"{name}: the harness has no task of this name{where}", name)
     loaded: TaskDict = {"tasks": {}, "groups": {}, "group_map": {}}
-    for spec in specs:
+    for name, spec in zip(names, specs):
         label = spec if isinstance(spec, str) else spec["dataset_kwargs"]["data_files"]["test"]
         try:
             one = manager.load([spec])
         except Exception as e:  # the harness and `datasets` raise whatever their loaders raise
-            raise HarnessTaskError(f"{label}: cannot load its data ({no_download_reason(e)})") from None
+            raise HarnessTaskError(f"{label}: cannot load its data ({no_download_reason(e)})", name) from None
         for key in loaded:
             loaded[key].update(one[key])
     return loaded

@@ -64,7 +64,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if tokenizer_path is None:
             raise ValueError("cannot tell which tokenizer the model was trained with: pass --tokenizer")
         tokenizer = load_tokenizer(tokenizer_path)
-    except (HarnessTaskError, ValueError, FileNotFoundError, KeyError) as e:
+    except (ValueError, FileNotFoundError, KeyError) as e:  # HarnessTaskError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
     device = torch.device(args.device)

@@ -48,7 +48,7 @@ def check(job, world_size: Optional[int]) -> str:
         try:
             load_tasks(job.eval.all_tasks, job.eval.harness_include)
         except HarnessTaskError as e:
-            key = "eval.tasks" if str(e).split(":")[0].endswith(".jsonl") else "eval.harness_tasks"
+            key = "eval.tasks" if e.task in job.eval.tasks else "eval.harness_tasks"
             raise ConfigError(f"{key}: {e}") from None
     if world_size is None:
         return f"{job.name}: layout checked by the ranks (an elastic node count)"
