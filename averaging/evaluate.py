@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -85,23 +85,31 @@ def validation_loss(model, held_out: HeldOut, device: torch.device, dp_group: di
 
 
 @torch.no_grad()
-def hf_held_out_loss(held_out_by_rank: list[HeldOut], folder: str) -> float:
-    """The held-out loss transformers computes for an exported Hugging Face folder, on the sidecar's
-    held-out batches (every data-parallel rank's: averaging.sidecar.protocol.read_every_val_batches)
-    and averaged as the sidecar averages (per rank, then the mean): the check that an export computes
-    what the sidecar scored."""
+def single_process_held_out_loss(logits: Callable[[torch.Tensor], torch.Tensor],
+                                 held_out_by_rank: list[HeldOut]) -> float:
+    """The held-out loss of a model in one process (`logits`: token ids (B, T) -> (B, T, V)) on the
+    sidecar's held-out batches (every data-parallel rank's: averaging.sidecar.protocol.read_every_val_batches),
+    averaged as the sidecar averages (per rank, then the mean); cross-entropy in fp32, as the model's own."""
     import torch.nn.functional as F
-    from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     per_rank = []
     for held_out in held_out_by_rank:
         sources = []
         for batches in held_out.batches:
-            losses = [F.cross_entropy(model(x.long()).logits.flatten(0, 1), y.long().flatten()).item()
+            losses = [F.cross_entropy(logits(x.long()).float().flatten(0, 1), y.long().flatten()).item()
                       for x, y in batches]
             sources.append(sum(losses) / len(losses))
         per_rank.append(sources)
     names, weights = held_out_by_rank[0].names, held_out_by_rank[0].weights
     by_source = [sum(rank[i] for rank in per_rank) / len(per_rank) for i in range(len(names))]
     return mixture_mean(by_source, weights)
+
+
+def hf_held_out_loss(held_out_by_rank: list[HeldOut], folder: str, dtype: torch.dtype = torch.float32) -> float:
+    """The held-out loss transformers computes for an exported Hugging Face folder, its weights and
+    activations in `dtype` (bf16: as the sidecar scores on a GPU): the check that an export computes
+    what the sidecar scored."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+    return single_process_held_out_loss(lambda x: model(x).logits, held_out_by_rank)

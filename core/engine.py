@@ -21,10 +21,11 @@ PERSISTENCE_THRESHOLD = 10_000
 
 
 def deepspeed_config(micro_batch_size: int, grad_accum: int, dp: int, grad_clip: float, zero_stage: int,
-                     bf16: bool, hidden_size: Optional[int] = None) -> dict[str, Any]:
+                     bf16: bool, hidden_size: Optional[int] = None, compiled: bool = False) -> dict[str, Any]:
     """The training engine's config (the launcher writes it to the run directory for reference).
     With `hidden_size`, the buckets are sized from the model's width (the rules DeepSpeed's own
-    "auto" values follow in its Hugging Face integration) instead of its fixed defaults."""
+    "auto" values follow in its Hugging Face integration) instead of its fixed defaults. `compiled`:
+    the model's blocks will be compiled (train.compile)."""
     zero: dict[str, Any] = {"stage": zero_stage}
     if zero_stage in (1, 2):
         zero["parameter_alignment"] = True
@@ -39,6 +40,13 @@ def deepspeed_config(micro_batch_size: int, grad_accum: int, dp: int, grad_clip:
             zero.update({"reduce_bucket_size": hidden_size * hidden_size,
                          "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
                          "stage3_param_persistence_threshold": 10 * hidden_size})
+        if compiled:
+            # At ZeRO-3 DeepSpeed replaces F.linear by an autograd Function of its own, whose gradient
+            # torch 2.11's compiler loses: a compiled block's qkv and up projections get zeros from
+            # the ops after them (its joint graph; bench/compile_breaks.py, 1.5e-3 off eager in 4
+            # steps; exact under 2.13). A compiled block saves the parameters themselves for backward,
+            # which DeepSpeed gathers again before the block's backward: torch's linear is as lean.
+            zero["memory_efficient_linear"] = False
     return {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": grad_accum,

@@ -21,6 +21,10 @@ class TrainArgs:
     # graph at ZeRO-3 (core/engine.py); and recomputing activations in backward.
     compile: Optional[str] = None
     activation_checkpointing: bool = False
+    # torch's deterministic algorithms (strict: an op that has none stops the run, naming it) and
+    # cuBLAS's fixed workspace: on a GPU a rerun or a resume gives the same losses bit for bit, at a
+    # cost in speed. For checks (bench/gpu_check.py) and for chasing a divergence; CPUs are already.
+    deterministic: bool = False
     # The ranks' one collective of their own (a warning signal, finished snapshot writes, the sidecar's
     # liveness), every this many steps, and at snapshot and last steps: a signal stops every rank after
     # the same step, at most vote_every - 1 steps after it arrives; other steps run DeepSpeed's only.

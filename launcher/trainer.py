@@ -74,6 +74,8 @@ def build(job: JobConfig) -> Training:
     layout is checked against the world before any process group is joined."""
     env = rank_env()
     grad_accum = job.train.accumulation_steps(job.parallel.data_parallel(env.world_size))
+    if job.train.deterministic:
+        use_deterministic_algorithms()
     par = init_distributed(job.parallel.tensor, env)
     setup_logging(par.rank)
     precision = job.train.resolved_precision(par.device.type)
@@ -102,7 +104,8 @@ def build(job: JobConfig) -> Training:
     snapshot_root, planned = check_at_start(job, par, model_config, run.path, continues)
     ds_config = deepspeed_config(job.train.micro_batch_size, grad_accum, par.dp, job.train.grad_clip,
                                  planned.zero_stage, bf16=precision == "bf16",
-                                 hidden_size=model_config.n_embd if job.parallel.zero_buckets == "auto" else None)
+                                 hidden_size=model_config.n_embd if job.parallel.zero_buckets == "auto" else None,
+                                 compiled=job.train.compile is not None)
     if par.is_main:
         write_json_atomic(run.deepspeed_config, ds_config)
         write_model_config(run.model, model_config)
@@ -127,6 +130,21 @@ def build(job: JobConfig) -> Training:
                 f"{job.train.micro_batch_size} per rank)")
     return Training(job, par, run, engine, batches, model_config, ds_config, precision, grad_accum, prefetcher,
                     snapshot_root)
+
+
+def deterministic_refusal(e: Exception) -> Optional[str]:
+    """The one line for an op that torch's deterministic mode refuses (its own message is a paragraph)."""
+    text = str(e)
+    if not isinstance(e, RuntimeError) or "does not have a deterministic implementation" not in text:
+        return None
+    return f"train.deterministic: {text.split(', but you set', 1)[0]} on this device; set train.deterministic=false"
+
+
+def use_deterministic_algorithms() -> None:
+    """Before the device is touched: cuBLAS reads its workspace setting when it first starts."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)  # strict: with warn_only, flash attention's backward is not
+    torch.backends.cudnn.benchmark = False
 
 
 def placement(par: Parallel) -> str:
@@ -210,7 +228,11 @@ def train(job: JobConfig) -> dict:
     watchdog = PeerWatchdog(t.par, job.parallel.heartbeat_timeout_s, env.master_addr, env.master_port)
     try:
         result = run_training(t)
-    except Exception as e:  # only a lost peer is turned into a line; other errors go on up
+    except Exception as e:  # a lost peer and an op torch cannot run deterministically are one line; others go up
+        refusal = deterministic_refusal(e) if job.train.deterministic else None
+        if refusal is not None:
+            watchdog.stop()
+            raise ConfigError(refusal) from None
         message = lost_peer_message(e, t.par)
         if message is None:
             raise
