@@ -105,10 +105,10 @@ def run_child(cmd: list[str], log: Path, deadline: float) -> float:
     return time.perf_counter() - start
 
 
-def launch(args, train_args: list[str], log: Path, deadline: float) -> float:
+def launch(args, train_args: list[str], log: Path) -> float:
     """launcher/train.py on one device through torchrun, as a user starts it; returns its wall time."""
     return run_child([str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "1",
-                      "launcher/train.py", *train_args], log, deadline)
+                      "launcher/train.py", *train_args], log, args.deadline)
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -126,7 +126,6 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 RESUME_TOL_NATS = 1e-5  # deterministic algorithms on both runs: the resumed run is the uninterrupted one
 FP32_EXPORT_TOL = 1e-5  # relative: our model and transformers on the exported weights, both fp32
-NO_DETERMINISTIC_OP = "does not have a deterministic implementation"  # torch's words, in the run's one line
 BF16_FLOOR_NATS = 1e-3  # bf16 scores agree to bf16's own effect on these batches, and never looser than this
 
 
@@ -134,13 +133,14 @@ def resume_check(whole: dict[int, float], resumed: dict[int, float]) -> dict[str
     """The resumed run's losses against the uninterrupted run's, step by step."""
     if set(whole) != set(resumed):
         only = sorted(set(whole) ^ set(resumed))
-        return {"max_abs_loss_diff": None, "failure": f"resume: steps {only} were logged by one run only"}
+        return {"max_abs_loss_diff": None, "tolerance": RESUME_TOL_NATS,
+                "failure": f"resume: steps {only} were logged by one run only"}
     step = max(whole, key=lambda k: abs(whole[k] - resumed[k]))
     diff = abs(whole[step] - resumed[step])
     failure = None if diff <= RESUME_TOL_NATS else (
         f"resume: at step {step} the resumed run's loss is {diff:.2e} nats from the uninterrupted run's "
         f"({resumed[step]:.6f} vs {whole[step]:.6f}; tolerance {RESUME_TOL_NATS:.0e})")
-    return {"max_abs_loss_diff": diff, "at_step": step, "failure": failure}
+    return {"max_abs_loss_diff": diff, "at_step": step, "tolerance": RESUME_TOL_NATS, "failure": failure}
 
 
 def export_check(sidecar: float, ours_fp32: float, theirs_fp32: float, theirs_bf16: Optional[float]) -> dict[str, Any]:
@@ -163,22 +163,20 @@ def export_check(sidecar: float, ours_fp32: float, theirs_fp32: float, theirs_bf
                         f"{theirs:.6f} in {'bf16' if theirs_bf16 is not None else 'fp32'} on the same batches: "
                         f"{diff:.2e} nats apart (tolerance {tolerance:.1e})")
     return {"sidecar_loss": sidecar, "ours_fp32": ours_fp32, "transformers_fp32": theirs_fp32,
-            "transformers_bf16": theirs_bf16, "fp32_rel_diff": fp32_rel, "bf16_effect": bf16_effect,
-            "sidecar_diff": diff, "tolerance": tolerance, "failures": failures}
+            "transformers_bf16": theirs_bf16, "fp32_rel_diff": fp32_rel, "fp32_tolerance": FP32_EXPORT_TOL,
+            "bf16_effect": bf16_effect, "sidecar_diff": diff, "tolerance": tolerance, "failures": failures}
 
 
 def our_held_out_loss(held_out_by_rank, folder: str) -> float:
     """Our own model, in fp32, on the weights of a Hugging Face folder."""
     from averaging.evaluate import single_process_held_out_loss
-    from averaging.scoring import full_logits
     from models.hf import read_folder
     from models.registry import build_model
 
     weights, config = read_folder(folder)
     model = build_model(config).eval()
     model.load_state_dict(weights)
-    logits = full_logits(model)
-    return single_process_held_out_loss(lambda x: logits(x, None), held_out_by_rank)
+    return single_process_held_out_loss(lambda x: model(x)[0], held_out_by_rank)
 
 
 def part_correctness(args, work: Path) -> dict[str, Any]:
@@ -192,16 +190,17 @@ def part_correctness(args, work: Path) -> dict[str, Any]:
     deterministic = ["train.deterministic=true"]
     out: dict[str, Any] = {}
     try:
-        out["wall_s"] = launch(args, gpu_job(args, whole, *deterministic), work / "whole.log", args.deadline)
+        out["wall_s"] = launch(args, gpu_job(args, whole, *deterministic), work / "whole.log")
     except RuntimeError as e:  # an op with no deterministic algorithm: the other checks still run
-        if NO_DETERMINISTIC_OP not in str(e):
+        if deterministic_error(e) is None:
             raise
-        out["resume"] = {"failure": f"resume: train.deterministic=true stopped the run: {deterministic_error(e)}"}
+        out["resume"] = {"max_abs_loss_diff": None, "tolerance": RESUME_TOL_NATS,
+                         "failure": f"resume: train.deterministic=true stopped the run: {deterministic_error(e)}"}
         shutil.rmtree(whole, ignore_errors=True)
-        out["wall_s"] = launch(args, gpu_job(args, whole), work / "whole.log", args.deadline)
+        out["wall_s"] = launch(args, gpu_job(args, whole), work / "whole.log")
     if "resume" not in out:
-        launch(args, gpu_job(args, parts, "train.stop_at=6", *deterministic), work / "parts_1.log", args.deadline)
-        launch(args, gpu_job(args, parts, *deterministic), work / "parts_2.log", args.deadline)
+        launch(args, gpu_job(args, parts, "train.stop_at=6", *deterministic), work / "parts_1.log")
+        launch(args, gpu_job(args, parts, *deterministic), work / "parts_2.log")
         out["resume"] = resume_check(losses(whole), losses(parts))
 
     records = read_eval_log(str(whole))
@@ -232,10 +231,12 @@ def part_correctness(args, work: Path) -> dict[str, Any]:
     return out
 
 
-def deterministic_error(e: Exception) -> str:
+def deterministic_error(e: Exception) -> Optional[str]:
     """The line of a failed run's log that names the op with no deterministic algorithm (the
-    launcher's one line, launcher.trainer.deterministic_refusal)."""
-    return next(line.strip() for line in str(e).splitlines() if NO_DETERMINISTIC_OP in line)
+    launcher's one line, launcher.trainer.deterministic_refusal), if there is one."""
+    from launcher.trainer import NO_DETERMINISTIC_ALGORITHM
+
+    return next((line.strip() for line in str(e).splitlines() if NO_DETERMINISTIC_ALGORITHM in line), None)
 
 
 def ema_offload_in_host_memory() -> bool:
@@ -426,7 +427,7 @@ def part_lawa_cost(args, work: Path) -> dict[str, Any]:
                                 f"snapshot.dir={work / 'cost_snaps'}", "sidecar.poll_seconds=0.2"]),
                         ("off", ["snapshot.every=0", "sidecar.enabled=false"])):
         run_dir = work / f"cost_{mode}"
-        launch(args, [*base, f"run_dir={run_dir}", *common, *extra], work / f"cost_{mode}.log", args.deadline)
+        launch(args, [*base, f"run_dir={run_dir}", *common, *extra], work / f"cost_{mode}.log")
         windows = [r for r in read_jsonl(str(run_dir / "metrics.jsonl")) if "tokens_per_s" in r][1:]
         runs[mode] = {"tokens_per_s": median([r["tokens_per_s"] for r in windows]),
                       "step_s": median([r["tokens"] / r["step"] / r["tokens_per_s"] for r in windows]),

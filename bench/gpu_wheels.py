@@ -15,6 +15,7 @@ pyarrow is too old for the newest. Exit status 1, naming each requirement, if an
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import re
 import subprocess
@@ -59,7 +60,7 @@ def build_deepspeed(out: Path) -> None:
     environment's (no build isolation) and with no op compiled ahead (DS_BUILD_OPS=0)."""
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--disable-pip-version-check", "--no-deps",
                     "--no-build-isolation", "-w", str(out), DEEPSPEED],
-                   check=True, env={**__import__("os").environ, "DS_BUILD_OPS": "0"})
+                   check=True, env={**os.environ, "DS_BUILD_OPS": "0"})
 
 
 def wheels(folder: Path) -> dict[str, tuple[Version, Path]]:

@@ -132,10 +132,13 @@ def build(job: JobConfig) -> Training:
                     snapshot_root)
 
 
+NO_DETERMINISTIC_ALGORITHM = "does not have a deterministic implementation"  # torch's words, kept in our line
+
+
 def deterministic_refusal(e: Exception) -> Optional[str]:
     """The one line for an op that torch's deterministic mode refuses (its own message is a paragraph)."""
     text = str(e)
-    if not isinstance(e, RuntimeError) or "does not have a deterministic implementation" not in text:
+    if not isinstance(e, RuntimeError) or NO_DETERMINISTIC_ALGORITHM not in text:
         return None
     return f"train.deterministic: {text.split(', but you set', 1)[0]} on this device; set train.deterministic=false"
 

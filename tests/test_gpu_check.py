@@ -70,7 +70,8 @@ def test_gpu_check_dry_run(tmp_path):
 
 def test_resume_and_bf16_checks_fail_on_the_smallest_effect_and_say_by_how_much():
     whole = {1: 10.9, 2: 10.5, 3: 9.8}
-    assert resume_check(whole, dict(whole)) == {"max_abs_loss_diff": 0.0, "at_step": 1, "failure": None}
+    assert resume_check(whole, dict(whole)) == {"max_abs_loss_diff": 0.0, "at_step": 1, "tolerance": 1e-5,
+                                                "failure": None}
     off = resume_check(whole, {**whole, 2: 10.5 + SMALLEST_EFFECT_NATS})
     assert off["at_step"] == 2 and off["failure"].startswith("resume: at step 2 the resumed run's loss is 1.00e-02 nats")
     assert "one run only" in resume_check(whole, {1: 10.9, 2: 10.5})["failure"]
@@ -116,3 +117,4 @@ def test_an_op_with_no_deterministic_algorithm_is_one_line_naming_the_key():
     failed = RuntimeError("torchrun ... launcher/train.py train.deterministic=true exited 1:\n[rank0] ...\n"
                           f"config error: {deterministic_refusal(refused)}\nE1205 ... failed (exitcode: 2)")
     assert deterministic_error(failed) == f"config error: {deterministic_refusal(refused)}"
+    assert deterministic_error(RuntimeError("torchrun ... train.deterministic=true exited 1:\nCUDA out of memory")) is None
