@@ -28,22 +28,30 @@ class EmaArgs:
     start_step: int = 0  # the EMA starts as a copy of the weights after this step
     every: int = 1  # update every this many steps (the half-life stays in steps)
     offload: bool = False  # keep the EMA in host memory: frees device memory, costs a copy per update
+    # Inverse-decay warmup (the LAWA paper's EMA, after @crowsonkb's): the update after k earlier ones
+    # uses min(decay, 1 - (1 + k)^-warmup_power), so the first updates follow the weights closely.
+    # None: the decay from the first update on.
+    warmup_power: Optional[float] = None
 
     def validate(self) -> None:
         need(self.half_life > 0, f"ema.half_life: must be positive, got {self.half_life}")
         need(self.decay is None or 0.0 < self.decay < 1.0, f"ema.decay: must be in (0, 1), got {self.decay}")
         need(self.every >= 1, f"ema.every: must be >= 1, got {self.every}")
         need(self.start_step >= 0, f"ema.start_step: must be >= 0, got {self.start_step}")
+        need(self.warmup_power is None or self.warmup_power > 0,
+             f"ema.warmup_power: must be positive, got {self.warmup_power}")
 
 
 @dataclass
 class SwaArgs:
     enabled: bool = False
-    start_step: int = 0  # uniform average of the weights at every snapshot step from this one on
+    start_step: int = 0  # uniform average of the weights at every `every` steps from this one on
+    every: Optional[int] = None  # steps between the weights averaged; None: snapshot.every (the snapshot steps)
     lr: Optional[float] = None  # SWA's learning-rate phase: this constant LR from start_step; None: the schedule's
 
     def validate(self) -> None:
         need(self.start_step >= 0, f"swa.start_step: must be >= 0, got {self.start_step}")
+        need(self.every is None or self.every >= 1, f"swa.every: must be >= 1, got {self.every}")
         need(self.lr is None or self.lr > 0, f"swa.lr: must be positive, got {self.lr}")
 
 
@@ -54,6 +62,13 @@ class SwaArgs:
 def ema_decay(half_life: float, every: int) -> float:
     """Per-update decay so that a weight's contribution halves every `half_life` steps."""
     return 0.5 ** (every / half_life)
+
+
+def warmed_decay(decay: float, updates: int, warmup_power: Optional[float]) -> float:
+    """The decay of the EMA update that follows `updates` earlier ones (the first one, a copy, counts)."""
+    if warmup_power is None:
+        return decay
+    return min(decay, 1.0 - (1.0 + updates) ** -warmup_power)
 
 
 def ema_update_(average: list[torch.Tensor], weights: list[torch.Tensor], decay: float) -> None:
@@ -146,7 +161,7 @@ class ShardAverages:
     def __init__(self, ema: EmaArgs, swa: SwaArgs, weights: list[torch.Tensor], snapshot_every: int):
         self.ema_args, self.swa_args = ema, swa
         self.weights = weights
-        self.snapshot_every = snapshot_every
+        self.swa_every = swa.every or snapshot_every
         self.decay = ema.decay if ema.decay is not None else ema_decay(ema.half_life, ema.every)
         self.ema: Optional[list[torch.Tensor]] = None
         self.ema_updates = 0
@@ -170,16 +185,21 @@ class ShardAverages:
             elif self.ema is None:
                 self.ema = self._fresh_copy()
             elif self.host is not None:
-                self.host.update(self.weights, self.decay)
+                self.host.update(self.weights, self.current_decay)
             else:
-                ema_update_(self.ema, [w.detach() for w in self.weights], self.decay)
+                ema_update_(self.ema, [w.detach() for w in self.weights], self.current_decay)
             self.ema_updates += 1
-        if s.enabled and step >= s.start_step and self.snapshot_every and step % self.snapshot_every == 0:
+        if s.enabled and step >= s.start_step and self.swa_every and step % self.swa_every == 0:
             if self.swa is None:
                 self.swa = self._fresh_copy()
             else:
                 swa_update_(self.swa, [w.detach() for w in self.weights], self.swa_count)
             self.swa_count += 1
+
+    @property
+    def current_decay(self) -> float:
+        """The decay of the next EMA update."""
+        return warmed_decay(self.decay, self.ema_updates, self.ema_args.warmup_power)
 
     def fence(self) -> None:
         """Before the optimizer update: nothing in flight still reads the weights (an offloaded EMA's copy)."""
@@ -202,9 +222,10 @@ class ShardAverages:
         out = {}
         if self.ema is not None:
             out["ema"] = {"decay": self.decay, "every": self.ema_args.every,
-                          "start_step": self.ema_args.start_step, "updates": self.ema_updates}
+                          "start_step": self.ema_args.start_step, "updates": self.ema_updates,
+                          **({"warmup_power": self.ema_args.warmup_power} if self.ema_args.warmup_power else {})}
         if self.swa is not None:
-            out["swa"] = {"start_step": self.swa_args.start_step, "count": self.swa_count}
+            out["swa"] = {"start_step": self.swa_args.start_step, "every": self.swa_every, "count": self.swa_count}
         return out
 
     def state_dict(self) -> dict[str, Any]:

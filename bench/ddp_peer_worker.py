@@ -36,7 +36,7 @@ def main() -> int:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     job = load_job(args.job, args.overrides)
-    manifest = ensure_prepared(job.data, rank == 0, dist.barrier)
+    manifest = ensure_prepared(job.data, rank == 0, dist.barrier, dist.get_world_size())
     batches = job_batches(job.data, manifest, job.train.seed)
     config = job.model.resolve(batches.vocab_size, job.data.seq_len, 1)
     torch.manual_seed(job.train.seed)

@@ -40,27 +40,17 @@ def any_step_of(path: str) -> Optional[int]:
 # writing
 
 
-def write_file_atomic(path: str, data: bytes | memoryview | str, max_bytes_per_s: float = 0.0,
-                      mode: Optional[int] = None) -> None:
-    """Write under a temporary name, fsync, rename: readers see the old file or the whole new one.
-    Optionally throttled to max_bytes_per_s (shared disks). `mode`: the file's permissions (e.g.
-    0o600 for the snapshot ring's); None: the usual ones, 0o666 less the umask."""
-    if isinstance(data, str):
-        data = data.encode()
+@contextlib.contextmanager
+def atomic_file(path: str, mode: Optional[int] = None) -> Iterator[io.BufferedWriter]:
+    """A file written under a temporary name, fsynced and renamed to `path` when the block ends:
+    readers see the old file or the whole new one, never a part (a failed block leaves neither).
+    `mode`: the file's permissions (e.g. 0o600 for the snapshot ring's); None: 0o666 less the umask."""
     # Unique per writer, so that two processes writing the same path never share a temporary file.
     tmp = f"{path}.{uuid.uuid4().hex[:12]}.tmp"
-    view = memoryview(data)
-    chunk = 1 << 20 if max_bytes_per_s > 0 else 64 << 20
-    start = time.monotonic()
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 if mode is None else mode)
         with os.fdopen(fd, "wb") as f:
-            for pos in range(0, len(view), chunk):
-                f.write(view[pos: pos + chunk])
-                if max_bytes_per_s > 0:
-                    ahead = min(pos + chunk, len(view)) / max_bytes_per_s - (time.monotonic() - start)
-                    if ahead > 0:
-                        time.sleep(ahead)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -68,6 +58,23 @@ def write_file_atomic(path: str, data: bytes | memoryview | str, max_bytes_per_s
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+def write_file_atomic(path: str, data: bytes | memoryview | str, max_bytes_per_s: float = 0.0,
+                      mode: Optional[int] = None) -> None:
+    """`data` written through `atomic_file`, optionally throttled to max_bytes_per_s (shared disks)."""
+    if isinstance(data, str):
+        data = data.encode()
+    view = memoryview(data)
+    chunk = 1 << 20 if max_bytes_per_s > 0 else 64 << 20
+    start = time.monotonic()
+    with atomic_file(path, mode) as f:
+        for pos in range(0, len(view), chunk):
+            f.write(view[pos: pos + chunk])
+            if max_bytes_per_s > 0:
+                ahead = min(pos + chunk, len(view)) / max_bytes_per_s - (time.monotonic() - start)
+                if ahead > 0:
+                    time.sleep(ahead)
 
 
 def write_json_atomic(path: str, obj: Any) -> None:

@@ -1,17 +1,24 @@
-"""One face for a sentencepiece model and a Hugging Face `tokenizers` tokenizer, and the one
-function that loads either from a file or a folder (a data dir, a run's tokenizer/, an HF model)."""
+"""One face for a Hugging Face `tokenizers` tokenizer and a sentencepiece model, the one function
+that loads either from a file or a folder (a data dir, a run's tokenizer/, an HF model), and the
+byte-level BPE trainer that data preparation uses when a job names no tokenizer.
+
+A tokenizer.json is saved with a tokenizer_config.json that transformers reads: `AutoTokenizer`
+then loads the folder as `PreTrainedTokenizerFast` over that very tokenizer.json, so it gives the
+ids training used (the export of a run, lm_eval's `--model hf`).
+"""
 from __future__ import annotations
 
 import glob
 import json
 import os
-from typing import Optional
+from typing import Iterable, Optional
 
 from core.files import write_file_atomic
 
 # Tokens that conventionally end a document in tokenizer.json files that do not say which one is EOS.
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|eos|>")
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json")
+END_OF_TEXT = "<|endoftext|>"  # GPT-2's document separator, the trained tokenizer's one special token
 
 
 class Tokenizer:
@@ -63,9 +70,13 @@ class Tokenizer:
         return self.encode_batch([text])[0]
 
     def encode_batch(self, texts: list[str], threads: int = 0) -> list[list[int]]:
+        """Ids of each text (no special tokens added). `threads`: sentencepiece's count (0: every
+        core); the Rust tokenizers follow TOKENIZERS_PARALLELISM."""
         if self.kind == "sentencepiece":
             return self._sp.encode(texts, out_type=int, num_threads=threads or (os.cpu_count() or 1))
-        return [e.ids for e in self._hf.encode_batch(texts, add_special_tokens=False)]
+        # Without offsets when this tokenizers has the faster call: the ids are the same.
+        encode = getattr(self._hf, "encode_batch_fast", self._hf.encode_batch)
+        return [e.ids for e in encode(texts, add_special_tokens=False)]
 
     def decode(self, ids) -> str:
         ids = [int(i) for i in ids]
@@ -73,15 +84,39 @@ class Tokenizer:
             return self._sp.decode(ids)
         return self._hf.decode(ids, skip_special_tokens=False)
 
-    def save(self, directory: str) -> str:
-        """Writes the tokenizer into `directory` (atomically) and returns its file name."""
+    def save(self, directory: str, max_length: Optional[int] = None) -> str:
+        """Writes the tokenizer into `directory` (atomically) and returns its file name. A tokenizer.json
+        goes with a tokenizer_config.json naming its EOS (tokenizer.json does not say which token
+        ends a document) and the class transformers loads it as; `max_length`: the model's context."""
         os.makedirs(directory, exist_ok=True)
         write_file_atomic(os.path.join(directory, self.file_name), self._blob)
         if self.kind == "huggingface":
-            # tokenizer.json does not say which token is EOS; this file does, for load_tokenizer.
-            write_file_atomic(os.path.join(directory, "tokenizer_config.json"),
-                              json.dumps({"eos_token": self._eos_token}, indent=2) + "\n")
+            # GPT-2's convention: one end-of-text token begins and ends documents. Our own class over the
+            # file as it is, never one that rebuilds the tokenizer from vocab/merges with its own rules.
+            config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": self._eos_token,
+                      "bos_token": self._eos_token, "add_bos_token": False, "clean_up_tokenization_spaces": False,
+                      **({"model_max_length": max_length} if max_length else {})}
+            write_file_atomic(os.path.join(directory, "tokenizer_config.json"), json.dumps(config, indent=2) + "\n")
         return self.file_name
+
+
+def train_byte_level_bpe(texts: Iterable[str], vocab_size: int, what: str = "data.vocab_size") -> Tokenizer:
+    """A byte-level BPE (GPT-2's kind: every string encodable, no unknown token, decoding exact)
+    with `vocab_size` entries, END_OF_TEXT among them, trained on `texts`. The same texts give the
+    same tokenizer whatever the thread count."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    if vocab_size < 257:
+        raise ValueError(f"{what}={vocab_size}: a byte-level BPE needs at least 257 entries (256 bytes and "
+                         f"{END_OF_TEXT})")
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[END_OF_TEXT], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    return Tokenizer("huggingface", tok.to_str(), END_OF_TEXT, what="data.tokenizer")
 
 
 def load_tokenizer(path_or_dir: str, what: str = "tokenizer") -> Tokenizer:

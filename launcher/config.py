@@ -96,6 +96,29 @@ class JobConfig:
                      f"plus one being written: needs at least {needed}")
 
         self._validate_cooldowns()
+        self._validate_reach()
+
+    def _validate_reach(self) -> None:
+        """Settings that could never take effect in a run of train.steps steps: each is an error naming
+        its keys, rather than a run that silently trains without it."""
+        steps, snap = self.train.steps, self.snapshot
+        if self.swa.enabled:
+            every = self.swa.every or snap.every
+            first = -(-max(self.swa.start_step, 1) // every) * every
+            need(first <= steps, f"swa.start_step={self.swa.start_step}: SWA's first weights (step {first}, every "
+                                 f"{every} steps) come after the run's last step, train.steps={steps}")
+        need(not self.ema.enabled or self.ema.start_step < steps,
+             f"ema.start_step={self.ema.start_step}: the EMA would start after the run's last step, train.steps={steps}")
+        need(self.swa.lr is None or self.swa.start_step < steps,
+             f"swa.lr: its phase starts at swa.start_step={self.swa.start_step}, after train.steps={steps}")
+        if snap.every > 0 and self.sidecar.enabled:
+            for i, merge in enumerate(self.merges()):
+                stride = -(-merge.spacing // snap.every) * snap.every  # steps between the snapshots it takes
+                span = (merge.k - 1) * stride if merge.k is not None else merge.window_steps
+                key = f"lawa.merges[{i}]" if self.lawa.merges else "lawa.k and lawa.spacing"
+                need(snap.every + span <= steps,
+                     f"{key}: {merge.describe()} spans {span} steps, longer than a run of train.steps={steps} "
+                     f"with snapshot.every={snap.every} can fill")
 
     def _validate_cooldowns(self) -> None:
         """Each scheduled cooldown branches from the stable phase and ends inside it, at a scored

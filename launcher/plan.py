@@ -25,7 +25,7 @@ from core.config import ConfigError, need
 from core.distributed import gather_objects
 from core.log import logger
 from core.run_dir import SHM
-from launcher.data.prepare import MANIFEST
+from launcher.data.preparation import MANIFEST
 from launcher.snapshot import is_node_local, prepare_ring, resolve_root, ring_room, root_is_shared
 from models.registry import ModelConfig, build_model
 
@@ -375,6 +375,42 @@ def plan(job: JobConfig, config: ModelConfig, cl: Cluster, shape: Optional[Shape
         notes.append(f"note: the sidecar keeps each merge's best ({', '.join(m.name for m in keeping)}) as one fp32 "
                      f"copy, {size(4 * shape.params)} each, in the run directory (shared storage, not /dev/shm)")
     return Plan(tuple(header), resources["gpu"], resources["host"], resources["ring"], tuple(notes), k["stage"], why)
+
+
+# ---------------------------------------------------------------------------------------------
+# what the data allows
+
+EPOCHS_WARNING = 4.0  # more passes over a source than this is said as a warning
+
+
+def tokens(n: float) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}k"
+
+
+def data_lines(job: JobConfig, manifest: dict) -> list[str]:
+    """What the run reads of its prepared data: each trained source's train tokens, the tokens the
+    run's steps draw from it (by its mixture weight) and so the epochs; a warning line, naming the
+    keys, for a source read more than EPOCHS_WARNING times."""
+    from launcher.data.mixture import mixture_weights
+
+    weights = mixture_weights(job.data.mixture, [s.weight for s in job.data.sources], manifest)
+    names = job.data.source_names()
+    read = job.train.steps * job.tokens_per_step
+    how = f"{job.train.steps} steps × {job.train.global_batch_size} × {job.data.seq_len} tokens"
+    parts, over = [], []
+    for name, source, w in zip(names, manifest["sources"], weights):
+        if w == 0:
+            continue
+        epochs = read * w / max(1, source["train_tokens"])
+        parts.append(f"{name} {epochs:.2f} epochs of {tokens(source['train_tokens'])} train tokens")
+        if epochs > EPOCHS_WARNING:
+            over.append(f"{name} ({tokens(source['train_tokens'])} train tokens) {epochs:.1f} times")
+    lines = [f"data: the run reads {tokens(read)} tokens ({how}): " + "; ".join(parts)]
+    if over:
+        lines.append(f"warning: data.sources and train.steps: the run reads {', '.join(over)}, more than "
+                     f"{EPOCHS_WARNING:g} epochs: it learns the data by heart rather than the language; point "
+                     f"data.sources at a larger corpus or lower train.steps")
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,11 +7,15 @@
 Before any rank starts it loads and validates the job (keys, types, combinations), the layout
 against the process count (parallel.tensor and the batch sizes against nnodes × nproc-per-node),
 and that what the job reads is there (data sources, tokenizer, init_from / growth runs, the
-evaluation tasks and their data, offline). A bad job
-is one line and exit status 2, with no rank, no rendezvous and no JIT build started. Otherwise the
-process becomes `torchrun` (or the DeepSpeed launcher) on launcher/train.py with the same job and
-overrides; other launcher options pass through as given (write them `--option=value`).
-`torchrun ... launcher/train.py` directly works as before.
+evaluation tasks and their data, offline). A bad job is one line and exit status 2, with no rank,
+no rendezvous and no JIT build started. Then it prepares the data dir if it is not prepared yet
+(in this one process, with every core and progress lines: no rank ever waits on another's
+tokenization; several nodes' front commands on one shared data dir take turns), says how many
+epochs of it the run reads, and becomes `torchrun` (or the DeepSpeed launcher) on launcher/train.py
+with the same job and overrides; other launcher options pass through as given (write them
+`--option=value`). `--check` stops after the checks; `--no-launch` after preparing (what
+slurm/pretrain.sh runs before srun). `torchrun ... launcher/train.py` directly works as before,
+once the data dir is prepared.
 """
 from __future__ import annotations
 
@@ -36,7 +40,7 @@ def check(job, world_size: Optional[int]) -> str:
         job.train.accumulation_steps(dp)
     for i, source in enumerate(job.data.sources):
         try:
-            resolve_source(i, source.path)
+            resolve_source(i, source)
         except (ValueError, FileNotFoundError) as e:
             raise ConfigError(str(e)) from None
     for key, path in (("data.tokenizer", job.data.tokenizer), ("checkpoint.init_from", job.checkpoint.init_from),
@@ -55,6 +59,22 @@ def check(job, world_size: Optional[int]) -> str:
     accumulation = job.train.accumulation_steps(world_size // job.parallel.tensor)
     return (f"{job.name}: world {world_size} = tensor {job.parallel.tensor} × data {world_size // job.parallel.tensor}, "
             f"{accumulation} accumulation step{'s' if accumulation != 1 else ''}")
+
+
+def ready_data(job, prepare: bool) -> list[str]:
+    """The data dir's state as lines (the epochs the run reads, its warning), preparing it first when
+    `prepare` and it is not prepared. Raises ConfigError (one line naming the key or file)."""
+    from launcher.data.preparation import prepare_if_needed, prepared
+    from launcher.plan import data_lines
+
+    try:
+        manifest = prepare_if_needed(job.data) if prepare else prepared(job.data)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(str(e)) from None
+    if manifest is None:
+        return [f"data: {job.data.dir} is not prepared yet: lawa-train prepares it before any rank starts "
+                f"(or lawa-prepare, slurm/prepare.sh ahead of the job)"]
+    return data_lines(job, manifest)
 
 
 def launch_command(launcher: str, nproc: int, nnodes: str, passthrough: list[str], job: Optional[str],
@@ -78,6 +98,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--nnodes", default="1", help="nodes, or MIN:MAX (elastic: the layout is checked by the ranks)")
     parser.add_argument("--launcher", choices=("torchrun", "deepspeed"), default="torchrun")
     parser.add_argument("--check", action="store_true", help="check the job and exit (0: it would start)")
+    parser.add_argument("--no-launch", action="store_true",
+                        help="check the job, prepare its data dir if needed, and exit without starting ranks")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     args, passthrough = parser.parse_known_args(argv)
     try:
@@ -91,13 +113,19 @@ def main(argv: Optional[list[str]] = None) -> int:
                         "(launcher options with a value are written --option=value)")
         job = load_job(args.job, args.overrides)
         layout = check(job, nodes * args.nproc if nodes else None)
+        print(f"job ok: {layout}", flush=True)
+        if not args.check:
+            from core.log import setup_logging
+
+            setup_logging()  # preparation's progress lines
+        for line in ready_data(job, prepare=not args.check):
+            print(line, flush=True)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr, flush=True)
         return 2
     cmd = launch_command(args.launcher, args.nproc, args.nnodes, passthrough, args.job, args.overrides)
-    print(f"job ok: {layout}", flush=True)
-    if args.check:
-        print("would run: " + " ".join(cmd))
+    if args.check or args.no_launch:
+        print(("would run: " if args.check else "ready to run: ") + " ".join(cmd))
         return 0
     print("$ " + " ".join(cmd), flush=True)
     os.execv(cmd[0], cmd)

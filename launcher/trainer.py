@@ -90,7 +90,7 @@ def build(job: JobConfig) -> Training:
     barrier()
 
     try:
-        manifest = ensure_prepared(job.data, par.is_main, barrier)
+        manifest = ensure_prepared(job.data, par.is_main, barrier, par.world_size)
         batches = job_batches(job.data, manifest, job.train.seed)
     except (ValueError, FileNotFoundError) as e:  # the data module's errors name the data.* key
         raise ConfigError(str(e)) from None

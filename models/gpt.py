@@ -42,6 +42,9 @@ class GPTConfig:
     bias: bool = True
     dropout: float = 0.0
     init_std: float = 0.02
+    # GPT-2's option (transformers' GPT2Config has it; the LAWA paper's recipes turn it on): the
+    # attention scores of block i (0-based) are also divided by i + 1, which damps the deep blocks early.
+    scale_attn_by_inverse_layer_idx: bool = False
 
     def check(self, tp: int = 1, prefix: str = "", tp_name: str = "the tensor-parallel size") -> None:
         check_split(self.n_embd, self.n_head, self.vocab_size, tp, prefix, tp_name)
@@ -58,12 +61,13 @@ GPT_SIZES: dict[str, dict[str, int]] = {
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig, tp_group: Group):
+    def __init__(self, config: GPTConfig, tp_group: Group, layer_idx: int):
         super().__init__()
         tp = group_size(tp_group)
         self.n_head = config.n_head // tp  # heads on this rank
         self.head_dim = config.n_embd // config.n_head
         self.dropout = config.dropout
+        self.scale = self.head_dim ** -0.5 / (layer_idx + 1 if config.scale_attn_by_inverse_layer_idx else 1)
         # One fused q|k|v projection; stride 3 splits q, k and v separately so each rank owns
         # whole heads of all three.
         self.qkv = ColumnParallelLinear(config.n_embd, 3 * config.n_embd, config.bias,
@@ -79,7 +83,7 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
                                            dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, C/tp)
         return self.resid_dropout(self.proj(y))  # (B, T, C)
@@ -100,10 +104,10 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: GPTConfig, tp_group: Group):
+    def __init__(self, config: GPTConfig, tp_group: Group, layer_idx: int):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = CausalSelfAttention(config, tp_group)
+        self.attn = CausalSelfAttention(config, tp_group, layer_idx)
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config, tp_group)
 
@@ -134,7 +138,7 @@ class GPT(nn.Module):
         self.wte = VocabParallelEmbedding(config.vocab_size, config.n_embd, config.init_std, tp_group)
         self.wpe = PositionEmbedding(config.block_size, config.n_embd, config.init_std)
         self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config, tp_group) for _ in range(config.n_layer))
+        self.blocks = nn.ModuleList(Block(config, tp_group, i) for i in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, keep: torch.Tensor | None = None):

@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import re
-import shutil
 import sys
 from typing import Any, Optional
 
@@ -30,8 +29,6 @@ from core.zero_folder import StateDictSource, TensorSource, ZeroFolder
 from models.gpt import GPTConfig
 from models.neox import NeoXConfig
 from models.registry import ModelConfig, config_to_dict, read_model_config
-
-HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
 
 # ours -> HF, per family; "{i}" is the block index.
 GPT2_NAMES = {
@@ -172,6 +169,7 @@ def hf_config(config: ModelConfig, eos_id: Optional[int] = None):
             vocab_size=config.vocab_size, n_positions=config.block_size, n_embd=config.n_embd,
             n_layer=config.n_layer, n_head=config.n_head, activation_function="gelu_new",
             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=1e-5,
+            scale_attn_by_inverse_layer_idx=config.scale_attn_by_inverse_layer_idx,
             tie_word_embeddings=True, architectures=["GPT2LMHeadModel"])
     return transformers.GPTNeoXConfig(**special,
         vocab_size=config.vocab_size, hidden_size=config.n_embd, num_hidden_layers=config.n_layer,
@@ -189,8 +187,11 @@ def config_from_hf(data: dict[str, Any]) -> ModelConfig:
         act = data.get("activation_function", "gelu_new")
         if act not in ("gelu_new", "gelu_pytorch_tanh"):
             raise ValueError(f"GPT-2 with activation {act!r}: only the tanh-approximated GELU is supported")
+        if not data.get("scale_attn_weights", True):
+            raise ValueError("GPT-2 with scale_attn_weights false: only attention scaled by 1/sqrt(head size) is supported")
         return GPTConfig(vocab_size=data["vocab_size"], block_size=data.get("n_positions", 1024),
-                         n_layer=data["n_layer"], n_head=data["n_head"], n_embd=data["n_embd"], bias=True)
+                         n_layer=data["n_layer"], n_head=data["n_head"], n_embd=data["n_embd"], bias=True,
+                         scale_attn_by_inverse_layer_idx=bool(data.get("scale_attn_by_inverse_layer_idx", False)))
     if kind == "gpt_neox":
         C = data["hidden_size"]
         if data.get("intermediate_size", 4 * C) != 4 * C:
@@ -222,7 +223,6 @@ def export(weights: TensorSource | dict[str, torch.Tensor], config: ModelConfig,
     dict or any TensorSource (a ZeroFolder streams); `tokenizer`: a file or a folder holding one."""
     source = StateDictSource(weights) if isinstance(weights, dict) else weights
     tok = load_tokenizer(tokenizer) if tokenizer is not None else None
-    tokenizer_dir = None if tokenizer is None else tokenizer if os.path.isdir(tokenizer) else os.path.dirname(tokenizer)
     notes = []
     with staged(out_dir) as tmp:
         os.makedirs(tmp)
@@ -230,14 +230,12 @@ def export(weights: TensorSource | dict[str, torch.Tensor], config: ModelConfig,
         hf_config(config, tok.eos_id if tok is not None else None).save_pretrained(tmp)
         if tok is None:
             notes.append("no tokenizer given: the folder holds the model only")
-        elif tok.kind == "huggingface":
-            for name in os.listdir(tokenizer_dir):
-                if name in HF_TOKENIZER_FILES:
-                    shutil.copy(os.path.join(tokenizer_dir, name), os.path.join(tmp, name))
         else:
-            notes.append(f"the tokenizer is a sentencepiece model, which transformers cannot load as a GPT-2/NeoX "
-                         f"tokenizer: it was copied as {tok.file_name} for reference only")
-            tok.save(tmp)
+            # tokenizer.json with a config that makes AutoTokenizer load that very file: the ids of training.
+            tok.save(tmp, max_length=config.block_size)
+            if tok.kind == "sentencepiece":
+                notes.append(f"the tokenizer is a sentencepiece model, which transformers cannot load as a GPT-2/NeoX "
+                             f"tokenizer: it was copied as {tok.file_name} for reference only")
     return notes
 
 

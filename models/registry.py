@@ -93,10 +93,13 @@ class ModelArgs:
     block_size: Optional[int] = None  # None: data.seq_len
     bias: bool = True
     dropout: float = 0.0
+    scale_attn_by_inverse_layer_idx: bool = False  # GPT-2 only: block i's attention scores also / (i + 1)
 
     def validate(self, tp: int = 1) -> None:
         """The model section, for a tensor-parallel size `tp` (parallel.tensor)."""
         need(self.size in SIZES, f"model.size: unknown size '{self.size}' (known: {', '.join(SIZES)})")
+        need(not self.scale_attn_by_inverse_layer_idx or family_of(self.size) == "gpt2",
+             f"model.scale_attn_by_inverse_layer_idx: a GPT-2 option; {self.size} is a {family_of(self.size)} model")
         for key in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size"):
             value = getattr(self, key)
             need(value is None or value > 0, f"model.{key}: must be positive, got {value}")
@@ -106,7 +109,8 @@ class ModelArgs:
 
     def config(self, vocab_size: int, block_size: int) -> ModelConfig:
         return model_config(self.size, n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd,
-                            vocab_size=vocab_size, block_size=block_size, bias=self.bias, dropout=self.dropout)
+                            vocab_size=vocab_size, block_size=block_size, bias=self.bias, dropout=self.dropout,
+                            scale_attn_by_inverse_layer_idx=self.scale_attn_by_inverse_layer_idx or None)
 
     def resolve(self, tokenizer_vocab: int, seq_len: int, tp: int = 1) -> ModelConfig:
         """The model config, once the tokenizer's vocabulary is known."""

@@ -162,11 +162,27 @@ def test_resolved_config_round_trips(tmp_path):
     (["lawa.k=0"], "lawa.k: must be >= 1"),
     (["snapshot.replicate=buddy"], "snapshot.replicate: buddy copies the restart slots, and snapshot.restart_every is 0"),
     (["snapshot.replicate=all"], "snapshot.replicate: must be one of none, buddy"),
+    # Settings that could never take effect in the run are errors naming their keys, not silent no-ops.
+    (["train.steps=700", "swa.enabled=true", "swa.start_step=800"],
+     "swa.start_step=800: SWA's first weights (step 800, every 10 steps) come after the run's last step, train.steps=700"),
+    (["swa.enabled=true", "swa.every=300"], "(step 300, every 300 steps) come after the run's last step, train.steps=250"),
+    (["ema.enabled=true", "ema.start_step=250"], "ema.start_step=250: the EMA would start after the run's last step"),
+    (["train.steps=100", "lawa.merges=[]", "lawa.k=12", "lawa.spacing=10", "snapshot.slots=14", "cooldowns.at=[]"],
+     "lawa.k and lawa.spacing: lawa (uniform, k=12, spacing 10) spans 110 steps, longer than a run of "
+     "train.steps=100 with snapshot.every=10 can fill"),
+    (["train.steps=100", "cooldowns.at=[]", "snapshot.slots=30", "lawa.merges=[{name: long, window_tokens: 1000000}]"],
+     "lawa.merges[0]: long (uniform, window 244 steps, spacing 10) spans 244 steps"),
 ])
 def test_lawa_settings_are_checked_up_front(overrides, message):
     with pytest.raises(ConfigError) as info:
         load_job(None, overrides)
     assert message in str(info.value)
+
+
+def test_a_full_lawa_window_that_just_fits_is_accepted():
+    job = load_job(None, ["train.steps=100", "lawa.merges=[]", "lawa.k=10", "lawa.spacing=10", "snapshot.slots=12",
+                          "cooldowns.at=[]"])
+    assert job.merges()[0].k == 10
 
 
 def test_a_recipe_states_only_what_it_changes_over_its_base(tmp_path):

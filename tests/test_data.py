@@ -20,6 +20,7 @@ from launcher.data import (
     prepare,
     token_dtype,
 )
+from launcher.data.tokenized import open_shard
 
 SEQ = 16
 
@@ -33,11 +34,11 @@ def pydoc(tmp_path_factory):
 
 
 def tokenizer_of(pydoc):
-    return os.path.join(pydoc[0].dir, "tokenizer.model")
+    return os.path.join(pydoc[0].dir, "tokenizer.json")
 
 
 def shard_tokens(data_dir, shards, dtype="uint16"):
-    return np.concatenate([np.fromfile(os.path.join(data_dir, s["file"]), dtype=dtype) for s in shards])
+    return np.concatenate([np.asarray(open_shard(data_dir, s, dtype)) for s in shards])
 
 
 def documents(n, make=lambda i: f"Document number {i} says hello to the world, and then some more words."):
@@ -53,16 +54,18 @@ def test_pydoc_manifest_and_tokens(pydoc):
 
     args, m = pydoc
     assert m == load_manifest(args.dir)
-    assert m["tokenizer"] == {"file": "tokenizer.model", "kind": "sentencepiece"}
+    assert m["tokenizer"] == {"file": "tokenizer.json", "kind": "huggingface"}
     assert m["vocab_size"] == 512 and m["dtype"] == "uint16" and m["seq_len"] == 64
     [src] = m["sources"]
-    assert src["path"] == BUILTIN_PYDOC and src["documents"] == len(topics)
+    assert src["path"] == BUILTIN_PYDOC and src["documents"] == len([t for t in topics.values() if t.strip()])
     assert src["train_tokens"] > 50_000 and src["val_tokens"] >= 65
     for split in ("train", "val"):
         files = src[f"{split}_shards"]
         assert sum(s["tokens"] for s in files) == src[f"{split}_tokens"]
-        for s in files:
-            assert os.path.getsize(os.path.join(args.dir, s["file"])) == 2 * s["tokens"]
+    # The train and held-out ranges together are each unit's token file, whole.
+    unit_files = sorted({s["file"] for s in src["train_shards"] + src["val_shards"]})
+    assert sum(os.path.getsize(os.path.join(args.dir, f)) for f in unit_files) == \
+        2 * (src["train_tokens"] + src["val_tokens"])
 
     tok = load_tokenizer(args.dir)
     assert (tok.vocab_size, tok.eos_id) == (512, m["eos_id"])
@@ -70,21 +73,21 @@ def test_pydoc_manifest_and_tokens(pydoc):
     assert tok.decode(tok.encode(sample)) == sample
 
     # The stream is the documents in key order, each followed by EOS.
+    documents = [topics[k] for k in sorted(topics) if topics[k].strip()]
     train = shard_tokens(args.dir, src["train_shards"])
     eos = np.flatnonzero(train == m["eos_id"])
     assert len(eos) == src["train_documents"]
-    first_two = sorted(topics)[:2]
-    assert tok.decode(train[: eos[0]]) == topics[first_two[0]]
-    assert tok.decode(train[eos[0] + 1: eos[1]]) == topics[first_two[1]]
+    assert tok.decode(train[: eos[0]]) == documents[0]
+    assert tok.decode(train[eos[0] + 1: eos[1]]) == documents[1]
     val = shard_tokens(args.dir, src["val_shards"])
-    assert val[-1] == m["eos_id"] and tok.decode(val[:-1]).endswith(topics[sorted(topics)[-1]])
+    assert val[-1] == m["eos_id"] and tok.decode(val[:-1]).endswith(documents[-1])
 
 
 def test_prepare_is_deterministic(pydoc, tmp_path):
     args, m = pydoc
     again = prepare(DataArgs(dir=str(tmp_path), vocab_size=512, seq_len=64), progress=False)
     assert again["fingerprint"] == m["fingerprint"]
-    for name in ["tokenizer.model"] + [s["file"] for s in m["sources"][0]["train_shards"]]:
+    for name in ["tokenizer.json"] + [s["file"] for s in m["sources"][0]["train_shards"]]:
         with open(os.path.join(args.dir, name), "rb") as a, open(tmp_path / name, "rb") as b:
             assert a.read() == b.read(), name
 
@@ -132,7 +135,7 @@ def test_file_sources(pydoc, tmp_path, kind):
     assert src["documents"] == 30 and src["val_documents"] >= 1
     tok = load_tokenizer(args.dir)
     stream = np.concatenate([shard_tokens(args.dir, src["train_shards"]), shard_tokens(args.dir, src["val_shards"])])
-    decoded = [tok.decode(d) for d in np.split(stream, np.flatnonzero(stream == tok.eos_id) + 1)[:-1]]
+    decoded = [tok.decode(d[:-1]) for d in np.split(stream, np.flatnonzero(stream == tok.eos_id) + 1)[:-1]]
     assert [d.strip("\n") for d in decoded] == docs
 
 
@@ -140,7 +143,7 @@ def decoded_documents(args, m, source=0):
     tok = load_tokenizer(args.dir)
     src = m["sources"][source]
     stream = np.concatenate([shard_tokens(args.dir, src["train_shards"]), shard_tokens(args.dir, src["val_shards"])])
-    return [tok.decode(d) for d in np.split(stream, np.flatnonzero(stream == tok.eos_id) + 1)[:-1]]
+    return [tok.decode(d[:-1]) for d in np.split(stream, np.flatnonzero(stream == tok.eos_id) + 1)[:-1]]
 
 
 @pytest.mark.parametrize("split, expected", [
@@ -168,7 +171,7 @@ def test_a_long_text_without_blank_lines_is_streamed_in_pieces_and_stays_whole(p
     import launcher.data.text as text
 
     monkeypatch.setattr(text, "PIECE_CHARS", 200)
-    monkeypatch.setattr(text, "READ_CHARS", 64)
+    monkeypatch.setattr(text, "READ_BYTES", 64)
     lines = [f"line {i} of one long document, with no blank line anywhere" for i in range(300)]
     lines[150] = "x" * 1000  # one line longer than a piece
     (tmp_path / "long.txt").write_text("\n".join(lines) + "\n")
@@ -268,16 +271,32 @@ def test_token_dtype():
     assert token_dtype(65537) == np.uint32 and token_dtype(200_000) == np.uint32
 
 
-def test_shards_are_bounded_and_windows_stay_inside_one(pydoc, tmp_path):
-    args = DataArgs(sources=[DataSource(write_source("txt", tmp_path / "s", documents(60)))],
-                    dir=str(tmp_path / "out"), tokenizer=tokenizer_of(pydoc), seq_len=SEQ, shard_tokens=100)
-    m = prepare(args, progress=False)
-    shards = m["sources"][0]["train_shards"]
-    assert len(shards) > 3 and all(0 < s["tokens"] <= 100 for s in shards)
-    tiles = [np.lib.stride_tricks.sliding_window_view(shard_tokens(args.dir, [s]), SEQ + 1) for s in shards]
-    x, y = TokenBatches(m, args.dir, [1.0], SEQ, seed=0).train_batch(0, 0, 0, 64)
-    rows = torch.cat([x, y[:, -1:]], 1).numpy()
-    for row in rows:
+@pytest.mark.parametrize("kind", ["txt", "jsonl", "parquet"])
+def test_units_hold_whole_documents_and_change_nothing(pydoc, tmp_path, kind):
+    """Cut into many small units and tokenized by two processes, a source gives the very tokens of
+    one unit in one process: units fall between documents, and windows stay inside a unit."""
+    docs = documents(400, lambda i: f"Document {i}.\n" + "words and more words " * (1 + i % 7))
+    path = write_source(kind, tmp_path / "s", docs)
+    if kind == "parquet":  # row groups of 20 records: the units of a parquet file
+        pq.write_table(pa.table({"text": docs}), path, row_group_size=20)
+    whole = DataArgs(sources=[DataSource(path)], dir=str(tmp_path / "whole"), tokenizer=tokenizer_of(pydoc), seq_len=SEQ)
+    cut = DataArgs(sources=[DataSource(path)], dir=str(tmp_path / "cut"), tokenizer=tokenizer_of(pydoc), seq_len=SEQ)
+    a = prepare(whole, progress=False, processes=1)
+    b = prepare(cut, progress=False, processes=2, unit_mb=0.002)
+    assert len(a["sources"][0]["train_shards"]) == 1 and len(b["sources"][0]["train_shards"]) > 5
+    for split in ("train", "val"):
+        assert np.array_equal(shard_tokens(whole.dir, a["sources"][0][f"{split}_shards"]),
+                              shard_tokens(cut.dir, b["sources"][0][f"{split}_shards"]))
+    for key in ("documents", "train_documents", "val_documents", "train_tokens", "val_tokens", "conditional_entropy"):
+        assert a["sources"][0][key] == b["sources"][0][key], key
+    tok = load_tokenizer(cut.dir)
+    for shard in b["sources"][0]["train_shards"]:  # every unit starts a document
+        first = np.asarray(open_shard(cut.dir, shard, "uint16"))
+        assert tok.decode(first[:20]).startswith("Document ")
+    x, y = TokenBatches(b, cut.dir, [1.0], SEQ, seed=0).train_batch(0, 0, 0, 64)
+    tiles = [np.lib.stride_tricks.sliding_window_view(np.asarray(open_shard(cut.dir, s, "uint16")), SEQ + 1)
+             for s in b["sources"][0]["train_shards"]]
+    for row in torch.cat([x, y[:, -1:]], 1).numpy():
         assert any((t == row).all(1).any() for t in tiles)
 
 
@@ -395,20 +414,33 @@ def test_ensure_prepared_reuses_and_refuses(pydoc, tmp_path):
         ensure_prepared(bigger_vocab, is_main=False, barrier=lambda: None)
 
 
-def test_ensure_prepared_main_prepares_while_others_wait(pydoc, tmp_path):
+def test_ranks_never_wait_on_one_ranks_tokenization(pydoc, tmp_path):
+    """Two ranks on an unprepared data dir: both stop at once with the line naming lawa-prepare, and
+    nothing was tokenized; once it is prepared, both read the same manifest."""
     args = DataArgs(sources=[DataSource(write_source("parquet", tmp_path / "s", documents(20)))],
                     dir=str(tmp_path / "out"), tokenizer=tokenizer_of(pydoc), seq_len=SEQ)
     barrier = threading.Barrier(2, timeout=60)
     results = {}
 
     def rank(r):
-        results[r] = ensure_prepared(args, is_main=r == 0, barrier=barrier.wait)
+        try:
+            results[r] = ensure_prepared(args, is_main=r == 0, barrier=barrier.wait, world_size=2)
+        except FileNotFoundError as e:
+            results[r] = str(e)
 
-    threads = [threading.Thread(target=rank, args=(r,)) for r in (1, 0)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    def both():
+        threads = [threading.Thread(target=rank, args=(r,)) for r in (1, 0)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    both()
+    assert all("is not prepared, and every rank would wait while one tokenizes it" in results[r] and
+               "lawa-prepare --job JOB" in results[r] for r in (0, 1))
+    assert not os.path.exists(args.dir) or not os.listdir(args.dir)
+    prepare(args, progress=False)
+    both()
     assert results[0] == results[1] == load_manifest(args.dir)
 
     # Editing a source file changes the fingerprint (size and mtime are in it).
@@ -417,7 +449,7 @@ def test_ensure_prepared_main_prepares_while_others_wait(pydoc, tmp_path):
     with pytest.raises(ValueError, match=r"differs in: sources"):
         ensure_prepared(args, is_main=True, barrier=lambda: None)
 
-    with pytest.raises(FileNotFoundError, match="has no manifest.json"):
+    with pytest.raises(FileNotFoundError, match="is not prepared, and every rank would wait.*lawa-prepare"):
         ensure_prepared(DataArgs(dir=str(tmp_path / "empty")), is_main=False, barrier=lambda: None)
 
 
@@ -447,13 +479,14 @@ def test_progress_lines(pydoc, tmp_path, capsys):
     m = prepare(args, progress=True)
     out = capsys.readouterr().out
     total = sum(s["train_tokens"] + s["val_tokens"] for s in m["sources"])
-    assert "tokenizing source 0" in out and f"wrote {total} tokens in 2 shards" in out
+    assert "preparing 1 unit" in out and "1/1 units, 20 documents, " in out and "tokens/s, ETA 0s" in out
+    assert f"prepared {args.dir}: {total:,} tokens from 1 source" in out
     prepare(args, progress=False)
     assert capsys.readouterr().out == ""
 
 
 def test_builtin_corpora_need_no_path_and_unknown_ones_are_named(tmp_path):
-    from launcher.data.prepare import fingerprint
+    from launcher.data.preparation import fingerprint
     from launcher.data.sources import BUILTIN_CORPORA, BUILTIN_STDLIB
 
     documents = BUILTIN_CORPORA[BUILTIN_STDLIB]()

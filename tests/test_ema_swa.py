@@ -66,7 +66,7 @@ def test_wrapper_follows_start_step_and_update_interval():
     for i, a in enumerate(avg.swa):
         torch.testing.assert_close(a, average_tensors([seen[s][i] for s in swa_steps]), rtol=1e-6, atol=1e-6)
     assert avg.describe() == {"ema": {"decay": ema_decay(3.0, 2), "every": 2, "start_step": 4, "updates": len(ema_steps)},
-                              "swa": {"start_step": 9, "count": 4}}
+                              "swa": {"start_step": 9, "every": 3, "count": 4}}
 
 
 def test_averages_appear_only_once_started_and_survive_a_state_dict_round_trip():
@@ -124,3 +124,51 @@ def test_swa_learning_rate_phase_replaces_the_schedule_from_its_start():
 def test_a_decay_can_be_given_instead_of_a_half_life():
     avg = ShardAverages(EmaArgs(enabled=True, decay=0.9), SwaArgs(), [torch.zeros(3)], 0)
     assert avg.decay == 0.9
+
+
+def authors_ema(history: list[list[torch.Tensor]], beta: float, power: float) -> list[torch.Tensor]:
+    """The LAWA paper's EMA written as its training scripts run it: called after every optimizer step,
+    the first call copies the weights, call k (k = 1, 2, ...) lerps with decay 1 - (1 + k)^-power, capped
+    at beta (update_after_step=0, update_every=1, inv_gamma=1)."""
+    average = None
+    for k, weights in enumerate(history):
+        if average is None:
+            average = [w.clone() for w in weights]
+            continue
+        decay = min(beta, 1.0 - (1.0 + k) ** -power)
+        average = [decay * a + (1.0 - decay) * w for a, w in zip(average, weights)]
+    return average
+
+
+def test_the_warmup_follows_the_lawa_papers_ema_update_for_update():
+    h = history(60, seed=5)  # long enough that the warmup reaches its cap of 0.9 (at update 31)
+    weights = [t.clone() for t in h[0]]
+    avg = ShardAverages(EmaArgs(enabled=True, decay=0.9, warmup_power=2 / 3), SwaArgs(), weights, snapshot_every=10)
+    for step in range(1, 61):
+        for w, new in zip(weights, h[step - 1]):
+            w.copy_(new)
+        avg.update(step)
+        if step in (2, 5, 31, 60):
+            for a, b in zip(avg.current()["ema"], authors_ema(h[:step], 0.9, 2 / 3)):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert avg.current_decay == 0.9
+    # Without the warmup the same decay from the second update on: a different average.
+    plain = ShardAverages(EmaArgs(enabled=True, decay=0.9), SwaArgs(), [t.clone() for t in h[0]], snapshot_every=10)
+    for step in range(1, 6):
+        for w, new in zip(plain.weights, h[step - 1]):
+            w.copy_(new)
+        plain.update(step)
+    assert not torch.allclose(plain.current()["ema"][0], authors_ema(h[:5], 0.9, 2 / 3)[0])
+
+
+def test_swa_every_sets_its_own_interval():
+    h = history(25, seed=6)
+    weights = [t.clone() for t in h[0]]
+    avg = ShardAverages(EmaArgs(), SwaArgs(enabled=True, every=10), weights, snapshot_every=7)
+    for step in range(1, 25):
+        for w, new in zip(weights, h[step]):
+            w.copy_(new)
+        avg.update(step)
+    assert avg.swa_count == 2  # steps 10 and 20, not the snapshot steps
+    for a, i in zip(avg.current()["swa"], range(2)):
+        torch.testing.assert_close(a, average_tensors([h[10][i], h[20][i]]), rtol=1e-6, atol=1e-6)

@@ -53,7 +53,7 @@ def averaged_run(pydoc_data, tmp_path_factory) -> Path:
     run = root / "run"
     # The pydoc data's tokenizer: the continual-pretraining test below loads these weights on that data.
     job = [*smoke(str(root / "data"), run, *AVERAGES), sources, "data.mixture=entropy", "parallel.zero_stage=3",
-           f"data.tokenizer={pydoc_data}/tokenizer.model", "logging.wandb.mode=offline", "logging.wandb.project=tests",
+           f"data.tokenizer={pydoc_data}/tokenizer.json", "logging.wandb.mode=offline", "logging.wandb.project=tests",
            "lawa.forecast=lawa"]
     first = torchrun(2, *job, "train.stop_at=6")
     assert "stopped at step 6" in first.stdout

@@ -13,6 +13,8 @@ from models.registry import build_model, config_to_dict, model_config
 VARIANTS = {
     "gpt2": dict(size="micro"),
     "gpt2-no-bias": dict(size="micro", bias=False),
+    "gpt2-scaled": dict(size="micro", scale_attn_by_inverse_layer_idx=True),
+    "gpt2-lawa": dict(size="micro", bias=False, scale_attn_by_inverse_layer_idx=True),  # the LAWA recipes' options
     "neox": dict(size="neox-micro"),
     "neox-sequential": dict(size="neox-micro", parallel_residual=False, rotary_pct=0.5),
 }
@@ -45,7 +47,7 @@ def test_exported_model_computes_our_logits_in_transformers(variant, tmp_path):
     assert (ours - theirs).abs().max().item() <= 1e-4
 
 
-@pytest.mark.parametrize("variant", ["gpt2", "neox"])
+@pytest.mark.parametrize("variant", ["gpt2", "gpt2-scaled", "neox"])
 def test_import_then_export_is_exact(variant, tmp_path):
     fields = dict(VARIANTS[variant])
     config = model_config(fields.pop("size"), vocab_size=96, block_size=32, **fields)
@@ -57,7 +59,7 @@ def test_import_then_export_is_exact(variant, tmp_path):
     export(imported, imported_config, str(tmp_path / "b"))
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
     assert json.loads((tmp_path / "b" / "config.json").read_text())["architectures"] == \
-        [{"gpt2": "GPT2LMHeadModel", "neox": "GPTNeoXForCausalLM"}[variant]]
+        [{"gpt2": "GPT2LMHeadModel", "neox": "GPTNeoXForCausalLM"}[config.family]]
 
 
 def test_import_cli_writes_our_state_dict_and_names_bad_folders(tmp_path):

@@ -13,6 +13,7 @@ import pytest
 from launcher import bimix, mixture
 from launcher.data import DataArgs, DataSource, mixture_weights, prepare
 from launcher.data.mixture import conditional_entropy, entropy_weights
+from launcher.data.tokenized import open_shard
 
 
 def test_conditional_entropy_of_a_hand_counted_stream():
@@ -74,7 +75,7 @@ def test_prepare_records_each_sources_entropy_counted_independently(three_source
     args, m = three_sources
     assert args.source_names() == ["words", "numbers", "abab"]
     for s in m["sources"]:
-        tokens = np.concatenate([np.fromfile(os.path.join(args.dir, f["file"]), dtype=m["dtype"]).astype(int)
+        tokens = np.concatenate([np.asarray(open_shard(args.dir, f, m["dtype"])).astype(int)
                                  for f in s["train_shards"]])
         pairs, firsts = Counter(zip(tokens[:-1], tokens[1:])), Counter(tokens[:-1])
         n = len(tokens) - 1

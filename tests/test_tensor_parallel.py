@@ -32,10 +32,11 @@ def slot(run_dir: Path, step: int, root: str = "snaps") -> str:
     return str(run_dir / root / step_name(step))
 
 
-@pytest.mark.parametrize("nproc, size", [(2, "micro"), (4, "micro"), (2, "neox-micro")])
+@pytest.mark.parametrize("nproc, size", [(2, "micro"), (4, "micro-lawa"), (2, "neox-micro")])
 def test_tensor_parallel_layers_match_the_dense_model(nproc, size):
     """Logits and loss ≤ 1e-5 relative, gradients ≤ 1e-4, three AdamW steps, replicated parameters
-    bitwise equal across TP ranks: TP=2 × DP=1 and TP=2 × DP=2, GPT-2 and GPT-NeoX
+    bitwise equal across TP ranks: TP=2 × DP=1 and TP=2 × DP=2, GPT-2 (at DP=2 with the LAWA recipes'
+    options: no biases, attention scaled by the inverse layer index) and GPT-NeoX
     (tests/tp_equivalence_worker.py)."""
     proc = run_launcher([str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={nproc}",
                          "tests/tp_equivalence_worker.py", "2", size])

@@ -32,9 +32,11 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def main() -> None:
     tp = int(sys.argv[1])
     size = sys.argv[2] if len(sys.argv) > 2 else "micro"
+    # micro-lawa: the LAWA recipes' GPT-2 options (no biases, attention scaled by the inverse layer index)
+    options = dict(bias=False, scale_attn_by_inverse_layer_idx=True) if size == "micro-lawa" else {}
     dist.init_process_group("gloo")
     par = build_parallel(tp, int(os.environ.get("LOCAL_RANK", 0)), torch.device("cpu"))
-    config = model_config(size, n_head=4, vocab_size=256, block_size=32)
+    config = model_config(size.removesuffix("-lawa"), n_head=4, vocab_size=256, block_size=32, **options)
     torch.manual_seed(0)
     dense = build_model(config)
     torch.manual_seed(0)

@@ -6,7 +6,6 @@ drawn with replacement, as nanoGPT draws them: a run shorter than an epoch still
 (docs/lawa.md gives the default job's share)."""
 from __future__ import annotations
 
-import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Optional
 
@@ -14,6 +13,7 @@ import numpy as np
 import torch
 
 from launcher.data.mixture import mixture_weights
+from launcher.data.tokenized import open_shard
 
 # The held-out windows are visited in a shuffled order that depends on the data only, never on
 # the run's seed, so runs with different seeds are evaluated on the same text.
@@ -21,19 +21,11 @@ VAL_ORDER_SEED = 0x5EED
 
 
 class _Split:
-    """The memory-mapped shards of one split of one source."""
+    """The memory-mapped shards of one split of one source (a window never spans two)."""
 
-    def __init__(self, data_dir: str, shards: list[dict], dtype: np.dtype, window: int):
+    def __init__(self, data_dir: str, shards: list[dict], dtype: str, window: int):
         self.window = window
-        self.maps = []
-        for shard in shards:
-            path = os.path.join(data_dir, shard["file"])
-            expected = shard["tokens"] * dtype.itemsize
-            size = os.path.getsize(path) if os.path.exists(path) else None
-            if size != expected:
-                raise ValueError(f"data.dir: shard {path} has {size} bytes, the manifest says "
-                                 f"{expected}; the data dir is damaged, delete it and prepare again")
-            self.maps.append(np.memmap(path, dtype=dtype, mode="r", shape=(shard["tokens"],)))
+        self.maps = [open_shard(data_dir, shard, dtype) for shard in shards if shard["tokens"]]
         lengths = np.array([m.shape[0] for m in self.maps], dtype=np.int64)
         self.longest = int(lengths.max()) if len(lengths) else 0
         # Train windows may start anywhere a window fits; val windows tile the shards.
@@ -91,7 +83,7 @@ class TokenBatches:
         self.sources = manifest["sources"]
         self.probs = _normalised_weights(weights, len(self.sources))
         self.names = names or [f"source{i}" for i in range(len(self.sources))]
-        dtype = np.dtype(manifest["dtype"])
+        dtype = manifest["dtype"]
         window = seq_len + 1
         self._train = [_Split(data_dir, s["train_shards"], dtype, window) for s in self.sources]
         self._val = [_Split(data_dir, s["val_shards"], dtype, window) for s in self.sources]
