@@ -1,7 +1,9 @@
-"""Offline LAWA: the uniform average of k saved checkpoints, written in the layout of its inputs.
+"""Offline merges: the sidecar's merges (lawa.merges) of saved checkpoints, written in the layout of
+their inputs. Uniform over the latest k is LAWA; linear, cosine and 1-sqrt weight them like that
+decay (averaging/lawa.py: the merge that emulates such a cooldown).
 
-    python -m averaging.offline --out OUT INPUT [INPUT ...]
-    python -m averaging.offline --out OUT --from-dir DIR [--k 5] [--spacing N]
+    python -m averaging.offline --out OUT INPUT [INPUT ...] [--weights uniform|linear|cosine|1-sqrt]
+    python -m averaging.offline --out OUT --from-dir DIR [--k 5 | --window-tokens N] [--spacing N] [--weights W]
 
 The inputs are all of one kind, and OUT is of the same kind:
 
@@ -22,7 +24,10 @@ The inputs are all of one kind, and OUT is of the same kind:
 checkpoint-N name); when some input has no step, the last one on the command line. Averages are
 taken in fp32 and cast back to each tensor's dtype; non-floating tensors come from the newest.
 --from-dir picks from DIR's step-named subfolders (committed ones only for slots, complete ones
-only for the launcher's checkpoints) the newest k spaced at least --spacing steps apart.
+only for the launcher's checkpoints) the newest k spaced at least --spacing steps apart, or with
+--window-tokens every one (so spaced) within N tokens of the newest, as a merge's window_tokens
+does: tokens come from our slots' and checkpoints' own records, else from --tokens-per-step. A
+weighting other than uniform needs each input's step (a slot's manifest, or a step in its name).
 Every torch file is unpickled weights-only (tensors and DeepSpeed's plain types; anything else is
 refused, naming the file) unless --trust-pickle says you trust the inputs; files of our own slots
 and checkpoints are verified against their folder's checksums first. OUT is written into a hidden sibling and renamed at the end: a crash leaves no OUT.
@@ -56,7 +61,7 @@ from core.weights import (
     hf_weight_files,
     state_dict_in,
 )
-from core.zero_checkpoint import flat_groups_key, load_recorded, recorded_files
+from core.zero_checkpoint import RunState, flat_groups_key, load_recorded, recorded_files
 
 # Tensors are averaged in row blocks of at most this many elements: with k inputs, about k + 2
 # such blocks are in memory at a time, whatever the size of the model.
@@ -99,8 +104,19 @@ def kind_of(path: str) -> str:
     raise UsageError(f"{path}: neither a slot, a DeepSpeed tag folder nor a Hugging Face model folder")
 
 
-def pick_from_dir(root: str, k: int, spacing: int) -> list[str]:
-    """The newest k step-named subfolders of root, spaced apart; oldest first."""
+def tokens_of(path: str) -> Optional[int]:
+    """The tokens trained when a folder of ours was written (a slot's manifest, a checkpoint's run state)."""
+    if os.path.isfile(os.path.join(path, MANIFEST)):
+        return slots.read_manifest(path).tokens
+    if os.path.isfile(os.path.join(path, RUN_STATE)):
+        return RunState.read(path).tokens
+    return None
+
+
+def pick_from_dir(root: str, k: Optional[int], spacing: int, window_tokens: Optional[int] = None,
+                  tokens_per_step: Optional[int] = None) -> list[str]:
+    """The step-named subfolders of root a merge takes: the newest k spaced apart, or every one so
+    spaced within window_tokens of the newest; oldest first."""
     if not os.path.isdir(root):
         raise UsageError(f"{root}: no such directory")
     found: dict[int, str] = {}
@@ -122,12 +138,40 @@ def pick_from_dir(root: str, k: int, spacing: int) -> list[str]:
     if skipped:
         logger.info(f"skipping steps {skipped}: not {what}")
     found = {s: p for s, p in found.items() if usable(p)}
-    chosen = lawa.select_spaced(found, k, spacing)
+    chosen = lawa.select_spaced(found, k if k is not None else len(found), spacing)
     if not chosen:
         raise UsageError(f"{root}: no step_N, global_stepN or checkpoint-N checkpoints in it")
-    note = f" (only {len(chosen)} of {k} available at spacing {spacing})" if len(chosen) < k else ""
-    logger.info(f"chose steps {chosen} from {root}{note}")
+    if window_tokens is not None:
+        tokens = {s: tokens_of(found[s]) for s in chosen}
+        if any(t is None for t in tokens.values()):
+            if tokens_per_step is None:
+                unknown = next(found[s] for s, t in tokens.items() if t is None)
+                raise UsageError(f"--window-tokens: {unknown} does not record its tokens; give --tokens-per-step")
+            tokens = {s: s * tokens_per_step for s in chosen}
+        chosen = [s for s in chosen if tokens[chosen[0]] - tokens[s] <= window_tokens]
+        logger.info(f"chose steps {chosen} from {root}: every one within {window_tokens:,} tokens of the newest"
+                    f"{f' at spacing {spacing}' if spacing else ''}")
+    else:
+        note = f" (only {len(chosen)} of {k} available at spacing {spacing})" if len(chosen) < k else ""
+        logger.info(f"chose steps {chosen} from {root}{note}")
     return [found[s] for s in sorted(chosen)]
+
+
+def input_weights(inputs: list[str], weighting: str) -> Optional[dict[str, float]]:
+    """Each input's weight in the merge (oldest first by step, as the sidecar weights snapshots);
+    None for uniform (the plain mean: a sum and one division, as the sidecar's LAWA)."""
+    if weighting == "uniform":
+        return None
+    steps = {p: slots.read_manifest(p).step if os.path.isfile(os.path.join(p, MANIFEST)) else
+             any_step_of(os.path.splitext(p)[0]) for p in inputs}
+    unknown = [p for p, s in steps.items() if s is None]
+    if unknown:
+        raise UsageError(f"--weights {weighting}: cannot tell the step of {unknown[0]} (a step_N, global_stepN or "
+                         f"checkpoint-N name, or a slot); only uniform needs none")
+    if len(set(steps.values())) < len(steps):
+        raise UsageError(f"--weights {weighting}: two inputs are of the same step")
+    order = sorted(inputs, key=steps.get)
+    return dict(zip(order, lawa.merge_weights([steps[p] for p in order], weighting)))
 
 
 def oldest_first(paths: list[str], steps: list[Optional[int]]) -> list[str]:
@@ -140,18 +184,22 @@ def oldest_first(paths: list[str], steps: list[Optional[int]]) -> list[str]:
 # writing OUT all at once
 
 
-def average_like(tensors: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-    """Floating tensors: the fp32 mean in like's dtype. Others (counters, masks): like itself."""
+def average_like(tensors: list[torch.Tensor], like: torch.Tensor, weights: Optional[list[float]]) -> torch.Tensor:
+    """Floating tensors: the fp32 weighted sum in like's dtype. Others (counters, masks): like itself."""
     if not like.is_floating_point():
         return like
-    return lawa.average_tensors(tensors).to(like.dtype)
+    return lawa.average_tensors(tensors, weights).to(like.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
 # 1. our slots
 
 
-def average_slots(inputs: list[str], tmp: str) -> str:
+def in_order(weight: Optional[dict[str, float]], inputs: list[str]) -> Optional[list[float]]:
+    return None if weight is None else [weight[p] for p in inputs]
+
+
+def average_slots(inputs: list[str], tmp: str, weight: Optional[dict[str, float]]) -> str:
     manifests = [slots.read_manifest(p) for p in inputs]
     for path, manifest in zip(inputs[1:], manifests[1:]):
         try:
@@ -168,7 +216,7 @@ def average_slots(inputs: list[str], tmp: str) -> str:
     for tp_rank in range(tp):
         for dp_rank in range(dp):
             shards = [slots.read_shard(p, dp_rank, tp_rank, m)[0] for p, m in zip(inputs, manifests)]
-            averaged = lawa.average_shards(shards)
+            averaged = lawa.average_shards(shards, in_order(weight, inputs))
             # The padding is garbage in raw DeepSpeed partitions; averaging keeps each element
             # apart, so zeroing the result is the same as zeroing every input first.
             zero_padding(averaged, layout, dp_rank)
@@ -181,7 +229,8 @@ def average_slots(inputs: list[str], tmp: str) -> str:
     slots.commit(tmp, slots.SlotManifest(
         kind="offline", step=newest.step, tokens=newest.tokens, lr=newest.lr, dp=dp, tp=tp,
         param_shapes=first.param_shapes, files=files, tensor_parallel_layout=newest.tensor_parallel_layout,
-        **layout.to_json(), ds_version=newest.ds_version, steps_averaged=steps))
+        **layout.to_json(), ds_version=newest.ds_version, steps_averaged=steps,
+        merge_weights=[] if weight is None else [weight[p] for p in reversed(inputs)]))
     return f"committed slot of step {newest.step}, average of steps {steps}"
 
 
@@ -203,7 +252,7 @@ def ds_stage(path: str, optim_names: list[str]) -> int:
     return int(inner["zero_stage"])
 
 
-def average_module(states: list[dict], inputs: list[str], name: str) -> dict:
+def average_module(states: list[dict], inputs: list[str], name: str, weights: Optional[list[float]]) -> dict:
     newest = states[-1]["module"]
     for other, path in zip(states[:-1], inputs[:-1]):
         module = other["module"]
@@ -214,7 +263,7 @@ def average_module(states: list[dict], inputs: list[str], name: str) -> dict:
             a, b = module[key], newest[key]
             if torch.is_tensor(a) and torch.is_tensor(b) and a.shape != b.shape:
                 raise mismatch(path, inputs[-1], f"{name}: {key} has shape {tuple(a.shape)} vs {tuple(b.shape)}")
-    return OrderedDict((key, average_like([s["module"][key] for s in states], t) if torch.is_tensor(t) else t)
+    return OrderedDict((key, average_like([s["module"][key] for s in states], t, weights) if torch.is_tensor(t) else t)
                        for key, t in newest.items())
 
 
@@ -241,7 +290,7 @@ def zero_stage3_padding(groups: list[torch.Tensor], param_shapes: list[dict], dp
 
 
 def average_ds_optim(inputs: list[str], name: str, param_shapes: Optional[list[dict]],
-                     records: dict[str, Optional[dict]]) -> dict:
+                     records: dict[str, Optional[dict]], weights: Optional[list[float]]) -> dict:
     states = [load_recorded(os.path.join(p, name), records[p]) for p in inputs]
     inners = [s["optimizer_state_dict"] for s in states]
     stage = int(inners[-1]["zero_stage"])
@@ -253,7 +302,7 @@ def average_ds_optim(inputs: list[str], name: str, param_shapes: Optional[list[d
         sizes, newest_sizes = [t.numel() for t in inner[key]], [t.numel() for t in inners[-1][key]]
         if sizes != newest_sizes:
             raise mismatch(path, inputs[-1], f"{name}: fp32 partitions of {sizes} vs {newest_sizes} elements")
-    averaged = lawa.average_shards([inner[key] for inner in inners])
+    averaged = lawa.average_shards([inner[key] for inner in inners], weights)
     if stage == 3:
         dp_rank = int(OPTIM_FILE.match(name).group(1))
         averaged = zero_stage3_padding(averaged, param_shapes, dp_rank, int(inners[-1]["partition_count"]),
@@ -266,8 +315,9 @@ def average_ds_optim(inputs: list[str], name: str, param_shapes: Optional[list[d
     return out
 
 
-def average_deepspeed(inputs: list[str], tmp: str) -> str:
+def average_deepspeed(inputs: list[str], tmp: str, weight: Optional[dict[str, float]]) -> str:
     inputs = oldest_first(inputs, [any_step_of(p) for p in inputs])
+    weights = in_order(weight, inputs)
     model_names, optim_names = ds_files(inputs[-1])
     for path in inputs[:-1]:
         if ds_files(path) != (model_names, optim_names):
@@ -285,7 +335,7 @@ def average_deepspeed(inputs: list[str], tmp: str) -> str:
     for name in model_names:
         states = [load_recorded(os.path.join(p, name), records[p]) for p in inputs]
         check_param_shapes(states, inputs, name)
-        out = {**states[-1], "module": average_module(states, inputs, name)}
+        out = {**states[-1], "module": average_module(states, inputs, name, weights)}
         if out.get("optimizer") is not None:
             out["optimizer"] = None  # ZeRO off: the torch optimizer state sits here; weights only
         match = re.match(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$", name)
@@ -300,7 +350,7 @@ def average_deepspeed(inputs: list[str], tmp: str) -> str:
         shapes = rank_shapes.get((int(match.group(1)), int(match.group(2)))) if match else None
         if stages[-1] == 3 and shapes is None:
             raise UsageError(f"{inputs[-1]}: no model-states file with param_shapes for {name}")
-        out = average_ds_optim(inputs, name, shapes, records)
+        out = average_ds_optim(inputs, name, shapes, records, weights)
         torch.save(out, os.path.join(tmp, name))
         done += 1
         key = flat_groups_key(stages[-1])
@@ -332,8 +382,9 @@ def check_same_tensors(weights: list[Weights], inputs: list[str], keys: list[str
         w.close()
 
 
-def averaged_blocks(weights: list[Weights], key: str) -> Iterator[tuple[int, torch.Tensor]]:
-    """(first row, averaged block in the newest input's dtype) covering tensor `key`."""
+def averaged_blocks(weights: list[Weights], key: str, merge: Optional[list[float]]) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first row, merged block in the newest input's dtype) covering tensor `key`; `merge`: each
+    input's weight."""
     shape, dtype = weights[-1].meta(key)
     rows = shape[0] if shape else 1
     per_row = math.prod(shape[1:]) if shape else 1
@@ -345,11 +396,11 @@ def averaged_blocks(weights: list[Weights], key: str) -> Iterator[tuple[int, tor
             yield start, newest.clone()
         else:
             blocks = [w.rows(key, start, stop) for w in weights[:-1]] + [newest]
-            yield start, lawa.average_tensors(blocks).to(dtype)
+            yield start, lawa.average_tensors(blocks, merge).to(dtype)
 
 
 def write_safetensors(path: str, weights: list[Weights], keys: list[str], metadata: Optional[dict],
-                      progress: Callable[[Iterator], Iterator]) -> None:
+                      progress: Callable[[Iterator], Iterator], merge: Optional[list[float]]) -> None:
     """The safetensors format written block by block: shapes and dtypes are known from the inputs'
     headers, so the header goes first and no tensor is ever held whole."""
     header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
@@ -365,14 +416,14 @@ def write_safetensors(path: str, weights: list[Weights], keys: list[str], metada
         f.write(len(encoded).to_bytes(8, "little"))
         f.write(encoded)
         for key in progress(keys):
-            for _, block in averaged_blocks(weights, key):
+            for _, block in averaged_blocks(weights, key, merge):
                 f.write(block.contiguous().reshape(-1).view(torch.uint8).numpy())
         f.flush()
         os.fsync(f.fileno())
 
 
 def averaged_state_dict(weights: list[Weights], keys: list[str], like: dict,
-                        progress: Callable[[Iterator], Iterator]) -> dict:
+                        progress: Callable[[Iterator], Iterator], merge: Optional[list[float]]) -> dict:
     """A pickled file can only be written whole: this holds one output file, inputs stay mapped."""
     out = type(like)() if isinstance(like, OrderedDict) else {}
     if hasattr(like, "_metadata"):
@@ -384,7 +435,7 @@ def averaged_state_dict(weights: list[Weights], keys: list[str], like: dict,
             continue
         shape, dtype = weights[-1].meta(key)
         tensor = torch.empty(shape, dtype=dtype)
-        for start, block in averaged_blocks(weights, key):
+        for start, block in averaged_blocks(weights, key, merge):
             if tensor.dim() == 0:
                 tensor.copy_(block)
             else:
@@ -393,7 +444,8 @@ def averaged_state_dict(weights: list[Weights], keys: list[str], like: dict,
     return out
 
 
-def average_weight_file(weights: list[Weights], file: str, out_path: str, container: Any = None) -> int:
+def average_weight_file(weights: list[Weights], file: str, out_path: str, merge: Optional[list[float]],
+                        container: Any = None) -> int:
     """Writes the tensors that the newest input keeps in `file` to out_path; returns their number."""
     keys = [k for k in weights[-1].names_in(file) if weights[-1].where.get(k) == file]
 
@@ -401,9 +453,9 @@ def average_weight_file(weights: list[Weights], file: str, out_path: str, contai
         return tqdm(items, desc=os.path.basename(out_path), unit="tensor", leave=False, disable=None, file=sys.stderr)
 
     if file.endswith(".safetensors"):
-        write_safetensors(out_path, weights, keys, weights[-1].handle(file).metadata(), progress)
+        write_safetensors(out_path, weights, keys, weights[-1].handle(file).metadata(), progress, merge)
     else:
-        sd = averaged_state_dict(weights, keys, weights[-1].handle(file), progress)
+        sd = averaged_state_dict(weights, keys, weights[-1].handle(file), progress, merge)
         torch.save(wrap(container, sd) if container is not None else sd, out_path)
     for w in weights:
         w.close()
@@ -418,7 +470,7 @@ def wrap(container: tuple[Optional[str], Any], sd: dict) -> Any:
     return {**{k: v for k, v in outer.items() if "optim" not in k.lower()}, key: sd}
 
 
-def average_files(inputs: list[str], out_tmp: str) -> str:
+def average_files(inputs: list[str], out_tmp: str, weight: Optional[dict[str, float]]) -> str:
     inputs = oldest_first(inputs, [any_step_of(os.path.splitext(p)[0]) for p in inputs])
     weights = [Weights.of_files([p]) for p in inputs]
     check_same_tensors(weights, inputs, list(weights[-1].where))
@@ -428,12 +480,12 @@ def average_files(inputs: list[str], out_tmp: str) -> str:
         key = state_dict_in(outer, inputs[-1])[0]
         container = (key, outer)
         dropped = [k for k in outer if "optim" in k.lower()] if key is not None else []
-    n = average_weight_file(weights, inputs[-1], out_tmp, container)
+    n = average_weight_file(weights, inputs[-1], out_tmp, in_order(weight, inputs), container)
     logger.info(f"[1/1] {os.path.basename(inputs[-1])}: {n} tensors")
     return f"{n} tensors averaged" + (f"; dropped {dropped} of the newest (weights only)" if dropped else "")
 
 
-def average_hf(inputs: list[str], tmp: str) -> str:
+def average_hf(inputs: list[str], tmp: str, weight: Optional[dict[str, float]]) -> str:
     inputs = oldest_first(inputs, [any_step_of(p) for p in inputs])
     maps = [hf_weight_files(p) for p in inputs]
     weights = [Weights(where) for _, where in maps]
@@ -444,7 +496,7 @@ def average_hf(inputs: list[str], tmp: str) -> str:
     os.makedirs(tmp)
     total = 0
     for i, file in enumerate(files, 1):
-        n = average_weight_file(weights, file, os.path.join(tmp, os.path.basename(file)))
+        n = average_weight_file(weights, file, os.path.join(tmp, os.path.basename(file)), in_order(weight, inputs))
         total += n
         logger.info(f"[{i}/{len(files)}] {os.path.basename(file)}: {n} tensors")
     # Everything else that describes the model comes from the newest: config, tokenizer, index.
@@ -481,10 +533,16 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("inputs", nargs="*", metavar="INPUT", help="checkpoints to average (all of one kind)")
     parser.add_argument("--out", required=True, help="where to write the average (must not exist)")
     parser.add_argument("--from-dir", metavar="DIR", help="pick the inputs from DIR's step-named subfolders")
-    parser.add_argument("--k", type=int, default=lawa.LawaArgs.k,
-                        help="with --from-dir: how many (default %(default)s)")
+    parser.add_argument("--k", type=int, default=None,
+                        help=f"with --from-dir: how many, the latest (default {lawa.LawaArgs.k} unless --window-tokens)")
+    parser.add_argument("--window-tokens", type=int, default=None,
+                        help="with --from-dir: every checkpoint within this many tokens of the newest, instead of --k")
+    parser.add_argument("--tokens-per-step", type=int, default=None,
+                        help="with --window-tokens: for folders that do not record their tokens")
     parser.add_argument("--spacing", type=int, default=0,
                         help="with --from-dir: minimum steps between picked checkpoints (0: consecutive)")
+    parser.add_argument("--weights", default="uniform", choices=("uniform", *lawa.DECAYS),
+                        help="uniform (LAWA), or weighted like that decay, as lawa.merges' weights (default %(default)s)")
     parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
     pickles.add_trust_option(parser)
     return parser.parse_args(argv)
@@ -493,10 +551,17 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> str:
     if args.from_dir is not None and args.inputs:
         raise UsageError("give either INPUT paths or --from-dir, not both")
+    if args.k is not None and args.window_tokens is not None:
+        raise UsageError("give --k or --window-tokens, not both (as a merge takes k or window_tokens)")
+    if args.from_dir is None and (args.k is not None or args.window_tokens is not None):
+        raise UsageError("--k and --window-tokens pick from --from-dir; with INPUT paths every one is merged")
     if args.from_dir is not None:
-        if args.k < 1 or args.spacing < 0:
-            raise UsageError(f"--k must be at least 1 and --spacing at least 0 (got {args.k}, {args.spacing})")
-        inputs = pick_from_dir(args.from_dir, args.k, args.spacing)
+        k = args.k if args.k is not None or args.window_tokens is not None else lawa.LawaArgs.k
+        for flag, value, least in (("--k", k, 1), ("--spacing", args.spacing, 0),
+                                   ("--window-tokens", args.window_tokens, 1), ("--tokens-per-step", args.tokens_per_step, 1)):
+            if value is not None and value < least:
+                raise UsageError(f"{flag} must be at least {least}, got {value}")
+        inputs = pick_from_dir(args.from_dir, k, args.spacing, args.window_tokens, args.tokens_per_step)
     else:
         inputs = list(args.inputs)
     if not inputs:
@@ -518,12 +583,14 @@ def run(args: argparse.Namespace) -> str:
     if (kind == "safetensors" and not out.endswith(".safetensors")) or \
             (kind == "torch" and not out.endswith(TORCH_EXTS)):
         raise UsageError(f"--out {out}: the inputs are {kind} files, so OUT must be one too (same extension)")
-    logger.info(f"averaging {len(inputs)} {kind} checkpoint(s) into {out}")
+    weight = input_weights(inputs, args.weights)
+    shown = "" if weight is None else " (" + ", ".join(f"{weight[p]:.3f}" for p in weight) + ", oldest first)"
+    logger.info(f"merging {len(inputs)} {kind} checkpoint(s) into {out}, weights {args.weights}{shown}")
     average = {"slot": average_slots, "deepspeed": average_deepspeed, "hf": average_hf,
                "safetensors": average_files, "torch": average_files}[kind]
     try:
         with staged(out, replace=args.force) as tmp:
-            what = average(inputs, tmp)
+            what = average(inputs, tmp, weight)
     except OutputExists:  # appeared while we worked
         raise UsageError(f"{out} already exists (--force replaces it)") from None
     if kind == "deepspeed":

@@ -263,10 +263,14 @@ def ema_offload_in_host_memory() -> bool:
 # 2. throughput: the workers (children of this script)
 
 
+# The recipe's rows and the smoke job's correctness parts read one data dir: the same held-out share.
+DATA_AS_SMOKE = "data.val_fraction=0.05"
+
+
 def throughput_overrides(args, size: tuple[str, int, int], run_dir: Path) -> list[str]:
     model, micro, accum = size
     vocab = 4096 if args.dry else 50304  # GPT-2's padded vocabulary on a GPU: the head is a real share of the work
-    return [f"data.dir={args.data}", f"run_dir={run_dir}", f"model.size={model}", f"model.vocab_size={vocab}",
+    return [f"data.dir={args.data}", DATA_AS_SMOKE, f"run_dir={run_dir}", f"model.size={model}", f"model.vocab_size={vocab}",
             f"model.block_size={args.seq}", f"data.seq_len={args.seq}", f"train.micro_batch_size={micro}",
             f"train.global_batch_size={micro * accum}", "train.steps=1000", "schedule.warmup_steps=10",
             "snapshot.every=0", "sidecar.enabled=false", "ema.enabled=false", "swa.enabled=false",
@@ -533,7 +537,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from launcher.data import prepare
 
     setup_logging()
-    prepare(load_job(REPO / "jobs/gpt2_125m.yaml", [f"data.dir={args.data}", f"data.seq_len={args.seq}"]).data,
+    prepare(load_job(REPO / "jobs/gpt2_125m.yaml", [f"data.dir={args.data}", DATA_AS_SMOKE, f"data.seq_len={args.seq}"]).data,
             progress=False)
     res: dict[str, Any] = {"environment": {**environment(args.dry), "budget_s": args.budget_s, "parts": parts}}
     rows: dict[str, dict] = {}

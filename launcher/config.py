@@ -26,7 +26,7 @@ from launcher.checkpoint import CheckpointArgs
 from launcher.data import DataArgs
 from launcher.metrics import LoggingArgs
 from launcher.optim import OptimizerArgs
-from launcher.schedule import ScheduleArgs, cooldown_start, lr_at
+from launcher.schedule import ScheduleArgs, cooldown_start, final_lr, lr_at
 from launcher.snapshot import SnapshotArgs
 from launcher.start import GrowthArgs
 from launcher.train_args import TrainArgs
@@ -67,6 +67,8 @@ class JobConfig:
             section.validate()
 
         m, d, p, snap = self.model, self.data, self.parallel, self.snapshot
+        need(self.schedule.min_lr is None or self.schedule.min_lr <= self.optimizer.lr,
+             f"schedule.min_lr={self.schedule.min_lr} exceeds the peak optimizer.lr={self.optimizer.lr}")
         if m.block_size is not None:
             need(d.seq_len <= m.block_size, f"data.seq_len={d.seq_len} exceeds model.block_size={m.block_size}")
         need(p.tensor == 1 or m.dropout == 0.0,
@@ -150,8 +152,9 @@ class JobConfig:
     def cooldown_branches(self) -> list[tuple[int, int, str, float]]:
         """(step, length, shape, min_lr_ratio) of each scheduled cooldown, defaults from the schedule's."""
         c, s = self.cooldowns, self.schedule
+        ratio = final_lr(self.optimizer.lr, s) / self.optimizer.lr
         return [(at, c.steps if c.steps is not None else s.cooldown_steps, c.shape or s.cooldown_shape,
-                 c.min_lr_ratio if c.min_lr_ratio is not None else s.min_lr_ratio) for at in c.at]
+                 c.min_lr_ratio if c.min_lr_ratio is not None else ratio) for at in c.at]
 
     def forecast_merge(self) -> Optional[str]:
         """The merge whose score is the run's forecast of a cooldown (lawa.forecast)."""

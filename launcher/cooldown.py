@@ -56,7 +56,7 @@ def branch_job(parent_dir: str, at: int, steps: int, shape: str, min_lr_ratio: f
     name = branch_name(parent.name, at, steps, shape)
     derived = [f"name={name}", f"run_dir={branch_dir(parent_dir, parent.name, at, steps, shape)}",
                "cooldowns.at=[]", "checkpoint.dir=null", "schedule.name=wsd", f"schedule.cooldown_start={at}", f"schedule.cooldown_steps={steps}",
-               f"schedule.cooldown_shape={shape}", f"schedule.min_lr_ratio={min_lr_ratio}",
+               f"schedule.cooldown_shape={shape}", f"schedule.min_lr_ratio={min_lr_ratio}", "schedule.min_lr=null",
                f"train.steps={at + steps}", "train.stop_at=null", f"checkpoint.branch_from={checkpoint}",
                "checkpoint.init_from=null", "checkpoint.init_optimizer=false", "growth.from_run=null",
                f"checkpoint.every={steps}", "checkpoint.keep=1", "snapshot.every=0", "sidecar.enabled=false",

@@ -74,6 +74,7 @@ def ready_data(job, prepare: bool) -> list[str]:
     if manifest is None:
         return [f"data: {job.data.dir} is not prepared yet: lawa-train prepares it before any rank starts "
                 f"(or lawa-prepare, slurm/prepare.sh ahead of the job)"]
+    job.model.resolve(int(manifest["vocab_size"]), job.data.seq_len, job.parallel.tensor)  # its vocab fits the model
     return data_lines(job, manifest)
 
 
@@ -124,8 +125,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"config error: {e}", file=sys.stderr, flush=True)
         return 2
     cmd = launch_command(args.launcher, args.nproc, args.nnodes, passthrough, args.job, args.overrides)
-    if args.check or args.no_launch:
-        print(("would run: " if args.check else "ready to run: ") + " ".join(cmd))
+    if args.check:
+        print("would run: " + " ".join(cmd))
+        return 0
+    if args.no_launch:
+        print("ready: the ranks may start (srun launcher/train.py, torchrun, deepspeed) with this job")
         return 0
     print("$ " + " ".join(cmd), flush=True)
     os.execv(cmd[0], cmd)

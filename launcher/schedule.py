@@ -12,7 +12,8 @@ from core.decay import DECAYS, DecayShape
 class ScheduleArgs:
     name: Literal["cosine", "linear", "constant", "wsd"] = "cosine"  # decay after warmup; wsd: warmup-stable-decay
     warmup_steps: int = 2000  # linear warmup to the peak; in a continual-pretraining run, the re-warmup
-    min_lr_ratio: float = 0.1  # min_lr = lr * min_lr_ratio (the LAWA/nanoGPT recipes use lr/10)
+    min_lr_ratio: float = 0.1  # min_lr = lr * min_lr_ratio (nanoGPT uses lr/10) ...
+    min_lr: Optional[float] = None  # ... or the final LR itself, as the LAWA paper's scripts give it
     decay_steps: Optional[int] = None  # cosine/linear: step at which the decay reaches min_lr; None: train.steps
     cooldown_steps: int = 0  # wsd: length of the cooldown from the peak to min_lr
     cooldown_shape: DecayShape = "linear"  # wsd: linear, cosine or 1-sqrt
@@ -22,6 +23,7 @@ class ScheduleArgs:
         """The schedule section, for a run of `total_steps` steps (train.steps)."""
         need(self.warmup_steps >= 0, f"schedule.warmup_steps: must be >= 0, got {self.warmup_steps}")
         need(0.0 <= self.min_lr_ratio <= 1.0, f"schedule.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+        need(self.min_lr is None or self.min_lr >= 0, f"schedule.min_lr: must be >= 0, got {self.min_lr}")
         if self.name in ("cosine", "linear"):
             decay_steps = self.decay_steps if self.decay_steps is not None else total_steps
             need(self.warmup_steps <= decay_steps,
@@ -40,6 +42,11 @@ def cooldown_start(args: ScheduleArgs, total_steps: int) -> int:
     return args.cooldown_start if args.cooldown_start is not None else total_steps - args.cooldown_steps
 
 
+def final_lr(peak_lr: float, args: ScheduleArgs) -> float:
+    """The LR a decay ends at: schedule.min_lr, else the peak × schedule.min_lr_ratio."""
+    return args.min_lr if args.min_lr is not None else peak_lr * args.min_lr_ratio
+
+
 def lr_at(step: int, peak_lr: float, args: ScheduleArgs, total_steps: int) -> float:
     """Learning rate for the optimizer update with 0-based index `step`.
 
@@ -52,7 +59,7 @@ def lr_at(step: int, peak_lr: float, args: ScheduleArgs, total_steps: int) -> fl
     """
     if step < args.warmup_steps:
         return peak_lr * (step + 1) / args.warmup_steps
-    min_lr = peak_lr * args.min_lr_ratio
+    min_lr = final_lr(peak_lr, args)
     if args.name == "constant":
         return peak_lr
     if args.name == "wsd":

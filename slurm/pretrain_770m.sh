@@ -1,10 +1,10 @@
 #!/bin/bash
-# GPT-2 770M, the LAWA paper's recipe (jobs/gpt2_770m.yaml) on 4 nodes x 8 GPUs, with the LAWA
-# sidecar beside the trainers. Everything is overridable:
+# GPT-2 770M, the LAWA paper's recipes (jobs/gpt2_770m.yaml, jobs/gpt2_770m_high_lr.yaml) on 4 nodes x 8
+# GPUs, with the LAWA sidecar beside the trainers. Everything is overridable:
 #
-#   sbatch slurm/pretrain_770m.sh                                     # baseline LR 2e-4
-#   sbatch slurm/pretrain_770m.sh optimizer.lr=2e-3 name=gpt2_770m_high_lr
-#   sbatch --nodes=8 slurm/pretrain_770m.sh parallel.tensor=2         # TP inside each node
+#   sbatch slurm/pretrain_770m.sh data.sources=... data.tokenizer=... data.dir=...   # baseline LR 2e-4
+#   sbatch slurm/pretrain_770m.sh --job jobs/gpt2_770m_high_lr.yaml data.sources=...  # the paper's high LR
+#   sbatch --nodes=8 slurm/pretrain_770m.sh parallel.tensor=2                        # TP inside each node
 #
 # The body is slurm/pretrain.sh's: this file only sets the 770M defaults.
 #SBATCH --job-name=gpt2-770m

@@ -59,6 +59,19 @@ def pydoc_data(tmp_path_factory) -> str:
     return job.data.dir
 
 
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    """A real single-node Slurm for the session (tests/slurm_cluster.py), or a skip saying what is missing."""
+    from slurm_cluster import SlurmCluster, missing
+
+    why = missing()
+    if why:
+        pytest.skip(f"no Slurm here: {why}")
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
+    yield cluster
+    cluster.stop()
+
+
 def kill_tree(pid: int) -> None:
     """SIGKILL torchrun and every process under it (its workers run in sessions of their own)."""
     import psutil

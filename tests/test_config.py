@@ -27,6 +27,36 @@ def test_default_job_is_the_tiny_cpu_job():
     assert job.cooldown_branches() == [(60, 40, "1-sqrt", 0.1), (170, 40, "1-sqrt", 0.1)]
 
 
+@pytest.mark.parametrize("size, lr, min_lr, batch, micro, interval", [
+    ("770m", 2e-3, 1e-5, 128, 2, 1000), ("350m", 3e-3, 3e-4, 384, 6, 2000), ("125m", 6e-3, 6e-4, 1024, 16, 200)])
+def test_the_lawa_recipes_are_the_authors_scripts(size, lr, min_lr, batch, micro, interval):
+    """jobs/gpt2_*_high_lr.yaml hold train_{large,medium,small}.py's values; the baselines differ in LR only."""
+    high = load_job(REPO / f"jobs/gpt2_{size}_high_lr.yaml")
+    assert (high.train.steps, high.schedule.decay_steps, high.schedule.warmup_steps) == (70000, 70000, 2000)
+    assert (high.optimizer.lr, high.schedule.min_lr, high.optimizer.weight_decay) == (lr, min_lr, 0.1)
+    assert (high.optimizer.beta1, high.optimizer.beta2, high.train.grad_clip) == (0.9, 0.95, 1.0)
+    assert (high.train.global_batch_size, high.train.micro_batch_size) == (batch, micro)
+    assert not high.model.bias and high.model.scale_attn_by_inverse_layer_idx and high.model.dropout == 0.0
+    assert (high.ema.decay, high.ema.every, high.ema.start_step, high.ema.warmup_power) == (0.9, 1, 0, 2 / 3)
+    assert (high.swa.start_step, high.swa.every) == (0, 10)
+    assert (high.lawa.k, high.lawa.spacing, high.snapshot.every, high.eval.every) == (5, interval, interval, interval)
+    assert high.data.val_fraction == 0.0005 and high.eval.batches * 8 * micro == 200 * micro
+    base = load_job(REPO / f"jobs/gpt2_{size}.yaml")
+    assert base.optimizer.lr == pytest.approx(lr / 10)
+    differs = {k for k in ("model", "data", "train", "ema", "swa", "lawa", "snapshot", "eval", "parallel")
+               if getattr(base, k) != getattr(high, k)}
+    assert not differs and base.schedule.decay_steps == high.schedule.decay_steps
+    assert base.learning_rate(69999) == pytest.approx(base.schedule.min_lr, rel=1e-3)
+
+
+def test_the_high_lr_770m_from_the_command_line():
+    from launcher.config import main
+
+    with pytest.raises(ConfigError, match=r"swa.start_step=300000: SWA's first weights \(step 300000"):
+        load_job(REPO / "jobs/gpt2_770m.yaml", ["train.steps=70000", "swa.start_step=300000"])
+    assert main(["--job", str(REPO / "jobs/gpt2_770m_high_lr.yaml"), "--get", "schedule.min_lr"]) == 0
+
+
 def test_overrides_reach_typed_fields():
     job = load_job(REPO / "jobs/gpt2_125m.yaml",
                    ["optimizer.lr=6e-3", "train.steps=10000", "name=hi", "model.dropout=0.1",
@@ -117,7 +147,7 @@ def test_layout_world_is_tensor_times_data():
     with pytest.raises(ConfigError, match="world size 3 is not divisible by parallel.tensor=2"):
         job.parallel.data_parallel(3)
     job = load_job(REPO / "jobs/gpt2_125m.yaml")
-    assert job.train.accumulation_steps(job.parallel.data_parallel(8)) == 512 // (16 * 8)
+    assert job.train.accumulation_steps(job.parallel.data_parallel(8)) == 1024 // (16 * 8)
     with pytest.raises(ConfigError, match="not divisible by train.micro_batch_size × data-parallel size = 16 × 3"):
         job.train.accumulation_steps(job.parallel.data_parallel(3))
 
@@ -128,8 +158,8 @@ def test_deepspeed_config_is_generated_from_the_job():
     assert job.parallel.zero_stage == "auto"  # resolved at start by the plan (test_plan)
     ds = deepspeed_config(job.train.micro_batch_size, accum, 8, job.train.grad_clip, 2,
                           bf16=job.train.resolved_precision("cuda") == "bf16")
-    assert ds["train_batch_size"] == 512 and ds["train_micro_batch_size_per_gpu"] == 16
-    assert ds["gradient_accumulation_steps"] == 4 and ds["gradient_clipping"] == 0.5
+    assert ds["train_batch_size"] == 1024 and ds["train_micro_batch_size_per_gpu"] == 16
+    assert ds["gradient_accumulation_steps"] == 8 and ds["gradient_clipping"] == 0.5
     assert ds["zero_optimization"]["stage"] == 2 and ds["bf16"]["enabled"] is True
     json.dumps(ds)  # it is written to the run directory
 

@@ -140,6 +140,49 @@ def test_from_dir_picks_spaced_committed_steps(tmp_path, capsys):
     assert code == 0 and "chose steps [800, 600]" in stdout  # 700 is not committed
 
 
+@pytest.mark.parametrize("weights", ["linear", "1-sqrt"])
+def test_weighted_merges_over_a_token_window_are_the_sidecars(tmp_path, capsys, weights):
+    """--window-tokens and --weights pick and weigh slots as a merge of lawa.merges does: the snapshots
+    within the window, each weighted like the decay; consolidated, the output is that weighted mean."""
+    from averaging.lawa import Merge
+
+    for step in range(100, 1100, 100):
+        make_slot(tmp_path / "snapshots", step, dp=2)
+    out = tmp_path / "merged"
+    code, stdout, err = cli(capsys, "--out", out, "--from-dir", tmp_path / "snapshots", "--window-tokens", 400_000,
+                            "--spacing", 200, "--weights", weights)
+    assert code == 0, err
+    merge = Merge(name="wsm", weights=weights, spacing=200, window_steps=400)  # tokens = 1000 × step
+    steps = merge.select(range(100, 1100, 100))
+    assert steps == [600, 800, 1000] and "chose steps [1000, 800, 600]" in stdout
+    weight = merge.weights_for(steps)
+    manifest = slots.read_manifest(str(out))
+    assert manifest.steps_averaged == steps[::-1] and manifest.merge_weights == pytest.approx(weight[::-1])
+    from core.zero_folder import consolidate as ours
+
+    parts = [ours(str(tmp_path / "snapshots" / step_name(s))) for s in steps]
+    want = {k: sum(w * p[k].double() for w, p in zip(weight, parts)) for k in parts[0]}
+    assert max_diff(ours(str(out)), want) <= 1e-6
+    assert max_diff(ours(str(out)), mean_of(parts)) > 1e-3  # not the uniform mean
+
+
+def test_hf_folders_merge_with_a_decay_weighting(hf_models, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from averaging.lawa import merge_weights
+
+    code, _, err = cli(capsys, "--out", tmp_path / "m", "--from-dir", hf_models["single"][0].parent, "--k", 3,
+                       "--weights", "cosine")
+    assert code == 0, err
+
+    def load(p):
+        return AutoModelForCausalLM.from_pretrained(p, local_files_only=True).state_dict()
+    weight = merge_weights([100, 200, 300], "cosine")
+    parts = [load(p) for p in hf_models["single"]]
+    want = {k: sum(w * p[k].double() for w, p in zip(weight, parts)) for k in parts[0]}
+    assert max_diff(load(tmp_path / "m"), want) <= 1e-6
+
+
 @pytest.mark.parametrize("name,step", [("step_00001000", 1000), ("global_step42", 42), ("checkpoint-500", 500),
                                        ("lawa_best", None), ("step_12a", None)])
 def test_step_names(name, step):
@@ -322,9 +365,15 @@ def run_cli(*argv) -> subprocess.CompletedProcess:
 def test_cli_user_errors_are_one_line_exit_2(tmp_path):
     slot = make_slot(tmp_path, 100)
     torch.save({"w": torch.zeros(2)}, tmp_path / "sd.pt")
+    torch.save({"w": torch.ones(2)}, tmp_path / "sd2.pt")
     for argv, says in ((["--out", tmp_path / "o", slot, tmp_path / "missing"], "no such file"),
                        (["--out", tmp_path / "o", slot, tmp_path / "sd.pt"], "different kinds"),
-                       (["--out", tmp_path / "o"], "nothing to average")):
+                       (["--out", tmp_path / "o"], "nothing to average"),
+                       (["--out", tmp_path / "o", "--from-dir", tmp_path, "--k", "2", "--window-tokens", "9"],
+                        "give --k or --window-tokens, not both"),
+                       (["--out", tmp_path / "o.pt", "--weights", "linear", tmp_path / "sd.pt", tmp_path / "sd2.pt"],
+                        "--weights linear: cannot tell the step of"),
+                       (["--out", tmp_path / "o", "--weights", "harmonic", slot], "invalid choice: 'harmonic'")):
         proc = run_cli(*argv)
         assert proc.returncode == 2, proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1 and says in proc.stderr, proc.stderr

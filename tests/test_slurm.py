@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, launcher_env, read_metrics
-from slurm_cluster import SlurmCluster, missing
+from slurm_cluster import SlurmCluster
 
 pytestmark = pytest.mark.distributed
 
@@ -23,20 +23,10 @@ SHRINK = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-t
 def tiny(data_dir: str, run_dir: Path, steps: int) -> list[str]:
     return [f"data.dir={data_dir}", f"run_dir={run_dir}", f"snapshot.dir={run_dir / 'snaps'}",
             "model.size=micro", "model.vocab_size=4096", "model.block_size=64", "data.seq_len=64",
-            "data.vocab_size=4096", "train.global_batch_size=8", "train.micro_batch_size=2", f"train.steps={steps}",
+            "data.vocab_size=4096", "data.val_fraction=0.05", "train.global_batch_size=8", "train.micro_batch_size=2", f"train.steps={steps}",
             "train.precision=fp32", "schedule.warmup_steps=2", "optimizer.lr=3e-3", "snapshot.every=4",
             "lawa.spacing=4", "lawa.k=3", "eval.every=10", "eval.batches=2", "checkpoint.every=10",
             "logging.every=1", "sidecar.poll_seconds=0.2"]
-
-
-@pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
-    why = missing()
-    if why:
-        pytest.skip(f"no Slurm here: {why}")
-    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
-    yield cluster
-    cluster.stop()
 
 
 def submit(cluster: SlurmCluster, args: list[str], tmp_path: Path) -> int:
