@@ -25,7 +25,8 @@ from typing import BinaryIO, Callable, Iterator
 
 SPLITS = ("blank-line", "line", "whole-file")
 PIECE_CHARS = 1 << 16
-READ_BYTES = 1 << 16  # the most of one line read at a time
+READ_BYTES = 1 << 16  # the most of one line held at a time
+BLOCK_BYTES = 1 << 20  # bytes read from the file at a time
 
 
 def check_split(split: str) -> None:
@@ -52,21 +53,42 @@ def _separator(split: str) -> Callable[[str], bool]:
     return lambda line: pattern.fullmatch(line.rstrip("\r\n")) is not None
 
 
-def _lines(handle: BinaryIO, stop: int) -> Iterator[tuple[str, bool]]:
-    """(text, whole) for each line of the file from its position up to byte `stop`: a long line comes
-    in parts of at most READ_BYTES bytes, `whole` on the part that ends it."""
+def _lines(handle: BinaryIO, stop: int) -> Iterator[tuple[str, bool, int]]:
+    """(text, whole, end) for each line of the file from its position up to byte `stop`, read a block
+    at a time: a line longer than READ_BYTES comes in parts, `whole` on the part that ends it; `end`
+    is the byte offset just after the part."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    while handle.tell() < stop:
-        raw = handle.readline(min(READ_BYTES, stop - handle.tell()))
-        if not raw:
-            break
-        if raw.endswith(b"\r") and handle.tell() < stop and handle.peek(1)[:1] == b"\n":
-            raw += handle.read(1)  # a part that would end between \r and \n
-        whole = raw.endswith(b"\n")
-        text = decoder.decode(raw, final=handle.tell() >= stop)
-        if text.endswith("\r\n"):
-            text = text[:-2] + "\n"
-        yield text, whole
+    position = handle.tell()
+    pending = b""
+    while True:
+        block = handle.read(min(BLOCK_BYTES, stop - position - len(pending))) if position + len(pending) < stop else b""
+        data = pending + block
+        if not data:
+            return
+        lines = data.split(b"\n")
+        pending = lines.pop() if block else b""  # the last, unfinished line waits for the next block
+        for raw in lines:
+            while len(raw) > READ_BYTES:  # a long line: its leading parts
+                part, raw = _split(raw)
+                position += len(part)
+                yield decoder.decode(part), False, position
+            position += len(raw) + 1
+            text = decoder.decode(raw)
+            yield (text[:-1] if text.endswith("\r") else text) + "\n", True, position
+        if not block and pending:
+            position += len(pending)
+            yield decoder.decode(pending, final=True), False, position  # the file's last line, unfinished
+            return
+        while len(pending) >= READ_BYTES:
+            part, pending = _split(pending)
+            position += len(part)
+            yield decoder.decode(part), False, position
+
+
+def _split(raw: bytes) -> tuple[bytes, bytes]:
+    """READ_BYTES of a line, and the rest (\r\n kept together)."""
+    cut = READ_BYTES - (raw[READ_BYTES - 1:READ_BYTES] == b"\r")
+    return raw[:cut], raw[cut:]
 
 
 def text_pieces(files: list[str], split: str, ranges: list[tuple[int, int]] | None = None) -> Iterator[dict]:
@@ -95,7 +117,7 @@ def text_pieces(files: list[str], split: str, ranges: list[tuple[int, int]] | No
                 return None
 
             at_line_start = True
-            for line, whole in _lines(handle, stop):
+            for line, whole, _ in _lines(handle, stop):
                 if per_line:
                     parts.append(line)
                     size += len(line)
@@ -129,9 +151,9 @@ def document_cuts(path: str, split: str, target_bytes: int) -> list[int]:
             handle.seek(guess)
             cut = size
             at_line_start = False  # the guess may fall inside a line: that line cannot count
-            for line, whole in _lines(handle, size):
+            for line, whole, end in _lines(handle, size):
                 if whole and at_line_start and is_separator(line) or (whole and split == "line"):
-                    cut = handle.tell()
+                    cut = end
                     break
                 at_line_start = whole
             if cut >= size:
