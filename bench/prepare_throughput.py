@@ -10,8 +10,10 @@ the size is reached, separated by blank lines (or, with --one-document, none: th
 document, read in pieces). The tokenizer is a byte-level BPE of --vocab entries trained once on that
 text's sources (so what is timed is reading, tokenizing and writing, not the trainer). Each
 measurement is `python -m launcher.prepare --processes P` on a fresh data dir, timed as a whole
-process; memory is sampled every 0.2 s over the process and its workers: the sum of PSS (each shared
-page counted once, split among the processes sharing it: the memory the tree really holds) and of RSS.
+process; memory is sampled every SAMPLE_S seconds over the process and its workers (sparingly:
+reading a process's memory map costs CPU that the workers would otherwise have): the sum of PSS (each
+shared page counted once, split among the processes sharing it: the memory the tree really holds)
+and of RSS.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from pathlib import Path
 from common import REPO, child_env, machine_info
 
 SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+SAMPLE_S = 2.0
 
 
 def source_documents() -> list[str]:
@@ -62,19 +65,17 @@ def train_tokenizer(work: Path, vocab: int) -> Path:
 
 
 def tree(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    children.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(entry))
-            except (OSError, ValueError, IndexError):
-                pass
+    """pid and its descendants, from the kernel's children lists (no walk over every process)."""
     out, todo = [], [pid]
     while todo:
         p = todo.pop()
         out.append(p)
-        todo += children.get(p, [])
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
+        except OSError:
+            pass
     return out
 
 
@@ -106,7 +107,7 @@ def measure(text: Path, tokenizer: Path, work: Path, processes: int, unit_mb: fl
         while proc.poll() is None:
             pss, rss = memory(tree(proc.pid))
             peak_pss, peak_rss = max(peak_pss, pss), max(peak_rss, rss)
-            time.sleep(0.2)
+            time.sleep(SAMPLE_S)
     wall = time.monotonic() - start
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} exited {proc.returncode}: see {log}")

@@ -197,17 +197,22 @@ def host_address() -> str:
 
 
 def pick_device(local_rank: int, want: str = "auto") -> torch.device:
-    """The GPU of this local rank when there is one (or `want` says cuda), else the CPU."""
+    """The GPU of this local rank when there is one (or `want` says cuda), else the CPU. A process
+    that sees a single GPU takes it, whatever its local rank: Slurm's --gpus-per-task=1 or
+    --gpu-bind=single:1 (and a per-process CUDA_VISIBLE_DEVICES) bind each task to its own."""
     use_cuda = want == "cuda" or (want == "auto" and torch.cuda.is_available())
     if not use_cuda:
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise ConfigError("a GPU was asked for, but none is visible to this process")
-    if local_rank >= torch.cuda.device_count():
-        raise ConfigError(f"local rank {local_rank} has no GPU: this node shows {torch.cuda.device_count()} "
-                          f"(start one process per GPU, e.g. torchrun --nproc_per_node {torch.cuda.device_count()})")
-    torch.cuda.set_device(local_rank)
-    return torch.device("cuda", local_rank)
+    visible = torch.cuda.device_count()
+    index = 0 if visible == 1 else local_rank
+    if index >= visible:
+        raise ConfigError(f"local rank {local_rank} has no GPU: this process sees {visible} "
+                          f"(start one process per GPU, e.g. torchrun --nproc_per_node {visible}, or srun "
+                          f"--ntasks-per-node equal to --gpus-per-node)")
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
 
 
 def init_distributed(tp: int, env: Optional[RankEnv] = None, device: str = "auto") -> Parallel:

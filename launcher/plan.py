@@ -510,8 +510,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--job", default=None, help="job YAML file (default: jobs/tiny_cpu.yaml)")
     parser.add_argument("--nodes", type=int, required=True)
     parser.add_argument("--gpus-per-node", type=int, required=True, help="GPUs per node: training ranks per node")
-    parser.add_argument("--gpu-mem-gb", type=float, default=80.0,
-                        help="one GPU's memory in GiB (default 80: an A100/H100 80GB, which torch sees as 79.3-79.6)")
+    parser.add_argument("--gpu-mem-gb", type=float, default=79.0,
+                        help="one GPU's memory in GiB as torch sees it (default 79: an 80 GB A100/H100 less what "
+                             "the driver keeps; torch.cuda.get_device_properties(0).total_memory on a node says)")
     parser.add_argument("--host-mem-gb", type=float, default=1024.0,
                         help="host memory per node in GiB (default 1024, common on 8-GPU nodes)")
     parser.add_argument("--shm-gb", type=float, default=None,
