@@ -536,8 +536,21 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    print("\n".join(result.lines()))
+    print("\n".join(result.lines() + data_state(job)))
     return 0 if result.fits else 1
+
+
+def data_state(job: JobConfig) -> list[str]:
+    """The data lines of a prepared data dir, or why there are none yet."""
+    from launcher.data.preparation import prepared
+
+    try:
+        manifest = prepared(job.data)
+    except ValueError as e:
+        return [f"data: {e}"]
+    if manifest is None:
+        return [f"data: {job.data.dir} is not prepared yet (lawa-prepare prints what the run reads of it)"]
+    return data_lines(job, manifest)
 
 
 if __name__ == "__main__":

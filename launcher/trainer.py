@@ -36,7 +36,7 @@ from launcher import checkpoint
 from launcher.data import Prefetcher, TokenBatches, describe_mixture, ensure_prepared, job_batches
 from launcher.metrics import MetricsLogger
 from launcher.optim import build_optimizer
-from launcher.plan import check_at_start
+from launcher.plan import check_at_start, data_lines
 from launcher.preemption import Preemption, requeue_slurm_job
 from launcher.report import end_of_run_report
 from launcher.snapshot import SnapshotWriter
@@ -96,6 +96,7 @@ def build(job: JobConfig) -> Training:
         raise ConfigError(str(e)) from None
     if len(batches.names) > 1:
         logger.info(describe_mixture(batches.names, batches.probs.tolist(), job.data.mixture))
+    logger.info("\n".join(data_lines(job, manifest)))
     model_config = job.model.resolve(batches.vocab_size, job.data.seq_len, job.parallel.tensor)
     # What the job needs of this machine (launcher/plan.py), printed once; a snapshot ring that cannot
     # fit where it would go is refused here, before the engine is built, not at every snapshot.

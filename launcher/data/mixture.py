@@ -32,6 +32,10 @@ class BigramCounts:
         self.counts = np.zeros(0, dtype=np.int64)
         self._last: int | None = None
 
+    def reset(self) -> None:
+        """The next tokens added do not continue the last ones (no pair across)."""
+        self._last = None
+
     def add(self, tokens: np.ndarray) -> None:
         for start in range(0, len(tokens), CHUNK_TOKENS):
             chunk = np.asarray(tokens[start:start + CHUNK_TOKENS], dtype=np.int64)
@@ -39,10 +43,11 @@ class BigramCounts:
                 chunk = np.concatenate([[self._last], chunk])
             if len(chunk) >= 2:
                 pairs, counts = np.unique(chunk[:-1] * self.vocab_size + chunk[1:], return_counts=True)
-                self._merge(pairs, counts)
+                self.merge(pairs, counts)
             self._last = int(chunk[-1])
 
-    def _merge(self, pairs: np.ndarray, counts: np.ndarray) -> None:
+    def merge(self, pairs: np.ndarray, counts: np.ndarray) -> None:
+        """Adds counts of (sorted, distinct) pairs counted elsewhere (another process's share)."""
         if not len(self.pairs):
             self.pairs, self.counts = pairs, counts
             return

@@ -56,6 +56,7 @@ UNIT_MB = 64.0  # the largest unit of text, in MB (lawa-prepare --unit-mb)
 # used here, so it learns from evenly spaced units of each source's train part, up to this much.
 TOKENIZER_TRAIN_CHARS = 50_000_000
 ENTROPY_TOKENS = 1 << 26  # train tokens per source that the conditional entropy is counted over (evenly spaced blocks)
+ENTROPY_BLOCK = 1 << 20
 PROGRESS_S = 10.0  # seconds between progress lines
 
 
@@ -158,23 +159,26 @@ def prepare(args: DataArgs, progress: bool = True, processes: Optional[int] = No
                      for i, (kind, files) in enumerate(kinds) if kind in ("nanogpt", "megatron")}
     scans = {i: scan_units(i, [ts.train, ts.val]) for i, ts in token_sources.items()}
     units = [u for units in text_plan for u in units] + [u for split in scans.values() for u in split[0] + split[1]]
-    records = _run_units(units, args, tok, str(dtype), state, processes or default_processes(), say)
-
-    written = []
-    for i, source in enumerate(args.sources):
-        if i in token_sources:
-            train_scan, val_scan = scans[i]
-            entry = _token_entry(i, args, token_sources[i], [records[u] for u in train_scan],
-                                 [records[u] for u in val_scan], tok)
-        else:
-            entry = _text_entry(i, args, text_plan[i], records, state, dtype)
-        entry["conditional_entropy"] = _entropy(args.dir, entry["train_shards"], str(dtype), tok.vocab_size)
+    processes = processes or default_processes()
+    with _workers(processes, args=args, tok=tok, dtype=str(dtype), state=state.path, eos_id=tok.eos_id) as run:
+        records = _run_units(units, state, run, processes, say)
+        written = []
+        for i in range(len(args.sources)):
+            if i in token_sources:
+                train_scan, val_scan = scans[i]
+                written.append(_token_entry(i, args, token_sources[i], [records[u] for u in train_scan],
+                                            [records[u] for u in val_scan], tok))
+            else:
+                written.append(_text_entry(i, args, text_plan[i], records, state, dtype))
+        entropies = _entropies(run, args.dir, [entry["train_shards"] for entry in written], str(dtype),
+                               tok.vocab_size, processes)
+    for i, (source, entry, entropy) in enumerate(zip(args.sources, written, entropies)):
+        entry["conditional_entropy"] = entropy
         say(f"source {i} ({source.path}): {entry['train_tokens'] + entry['val_tokens']:,} tokens, "
             f"{entry['documents']:,} documents ({entry['train_tokens']:,} train, {entry['val_tokens']:,} held out); "
             f"conditional entropy {entry['conditional_entropy']:.4f} nats")
         for note in token_sources[i].notes if i in token_sources else []:
             say(f"note: {note}")
-        written.append(entry)
     entropy_mix = entropy_weights([s["conditional_entropy"] for s in written])
     if len(written) > 1:
         say("entropy-driven weights (data.mixture=entropy, all sources in): " + ", ".join(
@@ -262,6 +266,22 @@ def _quiet_tokenizers_fork():
 _WORK: dict = {}  # what the worker processes need, set before they are forked
 
 
+@contextmanager
+def _workers(processes: int, **work) -> Iterator[Callable]:
+    """An unordered map over `processes` forked worker processes that see `work`, or the plain map in
+    this process when one."""
+    _WORK.update(work)
+    with _quiet_tokenizers_fork():
+        pool = multiprocessing.get_context("fork").Pool(processes) if processes > 1 else None
+        try:
+            yield pool.imap_unordered if pool is not None else map
+        finally:
+            if pool is not None:
+                pool.terminate()
+                pool.join()
+            _WORK.clear()
+
+
 def _do_unit(unit: Unit) -> tuple[Unit, dict]:
     w = _WORK
     if unit.kind == "scan":
@@ -270,47 +290,32 @@ def _do_unit(unit: Unit) -> tuple[Unit, dict]:
                                w["args"].dir, w["state"])
 
 
-def _run_units(units: list[Unit], args: DataArgs, tok: Tokenizer, dtype: str, state: State, processes: int,
+def _run_units(units: list[Unit], state: State, run: Callable, processes: int,
                say: Callable[[str], None]) -> dict[Unit, dict]:
-    """Every unit's record: the finished ones read back, the others worked out by `processes` forked
-    worker processes (in this process when one), with a progress line every PROGRESS_S seconds."""
+    """Every unit's record: the finished ones read back, the others worked out by `run` (the workers'
+    map), with a progress line every PROGRESS_S seconds."""
     records = {u: r for u in units if (r := read_record(state.path, u)) is not None}
     todo = [u for u in units if u not in records]
     if not todo:
         return records
-    _WORK.update(args=args, tok=tok, dtype=dtype, state=state.path, eos_id=tok.eos_id)
-    processes = max(1, min(processes, len(todo)))
     total_bytes = sum(u.size for u in todo)
     say(f"preparing {len(todo)} unit{'s' if len(todo) > 1 else ''} ({total_bytes / 1e6:,.1f} MB) with "
-        f"{processes} process{'es' if processes > 1 else ''} ...")
+        f"{min(processes, len(todo))} process{'es' if min(processes, len(todo)) > 1 else ''} ...")
     started = last = time.time()
     done_bytes = documents = tokens = 0
-    with _quiet_tokenizers_fork():
-        if processes == 1:
-            results: Iterator = map(_do_unit, todo)
-            pool = None
-        else:
-            pool = multiprocessing.get_context("fork").Pool(processes)
-            results = pool.imap_unordered(_do_unit, todo)
-        try:
-            for n, (unit, record) in enumerate(results, 1):
-                records[unit] = record
-                done_bytes += unit.size
-                documents += record.get("documents", record.get("eos", 0))
-                tokens += record["tokens"]
-                now = time.time()
-                if now - last >= PROGRESS_S or n == len(todo):
-                    rate = done_bytes / max(now - started, 1e-9)
-                    eta = (total_bytes - done_bytes) / max(rate, 1e-9)
-                    say(f"  {n}/{len(todo)} units, {documents:,} documents, {tokens / 1e6:,.1f}M tokens, "
-                        f"{rate / 1e6:.1f} MB/s, {tokens / max(now - started, 1e-9) / 1e6:.2f}M tokens/s, "
-                        f"ETA {_duration(eta)}")
-                    last = now
-        finally:
-            if pool is not None:
-                pool.terminate()
-                pool.join()
-            _WORK.clear()
+    for n, (unit, record) in enumerate(run(_do_unit, todo), 1):
+        records[unit] = record
+        done_bytes += unit.size
+        documents += record.get("documents", record.get("eos", 0))
+        tokens += record["tokens"]
+        now = time.time()
+        if now - last >= PROGRESS_S or n == len(todo):
+            rate = done_bytes / max(now - started, 1e-9)
+            eta = (total_bytes - done_bytes) / max(rate, 1e-9)
+            say(f"  {n}/{len(todo)} units, {documents:,} documents, {tokens / 1e6:,.1f}M tokens, "
+                f"{rate / 1e6:.1f} MB/s, {tokens / max(now - started, 1e-9) / 1e6:.2f}M tokens/s, "
+                f"ETA {_duration(eta)}")
+            last = now
     return records
 
 
@@ -368,25 +373,46 @@ def _token_entry(i: int, args: DataArgs, source: TokenSource, train: list[dict],
             "train_shards": [source.train.shard()], "val_shards": [source.val.shard()]}
 
 
-def _entropy(data_dir: str, shards: list[dict], dtype: str, vocab_size: int) -> float:
-    """The train split's conditional entropy (launcher/data/mixture.py), over all of it or, for a large
-    source, over ENTROPY_TOKENS of it in evenly spaced blocks (pairs across blocks not counted)."""
+def _entropy_blocks(total: int, processes: int) -> list[list[tuple[int, int]]]:
+    """Ranges [a, b) of a train stream of `total` tokens whose adjacent pairs are counted, in one
+    list per task. All of it (ranges overlapping by one token, so no pair is lost) when it holds at
+    most ENTROPY_TOKENS, else ENTROPY_TOKENS in evenly spaced blocks (pairs across blocks not counted)."""
+    if total <= ENTROPY_TOKENS:
+        cuts = [total * k // processes for k in range(processes + 1)]
+        ranges = [(a, min(total, b + 1)) for a, b in zip(cuts, cuts[1:]) if b > a]
+    else:
+        block = ENTROPY_BLOCK
+        stride = total // (ENTROPY_TOKENS // block)
+        ranges = [(a, min(total, a + block)) for a in range(0, total - block + 1, stride)][: ENTROPY_TOKENS // block]
+    return [ranges[k::processes] for k in range(processes) if ranges[k::processes]]
+
+
+def _count_pairs(task: tuple) -> tuple[int, np.ndarray, np.ndarray]:
+    """A worker's share of a source's bigram counts: (source, pairs, counts)."""
+    source, data_dir, shards, dtype, vocab_size, ranges = task
     maps = [open_shard(data_dir, s, dtype) for s in shards if s["tokens"]]
-    total = sum(len(m) for m in maps)
-    block = 1 << 20
-    blocks = max(1, min(-(-total // block), ENTROPY_TOKENS // block))
-    stride = max(block, total // blocks)
+    starts = np.cumsum([0] + [len(m) for m in maps])
     counts = BigramCounts(vocab_size)
-    position = 0
-    for m in maps:
-        if total <= ENTROPY_TOKENS:
-            counts.add(np.asarray(m))
-        else:
-            for a in range(-position % stride, len(m), stride):
-                counts._last = None
-                counts.add(np.asarray(m[a:a + block]))
-        position += len(m)
-    return counts.conditional_entropy()
+    for a, b in ranges:
+        parts = []
+        for k, m in enumerate(maps):  # the range across the shards it spans
+            lo, hi = max(a, int(starts[k])), min(b, int(starts[k + 1]))
+            if lo < hi:
+                parts.append(np.asarray(m[lo - starts[k]:hi - starts[k]]))
+        counts.reset()
+        counts.add(np.concatenate(parts))
+    return source, counts.pairs, counts.counts
+
+
+def _entropies(run: Callable, data_dir: str, splits: list[list[dict]], dtype: str, vocab_size: int,
+               processes: int) -> list[float]:
+    """Each source's train split's conditional entropy (launcher/data/mixture.py), counted by the workers."""
+    tasks = [(i, data_dir, shards, dtype, vocab_size, ranges) for i, shards in enumerate(splits)
+             for ranges in _entropy_blocks(sum(s["tokens"] for s in shards), processes)]
+    totals = [BigramCounts(vocab_size) for _ in splits]
+    for i, pairs, counts in run(_count_pairs, tasks):
+        totals[i].merge(pairs, counts)
+    return [t.conditional_entropy() for t in totals]
 
 
 # ---------------------------------------------------------------------------------------------
