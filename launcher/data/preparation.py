@@ -94,8 +94,11 @@ class State:
 
     def start(self, plan: dict) -> int:
         """Keeps the finished units of an interrupted preparation of the same plan (returns how many),
-        else clears what another one left."""
+        else clears what another one left. Files a killed worker was writing go either way."""
         if self.read_plan() == plan:
+            for name in os.listdir(self.data_dir):
+                if UNIT_FILE.match(name) and name.endswith(".tmp"):
+                    os.remove(os.path.join(self.data_dir, name))
             return sum(read_record(self.path, Unit(**u)) is not None for u in plan["units"])
         self.clear()
         os.makedirs(self.path)

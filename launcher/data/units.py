@@ -26,7 +26,7 @@ from launcher.data.sources import BUILTIN_CORPORA, DataSource, datasets_module, 
 from launcher.data.text import document_cuts, text_pieces
 
 MIN_UNIT_BYTES = 1 << 20  # a source is cut into pieces no smaller than this (or than the largest unit)...
-UNITS_PER_SOURCE = 16  # ... and into at least this many when it is big enough: processes share it out
+UNITS_PER_SOURCE = 64  # ... and into at least this many when it is big enough: processes share it out
 ENCODE_CHARS = 1 << 20  # characters of text tokenized in one call
 SCAN_TOKENS = 1 << 27  # token ids checked per unit of a token file
 
