@@ -180,6 +180,30 @@ def optim_states_file(dp_rank: int, tp_rank: int) -> str:
     return f"zero_pp_rank_{dp_rank}_mp_rank_{tp_rank:02d}_optim_states.pt"
 
 
+_ZERO_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_(model|optim)_states\.pt$")
+
+
+def zero_files(folder: str) -> tuple[list[str], list[str]]:
+    """A DeepSpeed tag folder's model-states and optimizer-states file names, sorted."""
+    names = sorted(os.listdir(folder))
+    return [n for n in names if n.endswith("model_states.pt")], [n for n in names if n.endswith("optim_states.pt")]
+
+
+def ranks_of_file(name: str) -> Optional[tuple[int, int]]:
+    """(data-parallel, tensor-parallel) rank of a ZeRO file's name (zero_pp_rank_D_mp_rank_TT_...), else None."""
+    match = _ZERO_FILE.match(name)
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def zero_stage_of(folder: str, optim_names: list[str]) -> int:
+    """The ZeRO stage a tag folder was written at: its first optimizer-states file says (0: none, the
+    optimizer living in the model-states file)."""
+    if not optim_names:
+        return 0
+    inner = load_recorded(os.path.join(folder, optim_names[0]), recorded_files(folder))["optimizer_state_dict"]
+    return int(inner["zero_stage"])
+
+
 _RANK_IN_NAME = re.compile(r"(?:zero_pp_rank_(\d+)_)?mp_rank_(\d+)_|averages_dp(\d+)_tp(\d+)")
 
 

@@ -39,6 +39,12 @@ def torchrun(nproc: int, *args: str, **kw) -> subprocess.CompletedProcess:
                          "launcher/train.py", *args], **kw)
 
 
+def lawa_train(nproc: int, *args: str, **kw) -> subprocess.CompletedProcess:
+    """The front command, as users start a run: it checks the job, prepares its data dir when it is
+    not prepared, and becomes `torchrun --standalone` with the same arguments."""
+    return run_launcher([sys.executable, "-m", "launcher.run", f"--nproc-per-node={nproc}", *args], **kw)
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     return read_jsonl(RunDir(str(run_dir)).metrics)
 

@@ -18,7 +18,7 @@ import torch
 from averaging.ema_swa import ema_decay, ema_reference
 from averaging.lawa import average_state_dicts
 from averaging.sidecar.protocol import read_eval_log
-from conftest import BIN, REPO, read_metrics, torchrun
+from conftest import BIN, REPO, lawa_train, read_metrics, torchrun
 from core.zero_folder import consolidate
 from test_lawa_distributed import single_process_val_loss, single_process_val_losses, smoke
 from wandb_files import history, offline_runs, step_metrics
@@ -55,7 +55,7 @@ def averaged_run(pydoc_data, tmp_path_factory) -> Path:
     job = [*smoke(str(root / "data"), run, *AVERAGES), sources, "data.mixture=entropy", "parallel.zero_stage=3",
            f"data.tokenizer={pydoc_data}/tokenizer.json", "logging.wandb.mode=offline", "logging.wandb.project=tests",
            "lawa.forecast=lawa"]
-    first = torchrun(2, *job, "train.stop_at=6")
+    first = lawa_train(2, *job, "train.stop_at=6")  # the front command prepares the three sources first
     assert "stopped at step 6" in first.stdout
     second = torchrun(2, *job, "sidecar.enabled=true")
     assert "resumed from" in second.stdout and "holds no EMA/SWA state" not in second.stdout

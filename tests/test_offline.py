@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from averaging import offline, slots
+from averaging.offline import common as offline_common
 from conftest import REPO, launcher_env
 from core import zero_checkpoint
 from core.files import any_step_of, step_name
@@ -306,7 +307,7 @@ def test_safetensors_file_keeps_dtypes_and_metadata(tmp_path, capsys, monkeypatc
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    monkeypatch.setattr(offline, "BLOCK_ELEMENTS", 4)  # several row blocks per tensor
+    monkeypatch.setattr(offline_common, "BLOCK_ELEMENTS", 4)  # several row blocks per tensor
     inputs = []
     for step in (1, 2, 3):
         torch.manual_seed(step)

