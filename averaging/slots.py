@@ -24,7 +24,7 @@ from typing import Any, Iterable, Optional
 
 import torch
 
-from core.files import fsync_dir, serialize, step_name, step_of, write_file_atomic
+from core.files import fsync_dir, remove_path, serialize, stale_partials, step_name, step_of, write_file_atomic
 from core.flat_layout import FlatLayout, LayoutMismatch
 from core.integrity import ChecksumMismatch, load_verified, record_of
 from core.run_dir import COMMITTED, MANIFEST, node_manifest
@@ -143,6 +143,20 @@ def buddy_copies(root: str) -> list[tuple[str, int, str]]:
             if committed:
                 found.append((node, step, path))
     return sorted(found, key=lambda copy: copy[1])
+
+
+def remove_stale_copies(root: str) -> list[str]:
+    """Removes what writers killed on this host left half written in a ring (slot files staged under
+    `core.files.partial_name`, buddy copies in transfer) and returns their paths: they are in no
+    listing, and would otherwise hold node-local memory until the node reboots."""
+    folders = [root]
+    buddies = os.path.join(root, BUDDY)
+    if os.path.isdir(buddies):
+        folders += [os.path.join(buddies, node) for node in sorted(os.listdir(buddies))]
+    removed = [path for folder in folders for path in stale_partials(folder)]
+    for path in removed:
+        remove_path(path)
+    return removed
 
 
 def part_files(manifest: SlotManifest) -> list[str]:
@@ -295,9 +309,27 @@ def read_shard(slot_dir: str, dp_rank: int, tp_rank: int, manifest: Optional[Slo
     name = kind_file(kind, optim_states_file(dp_rank, tp_rank))
     optim = _read_verified(slot_dir, name, manifest)
     try:
-        return flat_groups_of(optim), manifest
-    except (KeyError, TypeError):
+        flat = flat_groups_of(optim)
+    except (KeyError, TypeError, ValueError, AttributeError):
         raise SlotCorrupt(f"{slot_dir}/{name} holds no fp32_flat_groups: not a snapshot file") from None
+    problem = _flat_groups_problem(flat, manifest, dp_rank)
+    if problem:
+        raise SlotCorrupt(f"{slot_dir}/{name} {problem}")
+    return flat, manifest
+
+
+def _flat_groups_problem(flat: list, manifest: SlotManifest, dp_rank: int) -> Optional[str]:
+    """None when `flat` are fp32 flat groups that the manifest's layout places on `dp_rank`: what
+    the sidecar and a restart may add up and copy into a model without looking again."""
+    if not all(isinstance(t, torch.Tensor) and t.dim() == 1 and t.dtype == torch.float32 for t in flat):
+        return "holds flat groups that are not 1-D fp32 tensors"
+    if len(flat) != len(manifest.param_shapes):
+        return f"holds {len(flat)} flat groups, its manifest's layout {len(manifest.param_shapes)}"
+    try:
+        manifest.layout().spans(dp_rank, [t.numel() for t in flat])
+    except LayoutMismatch as e:
+        return f"does not fit its manifest's layout: {e}"
+    return None
 
 
 def read_model_states(slot_dir: str, dp_rank: int, tp_rank: int, manifest: SlotManifest) -> dict[str, Any]:

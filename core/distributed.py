@@ -7,6 +7,7 @@ layouts with the same function, so a sidecar rank holds exactly its trainer rank
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -232,7 +233,22 @@ def init_distributed(tp: int, env: Optional[RankEnv] = None, device: str = "auto
                                 world_size=env.world_size, timeout=timedelta(minutes=30))
     use_deepspeed(chosen.type).init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                verbose=False)
+    unlink_cpu_allreduce_buffer()
     return build_parallel(tp, env.local_rank, chosen)
+
+
+def unlink_cpu_allreduce_buffer() -> None:
+    """Collective, just after DeepSpeed's init_distributed. On CPUs under DeepSpeed's launcher (which
+    sets LOCAL_SIZE), DeepSpeed's all-reduce maps a buffer of 66 MiB per rank from /dev/shm and never
+    removes it: every run would leave one per rank there. Once every rank has mapped every other's
+    (init returns only then; the barrier waits for all), each removes its own name; the mappings stay."""
+    if "LOCAL_SIZE" not in os.environ or dist.get_backend() != "gloo":
+        return
+    dist.barrier()
+    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
+            f"{os.environ.get('MASTER_PORT')}_{dist.get_rank()}")
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(name)
 
 
 def barrier(group: Optional[dist.ProcessGroup] = None) -> None:
@@ -253,6 +269,29 @@ def gather_objects(value, group: dist.ProcessGroup) -> list:
     out: list = [None] * dist.get_world_size(group)
     dist.all_gather_object(out, value, group=group)
     return out
+
+
+def host_memory() -> int:
+    """This node's memory: physical, or the container's cgroup limit when lower."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as f:
+                total = min(total, int(f.read().strip()))
+        except (OSError, ValueError):  # no such cgroup, or "max"
+            pass
+    return total
+
+
+def node_figures(par: Parallel) -> tuple[Optional[int], int]:
+    """Collective: (the smallest GPU's memory, None without GPUs; the smallest node's host memory),
+    in bytes, as each node's first rank reads them."""
+    mine = None
+    if par.is_node_first:
+        gpu = torch.cuda.get_device_properties(par.device).total_memory if par.device.type == "cuda" else None
+        mine = (gpu, host_memory())
+    seen = [m for m in gather_objects(mine, par.ctrl_group) if m is not None]
+    return min((g for g, _ in seen if g is not None), default=None), min(h for _, h in seen)
 
 
 def exit_process(code: int) -> NoReturn:

@@ -3,14 +3,13 @@ given (training, and the sidecar's inference variant of it), and `zero.Init` + `
 The trainer, the LAWA sidecar and the benchmarks all build their engines here."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
+from core import pickles
 from core.deepspeed_compat import treat_as_leaves, use_deepspeed
-
-if TYPE_CHECKING:
-    from core.distributed import Parallel
+from core.distributed import Parallel
 
 # Parameters of at most this many elements stay whole on every rank once gathered (DeepSpeed's
 # stage3_param_persistence_threshold, default 1e5; their optimizer state stays partitioned). At GPT-2
@@ -93,6 +92,7 @@ def build_engine(make_model: Callable[[], torch.nn.Module], config: dict[str, An
         treat_as_leaves(model, [type(model.blocks[0])])  # before initialize, which puts the hooks on
     optimizer = make_optimizer(model) if make_optimizer is not None else None
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config, mpu=par)
+    pickles.route_deepspeed_loads(engine)  # its load_checkpoint reads weights-only, as every read here
     if compile_backend:  # the forward only: ZeRO-3's fetch/release hooks around a leaf block stay outside
         for unit in (engine.module.blocks if zero3 else [engine.module]):
             unit.forward = torch.compile(unit.forward, backend=compile_backend)

@@ -1,15 +1,15 @@
 """Files: one atomic write, the fsyncs around it, torch (de)serialisation, JSONL reading, staged
-output folders, private folders, and the names of step folders (`step_00001000`)."""
+output folders (and the stale ones a killed writer left), and the names of step folders
+(`step_00001000`). Folders only this user can change: core/private_folder.py."""
 from __future__ import annotations
 
 import contextlib
 import io
 import json
 import os
-import pwd
 import re
 import shutil
-import stat
+import socket
 import time
 import uuid
 from typing import Any, Iterator, Optional
@@ -40,13 +40,28 @@ def any_step_of(path: str) -> Optional[int]:
 # writing
 
 
+PARTIAL = re.compile(r"^\.(?P<name>.+)\.partial-(?P<host>[^/]+)-(?P<pid>\d+)$")
+
+
+def partial_name(out: str, unique: bool = False) -> str:
+    """The staged sibling of `out` while it is written: hidden, not step-named (nothing that lists
+    checkpoints or slots mistakes it for one), and naming its writer (host and pid), so that one
+    whose writer is gone is known for what it is (`stale_partials`). `unique`: also one of its own
+    among the writer's threads."""
+    parent, base = os.path.split(os.path.abspath(out))
+    if unique:
+        base = f"{base}.{uuid.uuid4().hex[:8]}"
+    return os.path.join(parent, f".{base}.partial-{socket.gethostname()}-{os.getpid()}")
+
+
 @contextlib.contextmanager
 def atomic_file(path: str, mode: Optional[int] = None) -> Iterator[io.BufferedWriter]:
     """A file written under a temporary name, fsynced and renamed to `path` when the block ends:
     readers see the old file or the whole new one, never a part (a failed block leaves neither).
     `mode`: the file's permissions (e.g. 0o600 for the snapshot ring's); None: 0o666 less the umask."""
-    # Unique per writer, so that two processes writing the same path never share a temporary file.
-    tmp = f"{path}.{uuid.uuid4().hex[:12]}.tmp"
+    # Unique per writer, so that two writers of the same path never share a temporary file; named as
+    # a partial, so that what a killed writer left is known for what it is.
+    tmp = partial_name(path, unique=True)
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 if mode is None else mode)
         with os.fdopen(fd, "wb") as f:
@@ -97,47 +112,6 @@ def fsync_tree(path: str) -> None:
             os.fsync(f.fileno())
 
 
-class NotPrivate(PermissionError):
-    """A folder other users could read or plant files in; the message names it and its owner."""
-
-
-def _user(uid: int) -> str:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return f"uid {uid}"
-
-
-def private_folder(path: str, create: bool = True) -> None:
-    """Make `path` a folder only this user can enter (mode 0700; missing parents get the usual
-    permissions), or accept an existing one only if it is a real folder, not a link, owned by this
-    user, that neither group nor others may write (one they may only read is made 0700). NotPrivate
-    otherwise. With `create` false a missing folder is left missing."""
-    if create:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(path, 0o700)
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        if create:
-            raise
-        return
-    me = os.geteuid()
-    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
-        raise NotPrivate(f"{path} is {'a link' if stat.S_ISLNK(st.st_mode) else 'not a folder'} (owner "
-                         f"{_user(st.st_uid)}), not a folder of {_user(me)}'s: refusing to keep snapshots there")
-    if st.st_uid != me:
-        raise NotPrivate(f"{path} belongs to {_user(st.st_uid)}, not to {_user(me)}: refusing to keep snapshots where "
-                         f"another user could read them or plant their own (remove it, or set snapshot.dir)")
-    if st.st_mode & 0o022:
-        raise NotPrivate(f"{path} (owner {_user(st.st_uid)}) can be written by {'group and others' if st.st_mode & 0o002 else 'its group'} "
-                         f"(mode {stat.S_IMODE(st.st_mode):o}): refusing to keep snapshots there (chmod go-w it, or set "
-                         f"snapshot.dir)")
-    if st.st_mode & 0o077:
-        os.chmod(path, 0o700)
-
-
 def remove_path(path: str) -> None:
     if os.path.isdir(path) and not os.path.islink(path):
         shutil.rmtree(path)
@@ -149,14 +123,35 @@ class OutputExists(FileExistsError):
     """The output of a staged write appeared while we worked (and we may not replace it)."""
 
 
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: it runs
+        return True
+    return True
+
+
+def stale_partials(folder: str) -> list[str]:
+    """The staged folders and files in `folder` whose writer, a process of this host, is gone
+    (killed mid-write: torchrun's kill, a preemption, an OOM kill)."""
+    found = []
+    with contextlib.suppress(FileNotFoundError):
+        for name in os.listdir(folder):
+            match = PARTIAL.match(name)
+            if match and match["host"] == socket.gethostname() and not _running(int(match["pid"])):
+                found.append(os.path.join(folder, name))
+    return found
+
+
 @contextlib.contextmanager
 def staged(out: str, replace: bool = True) -> Iterator[str]:
-    """A temporary sibling to write a file or folder into, renamed to `out` only when everything
-    is in it and on disk: a crash leaves no half-written `out`."""
+    """A temporary sibling to write a file or folder into (`partial_name`), renamed to `out` only
+    when everything is in it and on disk: a crash leaves no half-written `out`."""
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
-    # Hidden, and not step-named: nothing that lists checkpoints mistakes it for one.
-    tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(out))}.partial-{os.getpid()}")
+    tmp = partial_name(out)
     remove_path(tmp)
     try:
         yield tmp

@@ -73,6 +73,8 @@ class PrivateFolder:
     def __init__(self, path: str, create: bool = True):
         self.path = os.path.abspath(path)
         self.me = os.geteuid()
+        if create:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
         check_ancestors(self.path)
         if create:
             try:
@@ -99,7 +101,7 @@ class PrivateFolder:
             if st.st_mode & 0o077:
                 os.fchmod(self.fd, 0o700)
         except BaseException:
-            os.close(self.fd)
+            self.close()
             raise
         self.dev, self.ino = st.st_dev, st.st_ino
 
@@ -142,5 +144,5 @@ class PrivateFolder:
             self.fd = -1
 
     def __del__(self):
-        if getattr(self, "fd", -1) >= 0:
-            os.close(self.fd)
+        if hasattr(self, "fd"):
+            self.close()

@@ -18,6 +18,9 @@
              sidecar/                  spec.json, held-out batches, training_done.json, per-rank logs
              logs/                     Slurm's per-rank logs and the batch script's output
              snapshots/                the snapshot ring when no node-local /dev/shm has room
+             ring_base                 the private /dev/shm folder the ring uses when /dev/shm/lawa-<uid> is
+                                       another user's (launcher/ring.py)
+             .lock                     the live run's hold on the directory (core/run_lock.py)
 
 Inside step folders: `run_state.json` (a checkpoint is complete), `manifest.json` + `COMMITTED`
 (a slot is committed; on node-local storage also `manifest.<node>.json`, the node's part), `averages_dp{d}_tp{t}.pt` (a rank's EMA/SWA state in a checkpoint), and
@@ -47,6 +50,7 @@ BRANCH = "branch.json"
 SIDECAR = "sidecar"
 LOGS = "logs"
 SNAPSHOTS = "snapshots"
+RING_BASE = "ring_base"
 
 # inside step folders
 RUN_STATE = "run_state.json"
@@ -150,6 +154,10 @@ class RunDir:
     @property
     def snapshots(self) -> str:
         return self.join(SNAPSHOTS)
+
+    @property
+    def ring_base(self) -> str:
+        return self.join(RING_BASE)
 
     # the sidecar's folder
     @property

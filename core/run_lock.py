@@ -19,7 +19,7 @@ import socket
 import threading
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 from core.files import write_file_atomic
 
@@ -63,7 +63,7 @@ def _read(path: str) -> Optional[Holder]:
         return Holder("?", -1, None, 0.0, "unreadable lock")  # torn by a crash: no live holder wrote it
 
 
-def alive(holder: Holder, wait: Callable[[float], None] = time.sleep) -> bool:
+def alive(holder: Holder) -> bool:
     """Whether the holder still runs (see the module's doc)."""
     if holder.pid < 0:
         return False
@@ -132,7 +132,8 @@ class RunLock:
         while not self._stop.wait(HEARTBEAT_S):
             self.me.heartbeat = time.time()
             try:
-                if (_read(self.path) or self.me).pid != self.me.pid:
+                held = _read(self.path) or self.me
+                if (held.host, held.pid) != (self.me.host, self.me.pid):
                     return  # taken over by someone who judged us gone: theirs now
                 write_file_atomic(self.path, json.dumps(asdict(self.me)))
             except OSError:

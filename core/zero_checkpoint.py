@@ -11,9 +11,7 @@ dimension each parameter was split on, which the launcher records (`tensor_paral
 """
 from __future__ import annotations
 
-import dataclasses
 import glob
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -22,13 +20,15 @@ from typing import Any, Optional
 import torch
 
 from core import pickles
-from core.files import write_json_atomic
-from core.flat_layout import FlatLayout
+from core.files import write_file_atomic
+from core.flat_layout import FlatLayout, LayoutMismatch
 from core.integrity import FileRecord, load_verified
 from core.log import rank_span
+from core.records import LARGEST, RecordError, file_records_problem, from_json, inside_name, sealed_json
 from core.run_dir import MANIFEST, RUN_STATE, node_manifest
 
 MANIFEST_FORMAT = 2
+MAX_RANKS = 1 << 20  # more ranks than any run has: a layout beyond it is a damaged record
 
 
 @dataclass
@@ -68,6 +68,29 @@ class SlotManifest:
     run: Optional[str] = None
     format: int = MANIFEST_FORMAT
 
+    def check(self) -> Optional[str]:
+        """What a manifest's types cannot say about it (core.records.from_json calls it); None: fine."""
+        if self.format not in (1, MANIFEST_FORMAT):
+            return f"manifest format {self.format}, this version reads {MANIFEST_FORMAT}"
+        problem = (_layout_problem(self.step, self.tokens, self.dp, self.tp, self.zero_stage)
+                   or file_records_problem(self.files) or _shapes_problem(self.param_shapes))
+        if problem:
+            return problem
+        if any(p < 0 for p in self.partition_sizes) or any(p < 0 for group in self.param_paddings for p in group):
+            return "a partition size or padding is negative"
+        for node, ranks in self.nodes.items():
+            if not inside_name(node) or "/" in node:
+                return f"nodes names {node!r}, not a node"
+            if any(not 0 <= r < self.dp * self.tp for r in ranks):
+                return f"nodes[{node!r}] names a rank outside data {self.dp} × tensor {self.tp}"
+        if self.node is not None and self.node not in self.nodes:
+            return f"node {self.node!r} is not among its nodes"
+        try:
+            self.layout()
+        except LayoutMismatch as e:
+            return f"its layout cannot be: {e}"
+        return None
+
     def shapes(self) -> list[dict[str, torch.Size]]:
         return shapes_from_json(self.param_shapes)
 
@@ -75,7 +98,7 @@ class SlotManifest:
         return FlatLayout(self.zero_stage, self.dp, self.shapes(), self.param_paddings, self.partition_sizes)
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=1)
+        return sealed_json(self)
 
     def elsewhere(self, folder: str) -> Optional[str]:
         """None when this folder holds every rank's files; else one line saying where the others are."""
@@ -94,30 +117,49 @@ class SlotManifest:
                 f"checkpoints/")
 
 
-class ManifestError(ValueError):
-    """A manifest.json that cannot be read (another version, or not ours)."""
+class ManifestError(RecordError):
+    """A manifest.json that cannot be read (torn, another version, or not ours); one line naming it."""
+
+
+def _layout_problem(step: int, tokens: int, dp: int, tp: int, zero_stage: int) -> Optional[str]:
+    if step < 0 or tokens < 0:
+        return f"step {step} or tokens {tokens} is negative"
+    if not (1 <= dp <= MAX_RANKS and 1 <= tp <= MAX_RANKS and dp * tp <= MAX_RANKS):
+        return f"data {dp} × tensor {tp} is not a layout of 1 to {MAX_RANKS} ranks"
+    if zero_stage not in (0, 1, 2, 3):
+        return f"zero_stage {zero_stage} is not a ZeRO stage"
+    return None
+
+
+def _shapes_problem(param_shapes: list) -> Optional[str]:
+    for group in param_shapes:
+        if not isinstance(group, list) or not all(
+                isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str) and isinstance(pair[1], list)
+                and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < LARGEST for d in pair[1])
+                for pair in group):
+            return "param_shapes is not a list of [name, shape] per group"
+    return None
 
 
 def read_manifest_file(folder: str) -> SlotManifest:
-    """The manifest of a committed folder (callers check COMMITTED first: averaging.slots)."""
-    with open(os.path.join(folder, MANIFEST)) as f:
-        data = json.load(f)
-    if data.get("format") not in (1, MANIFEST_FORMAT):
-        raise ManifestError(f"{folder}: manifest format {data.get('format')}, this version reads {MANIFEST_FORMAT}")
-    known = {f.name for f in dataclasses.fields(SlotManifest)}
-    manifest = SlotManifest(**{k: v for k, v in data.items() if k in known and k != "format"})
-    if manifest.node is not None:
+    """The manifest of a committed folder (callers check COMMITTED first: averaging.slots), every
+    field checked (core.records); ManifestError in one line naming it when it cannot be used."""
+    try:
+        manifest = from_json(SlotManifest, os.path.join(folder, MANIFEST))
+        if manifest.node is None:
+            return manifest
         # Node parts gathered into this folder (rsync from each node) complete its file list.
         present = {manifest.node}
         for node in manifest.nodes:
             part = os.path.join(folder, node_manifest(node))
             if node not in present and os.path.isfile(part):
-                with open(part) as f:
-                    manifest.files.update(json.load(f)["files"])
+                manifest.files.update(from_json(SlotManifest, part).files)
                 present.add(node)
         if present >= set(manifest.nodes):
             manifest.node = None
-    return manifest
+        return manifest
+    except RecordError as e:
+        raise ManifestError(str(e)) from None
 
 
 @dataclass
@@ -136,13 +178,16 @@ class RunState:
     zero_stage: int = 3  # (checkpoints from before stages 1-2 trained were all ZeRO-3)
 
     def write(self, folder: str) -> None:
-        write_json_atomic(os.path.join(folder, RUN_STATE), dataclasses.asdict(self))
+        write_file_atomic(os.path.join(folder, RUN_STATE), sealed_json(self))
+
+    def check(self) -> Optional[str]:
+        return _layout_problem(self.step, self.tokens, self.dp, self.tp, self.zero_stage) or file_records_problem(self.files)
 
     @classmethod
     def read(cls, folder: str) -> RunState:
-        with open(os.path.join(folder, RUN_STATE)) as f:
-            data = json.load(f)
-        return cls(**{k: data[k] for k in (f.name for f in dataclasses.fields(cls)) if k in data})
+        """A checkpoint's run state, every field checked (core.records): RecordError in one line naming
+        the file when it cannot be used."""
+        return from_json(cls, os.path.join(folder, RUN_STATE))
 
 
 def recorded_files(folder: str) -> Optional[dict[str, FileRecord]]:

@@ -17,14 +17,14 @@ from dataclasses import dataclass
 from typing import Iterable, Optional
 
 from averaging.ema_swa import ShardAverages
-from core import pickles
 from core.config import ConfigError, FilePath, need
 from core.distributed import Parallel, barrier, gather_objects
-from core.files import fsync_dir, serialize, step_name, step_of, write_file_atomic
-from core.integrity import ChecksumMismatch, load_verified, record_file, verify_file
+from core.files import PARTIAL, fsync_dir, serialize, step_name, step_of, write_file_atomic
+from core.integrity import ChecksumMismatch, record_file, verify_file
 from core.log import logger
+from core.records import RecordError
 from core.run_dir import LATEST, RUN_STATE, averages_file
-from core.zero_checkpoint import RunState, writer_rank
+from core.zero_checkpoint import RunState, load_recorded, writer_rank
 
 
 @dataclass
@@ -104,75 +104,114 @@ def save(engine, ckpt_dir: str, state: RunState, keep: int, par: Parallel,
 
 def _files(folder: str) -> list[str]:
     return sorted(name for name in os.listdir(folder)
-                  if name != RUN_STATE and not name.endswith(".tmp") and os.path.isfile(os.path.join(folder, name)))
+                  if name != RUN_STATE and not PARTIAL.match(name) and os.path.isfile(os.path.join(folder, name)))
+
+
+def _own_problem(checkpoint: str, par: Parallel) -> Optional[str]:
+    """What is wrong with this rank's share of a checkpoint's files (those its counterpart wrote),
+    in one line; None when each matches its record."""
+    try:
+        state = RunState.read(checkpoint)
+        names = sorted(state.files)
+        if par.is_main and state.files:
+            unlisted = sorted(set(_files(checkpoint)) - set(state.files))
+            if unlisted:
+                return f"{os.path.join(checkpoint, unlisted[0])} is not among the files its checkpoint records"
+        for name in names:
+            if writer_rank(name, state.tp) % par.world_size == par.rank:
+                verify_file(os.path.join(checkpoint, name), state.files[name])
+    except ChecksumMismatch as e:
+        return str(e)
+    except FileNotFoundError as e:
+        return f"{e.filename or checkpoint} is missing"
+    except (OSError, ValueError, KeyError, TypeError) as e:  # unreadable (I/O error, torn run state): not verified
+        return f"{checkpoint}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+    return None
 
 
 def verify(checkpoint: str, par: Parallel) -> Optional[str]:
     """Collective: None when every file of a complete checkpoint matches its record (or it records
-    none: written before records); else the first problem, in one line. Each rank checks the files
-    its counterpart wrote, which it is about to load."""
-    state = RunState.read(checkpoint)
-    problem = None
-    for name, record in sorted(state.files.items()):
-        if writer_rank(name, state.tp) % par.world_size != par.rank:
-            continue
-        try:
-            verify_file(os.path.join(checkpoint, name), record)
-        except ChecksumMismatch as e:
-            problem = str(e)
-        except FileNotFoundError:
-            problem = f"{os.path.join(checkpoint, name)} is missing"
-        if problem:
-            break
-    return next((p for p in gather_objects(problem, par.ctrl_group) if p is not None), None)
+    none: written before records) and it holds no file its records do not list; else the first
+    problem, in one line, the same on every rank. Each rank checks the files its counterpart wrote,
+    which it is about to load; any failure to read one is a failure to verify."""
+    return next((p for p in gather_objects(_own_problem(checkpoint, par), par.ctrl_group) if p is not None), None)
 
 
-def newest_verified(ckpt_dir: str, par: Parallel) -> Optional[str]:
-    """Collective: this run's newest complete checkpoint that verifies. Newer ones that do not are
-    set aside (renamed <tag>.unverified, kept for a look), with one line saying what was wrong;
-    ConfigError when none verifies."""
-    found = complete_checkpoints(ckpt_dir)
+@dataclass
+class Verified:
+    """This run's newest checkpoint that verifies (None: none does), and the newer ones that do not."""
+
+    path: Optional[str]
+    failed: list[tuple[str, str]]  # (tag, problem), newest first
+
+    def refusal(self, ckpt_dir: str) -> str:
+        tag, problem = self.failed[0]
+        return (f"no checkpoint in {ckpt_dir} verifies (newest: {tag}: {problem}) and the ring holds no restart point "
+                f"of this run to resume from; to start afresh, move {ckpt_dir} away or choose another run_dir")
+
+
+def newest_verified(ckpt_dir: str, par: Parallel) -> Verified:
+    """Collective: this run's newest complete checkpoint that verifies, and the newer ones that do not
+    (every rank gets the same verdicts: `verify` gathers them)."""
     failed: list[tuple[str, str]] = []
-    for _, tag in reversed(found):
+    for _, tag in reversed(complete_checkpoints(ckpt_dir)):
         problem = verify(os.path.join(ckpt_dir, tag), par)
         if problem is None:
-            if failed and par.is_main:
-                for bad, _ in failed:
-                    os.replace(os.path.join(ckpt_dir, bad), os.path.join(ckpt_dir, f"{bad}.unverified"))
-                write_file_atomic(os.path.join(ckpt_dir, LATEST), tag)
-                logger.warning(f"checkpoint {failed[0][0]} does not verify ({failed[0][1]}); resuming from {tag} "
-                               f"instead (set aside as {', '.join(b + '.unverified' for b, _ in failed)})")
-            barrier()
-            return os.path.join(ckpt_dir, tag)
+            return Verified(os.path.join(ckpt_dir, tag), failed)
         failed.append((tag, problem))
-    if failed:
-        raise ConfigError(f"no checkpoint in {ckpt_dir} verifies (newest: {failed[0][0]}: {failed[0][1]}); move "
-                          f"them away to start afresh")
-    return None
+    return Verified(None, failed)
+
+
+def set_aside(ckpt_dir: str, verified: Verified, instead: str, par: Parallel) -> None:
+    """Collective: the checkpoints that did not verify renamed `<tag>.unverified` (or `-2`, `-3`... when
+    taken), kept for a look and out of resume's way, with one line saying what was wrong and what
+    the run resumes from instead. A rename that fails is said, and the run goes on."""
+    if par.is_main and verified.failed:
+        moved = []
+        for bad, _ in verified.failed:
+            target = os.path.join(ckpt_dir, f"{bad}.unverified")
+            n = 1
+            while os.path.lexists(target):
+                n += 1
+                target = os.path.join(ckpt_dir, f"{bad}.unverified-{n}")
+            try:
+                os.rename(os.path.join(ckpt_dir, bad), target)
+                moved.append(os.path.basename(target))
+            except OSError as e:
+                moved.append(f"{bad} not moved: {e.strerror or e}")
+        if verified.path is not None:
+            try:
+                write_file_atomic(os.path.join(ckpt_dir, LATEST), os.path.basename(verified.path))
+            except OSError as e:
+                logger.warning(f"could not point {os.path.join(ckpt_dir, LATEST)} at {verified.path}: {e}")
+        logger.warning(f"checkpoint {verified.failed[0][0]} does not verify ({verified.failed[0][1]}); resuming from "
+                       f"{instead} instead (set aside: {', '.join(moved)})")
+    barrier()
 
 
 def load(engine, checkpoint: str) -> None:
     """Collective. Loads weights, optimizer state and engine counters of a complete checkpoint."""
-    with pickles.deepspeed_loads(checkpoint):
-        path, _ = engine.load_checkpoint(os.path.dirname(checkpoint), tag=os.path.basename(checkpoint),
-                                         load_optimizer_states=True, load_lr_scheduler_states=False)
+    path, _ = engine.load_checkpoint(os.path.dirname(checkpoint), tag=os.path.basename(checkpoint),
+                                     load_optimizer_states=True, load_lr_scheduler_states=False)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {checkpoint}")
 
 
 def load_averages(checkpoint: str, par: Parallel, averages: ShardAverages) -> None:
     """This rank's EMA/SWA state from a checkpoint, verified against its record."""
-    name = averages_file(par.dp_rank, par.tp_rank)
-    path = os.path.join(checkpoint, name)
-    if os.path.isfile(path):
-        averages.load_state_dict(load_verified(path, RunState.read(checkpoint).files.get(name)))
+    path = os.path.join(checkpoint, averages_file(par.dp_rank, par.tp_rank))
+    if os.path.isfile(path):  # held to the checkpoint's records: a file they do not list is refused
+        averages.load_state_dict(load_recorded(path, RunState.read(checkpoint).files or None))
     else:
         logger.info(f"note: {checkpoint} holds no EMA/SWA state; the averages start afresh")
 
 
 def check_layout(checkpoint: str, par: Parallel, stage: int, key: str, remedy: str) -> RunState:
     """The checkpoint's run state, once its data × tensor layout and ZeRO stage are known to be this run's."""
-    state = RunState.read(checkpoint)
+    try:
+        state = RunState.read(checkpoint)
+    except RecordError as e:
+        raise ConfigError(f"{key}: {e}") from None
     if (state.dp, state.tp, state.zero_stage) != (par.dp, par.tp, stage):
         raise ConfigError(f"{key}: {checkpoint} was written with data {state.dp} × tensor {state.tp} at ZeRO-"
                           f"{state.zero_stage}, this run is data {par.dp} × tensor {par.tp} at ZeRO-{stage}; {remedy}")
@@ -183,7 +222,14 @@ def continued_stage(ckpt_dir: str, resume: bool, branch_from: Optional[str]) -> 
     """The ZeRO stage of the checkpoint a run continues (its own newest, or the one it branches
     from): `parallel.zero_stage: auto` keeps it. None for a run that starts afresh."""
     found = complete_checkpoints(ckpt_dir) if resume else []
-    folder = os.path.join(ckpt_dir, found[-1][1]) if found else branch_from
-    if folder is None or not os.path.isfile(os.path.join(folder, RUN_STATE)):
+    for _, tag in reversed(found):  # one whose record cannot be read is set aside when resuming (verify)
+        try:
+            return RunState.read(os.path.join(ckpt_dir, tag)).zero_stage
+        except (RecordError, OSError):
+            continue
+    if found or branch_from is None or not os.path.isfile(os.path.join(branch_from, RUN_STATE)):
         return None
-    return RunState.read(folder).zero_stage
+    try:
+        return RunState.read(branch_from).zero_stage
+    except (RecordError, OSError) as e:
+        raise ConfigError(f"checkpoint.branch_from: {str(e).splitlines()[0]}") from None

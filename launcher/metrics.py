@@ -5,8 +5,8 @@ W&B: one run per run directory (its id kept in `<run_dir>/wandb_id`, so a resume
 continues it), every chart on our own step axis (`define_metric("*", step_metric="step")`, with
 `tokens` beside it): the sidecar's evaluations, which the trainer reads from eval.jsonl after it has
 logged later steps, land at their training step. The trainer's keys are metrics.jsonl's (`loss`,
-`lr`, `val_loss`, `val_loss_by_source/<source>`, ...); the sidecar's are `sidecar/<method>_val_loss`,
-`sidecar/val_loss_by_source/<source>/<method>` and `sidecar/tasks/<method>/<task>/<metric>`.
+`lr`, `val_loss`, `val_loss_by_source/<source>`, ...); the sidecar's are its TensorBoard names under
+`sidecar/` (averaging.sidecar.protocol.eval_scalars): `sidecar/val_loss/<method>`, ...
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from averaging.sidecar.protocol import eval_scalars
 from core.config import need
 from core.files import write_file_atomic
 from core.log import logger
@@ -60,13 +61,9 @@ def flatten(record: dict[str, Any], prefix: str = "") -> dict[str, float]:
 
 
 def sidecar_row(record: dict[str, Any]) -> dict[str, float]:
-    """An eval.jsonl record as W&B keys: every method's loss, per source, and task scores."""
-    row = {"step": record["step"], "tokens": record["tokens"]}
-    row.update({f"sidecar/{k}": v for k, v in record.items() if k.endswith("_val_loss")})
-    for method, by_source in record.get("val_loss_by_source", {}).items():  # a chart per source, methods in it
-        row.update({f"sidecar/val_loss_by_source/{source}/{method}": loss for source, loss in by_source.items()})
-    row.update(flatten({"tasks": record.get("tasks", {})}, "sidecar/"))
-    return row
+    """An eval.jsonl record as a W&B row: the sidecar's charts (protocol.eval_scalars) under sidecar/."""
+    return {"step": record["step"], "tokens": record["tokens"],
+            **{f"sidecar/{name}": value for name, value in eval_scalars(record).items()}}
 
 
 class WandbRun:

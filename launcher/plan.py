@@ -16,22 +16,18 @@ import json
 import os
 import sys
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
 
 from averaging.lawa import slots_needed
 from core.config import ConfigError, need
-from core.distributed import gather_objects
-from core.log import logger
+from core.distributed import Parallel
 from core.run_dir import SHM
+from launcher.config import JobConfig
 from launcher.data.preparation import MANIFEST
-from launcher.snapshot import is_node_local, prepare_ring, resolve_root, ring_room, root_is_shared
+from launcher.ring import is_node_local
 from models.registry import ModelConfig, build_model
-
-if TYPE_CHECKING:
-    from core.distributed import Parallel
-    from launcher.config import JobConfig
 
 GiB = 2**30
 # Allowances, not measurements: a CUDA process holds its context, NCCL's buffers and the caching
@@ -226,7 +222,7 @@ def _resources(job: JobConfig, shape: Shape, cl: Cluster) -> tuple[dict[str, Res
     side = weights + layer + logits if sidecar else 0.0
 
     host = []
-    restarts = snap and job.snapshot.restart_every > 0
+    restarts = job.snapshot.restarts
     if snap:  # pinned copies of the partition the background thread writes from, one per kind
         host.append(("snapshot buffers", R * E * (len(kinds) + (2 if restarts else 0))))
     if job.ema.enabled and job.ema.offload:
@@ -332,7 +328,7 @@ def _advice(job: JobConfig, shape: Shape, cl: Cluster, name: str) -> tuple[str, 
         least = max([2, *(slots_needed(m, snap.every) for m in job.merges())])  # what the merges need
         first("lower snapshot.slots to {}", range(snap.slots - 1, least - 1, -1),
               lambda n: (_with(job, "snapshot", slots=n), cl))
-        if name == "ring":  # unset, the launcher falls back to the run directory by itself (resolve_root)
+        if name == "ring":  # unset, the launcher falls back to the run directory by itself (launcher/ring.py)
             out.append("set snapshot.dir to a disk with room" + (
                 f" (left unset, the launcher puts it in {job.resolved_run_dir}/snapshots)"
                 if cl.ring_in_ram and not snap.dir else ""))
@@ -414,65 +410,33 @@ def data_lines(job: JobConfig, manifest: dict) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# at the start of a run
+# at the start of a run (the figures come from the machine and the ring: launcher/trainer.py)
 
 
-def host_memory() -> int:
-    """This node's memory: physical, or the container's cgroup limit when lower."""
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            with open(path) as f:
-                total = min(total, int(f.read().strip()))
-        except (OSError, ValueError):  # no such cgroup, or "max"
-            pass
-    return total
-
-
-def check_at_start(job: JobConfig, par: Parallel, config: ModelConfig, run_dir: str,
-                   continues: Optional[int] = None) -> tuple[Optional[str], Plan]:
-    """Collective, before the engine is built: the ZeRO stage (`auto` resolved on this machine's
-    figures, or to `continues`: the stage of the checkpoint the run continues), where the ring goes (None: no snapshots), and the plan, printed once as one block. A
-    ring that cannot fit where it would go is refused here (one line, exit status 2) rather than
-    failing at every snapshot of the run.
-
-    GPU and host verdicts are only said: they are estimates, and CUDA's own out-of-memory error is
-    exact. Where the ring goes: a job that names snapshot.dir meant that place, so a place without
-    room is an error naming the knobs; a job that leaves it unset asked for "/dev/shm if it has
-    room", and gets the run directory instead (resolve_root's note), unless that lacks room too."""
-    shape = model_shape(config)
+def cluster_at_start(par: Parallel, gpu_mem: Optional[int], host_mem: int) -> Cluster:
+    """The cluster a run starts on: its nodes and ranks, and each node's smallest figures."""
     hosts = list(dict.fromkeys(par.hosts))
-    mine = None
-    if par.is_node_first:
-        gpu = torch.cuda.get_device_properties(par.device).total_memory if par.device.type == "cuda" else None
-        mine = (par.host, gpu, host_memory())
-    seen = [m for m in gather_objects(mine, par.ctrl_group) if m is not None]
-    cl = Cluster(len(hosts), max(len(par.ranks_on(host)) for host in hosts),
-                 min((g for _, g, _ in seen if g is not None), default=None), min(h for _, _, h in seen), None,
-                 device=par.device.type, world=par.world_size)
-    chosen = choose_stage(job, shape, cl, continues)
-    job = chosen[0]
-    root = shared = None
-    rooms: dict[str, int] = {}
-    if job.snapshot.every > 0:
-        ring = _resources(job, shape, cl)[0]["ring"].need
-        root = resolve_root(job.snapshot, par, run_dir, job.name, int(ring / RING_SHARE))
-        prepare_ring(root, par)
-        shared = not is_node_local(root) and root_is_shared(root, par)
-        seen_rooms = gather_objects((par.host, ring_room(root)) if par.is_node_first else None, par.ctrl_group)
-        rooms = dict(r for r in seen_rooms if r is not None)
-        cl = replace(cl, ring_room=min(rooms.values()), ring_place=root, ring_shared=bool(shared) and len(hosts) > 1)
-    result = plan(job, config, cl, shape, chosen)
-    logger.info("\n".join(result.lines()))
+    return Cluster(len(hosts), max(len(par.ranks_on(host)) for host in hosts), gpu_mem, host_mem, None,
+                   device=par.device.type, world=par.world_size)
+
+
+def ring_bytes(job: JobConfig, shape: Shape, cl: Cluster) -> int:
+    """Free bytes a node-local ring needs on every node before the ring may go there: its size with
+    the room the plan keeps to spare (RING_SHARE)."""
+    return int(_resources(job, shape, replace(cl, ring_room=None))[0]["ring"].need / RING_SHARE)
+
+
+def refuse_unfit_ring(result: Plan, root: str, named: bool) -> None:
+    """A ring that cannot fit where it goes is refused at start (one line naming the knobs), not at
+    every snapshot of the run. `named`: the job chose the place (snapshot.dir)."""
     ring = result.ring
-    if root is not None and not ring.fits:
-        short = [host for host, room in rooms.items() if RING_SHARE * room < ring.need]
-        place = f"snapshot.dir={root}" if job.snapshot.dir else f"{root} (/dev/shm lacked room and snapshot.dir is unset)"
-        raise ConfigError(
-            f"the snapshot ring cannot fit: it needs {size(ring.need)} {ring.where.split(' in ')[0]} "
-            f"({ring.parts[0][0]}) but {place} has room for {size(min(rooms.values()))} on {', '.join(short)} "
-            f"(free space plus this run's slots there; the ring may use {RING_SHARE:.0%}): {', or '.join(ring.advice)}")
-    return root, result
+    if ring.fits:
+        return
+    place = f"snapshot.dir={root}" if named else f"{root} (/dev/shm lacked room and snapshot.dir is unset)"
+    raise ConfigError(
+        f"the snapshot ring cannot fit: it needs {size(ring.need)} {ring.where.split(' in ')[0]} "
+        f"({ring.parts[0][0]}) but {place} has room for {size(ring.have)} on the tightest node (free space plus "
+        f"this run's slots there; the ring may use {RING_SHARE:.0%}): {', or '.join(ring.advice)}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@
 
 Before any rank starts it loads and validates the job (keys, types, combinations), the layout
 against the process count (parallel.tensor and the batch sizes against nnodes × nproc-per-node),
-and that what the job reads is there (data sources, tokenizer, init_from / growth runs, the
+that no live run holds its run directory, and that what the job reads is there (data sources, tokenizer, init_from / growth runs, the
 evaluation tasks and their data, offline). A bad job is one line and exit status 2, with no rank,
 no rendezvous and no JIT build started. Then it prepares the data dir if it is not prepared yet
 (in this one process, with every core and progress lines: no rank ever waits on another's
@@ -54,6 +54,11 @@ def check(job, world_size: Optional[int]) -> str:
         except HarnessTaskError as e:
             key = "eval.tasks" if e.task in job.eval.tasks else "eval.harness_tasks"
             raise ConfigError(f"{key}: {e}") from None
+    from core.run_lock import RunLock
+
+    holder = RunLock(job.resolved_run_dir).holder()
+    need(holder is None, f"run_dir {job.resolved_run_dir} is in use by {holder.describe() if holder else ''}, which is "
+                         f"still running: stop it first (or choose another run_dir)")
     if world_size is None:
         return f"{job.name}: layout checked by the ranks (an elastic node count)"
     accumulation = job.train.accumulation_steps(world_size // job.parallel.tensor)

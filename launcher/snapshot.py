@@ -10,7 +10,6 @@ Decisions (skip, wait, commit, abandon) come out of that vote, so every rank tak
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import threading
@@ -23,15 +22,15 @@ import torch.distributed as dist
 
 from averaging import slots
 from averaging.ema_swa import ShardAverages
-from core.config import ConfigError, FilePath, need
+from core.config import FilePath, need
 from core.deepspeed_compat import flat_layout, master_flat_groups, model_states, optimizer_states
 from core.distributed import Parallel, gather_objects, vote
-from core.files import private_folder
 from core.flat_layout import zero_padding
 from core.log import logger
-from core.run_dir import SHM, RunDir, ring_folders, user_shm_root
+from core.run_dir import RunDir
 from core.zero_checkpoint import shapes_to_json
 from launcher.buddy import BuddyReplicator
+from launcher.ring import RING_FILE_MODE, Ring
 from models.tensor_parallel import tensor_parallel_layout
 
 
@@ -51,6 +50,11 @@ class SnapshotArgs:
     # ring too, so a node replaced with an empty /dev/shm restarts from the ring (launcher/buddy.py).
     replicate: Literal["none", "buddy"] = "none"
 
+    @property
+    def restarts(self) -> bool:
+        """Whether some snapshots are restart points: the one place this is decided."""
+        return self.every > 0 and self.restart_every > 0
+
     def validate(self) -> None:
         need(self.every >= 0, f"snapshot.every: must be >= 0, got {self.every}")
         need(self.restart_every >= 0, f"snapshot.restart_every: must be >= 0, got {self.restart_every}")
@@ -60,89 +64,6 @@ class SnapshotArgs:
         need(self.slots >= 2, f"snapshot.slots: must be >= 2 (one is being written while others are read), "
                               f"got {self.slots}")
         need(self.max_write_mb_per_s >= 0, f"snapshot.max_write_mb_per_s: must be >= 0, got {self.max_write_mb_per_s}")
-
-
-RING_FILE_MODE = 0o600  # the ring's files: this user's only (its folders are 0700: prepare_ring)
-
-
-def ring_room(root: str) -> int:
-    """Bytes a ring at `root` can take: its file system's free space plus what `root` already holds
-    (this run's slots from before a restart, which the ring recycles)."""
-    probe = os.path.abspath(root)
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    held = 0
-    for folder, _, files in os.walk(root):
-        for name in files:
-            try:
-                held += os.path.getsize(os.path.join(folder, name))
-            except OSError:  # gone meanwhile
-                pass
-    return shutil.disk_usage(probe).free + held
-
-
-def shm_has_room(root: str, bytes_needed: int) -> bool:
-    return os.path.isdir(SHM) and os.access(SHM, os.W_OK) and ring_room(root) >= bytes_needed
-
-
-def default_ring(run_dir: str, name: str) -> str:
-    """The ring's folder in node-local shared memory: /dev/shm/lawa-<uid>/<name>-<hash of run_dir>."""
-    tag = hashlib.sha1(os.path.abspath(run_dir).encode()).hexdigest()[:8]
-    return os.path.join(user_shm_root(), f"{name}-{tag}")
-
-
-def resolve_root(args: SnapshotArgs, par: Parallel, run_dir: str, name: str, bytes_per_node: int) -> str:
-    """Collective: where slots go. `snapshot.dir` if set; else node-local shared memory
-    (/dev/shm/lawa-<uid>/<name>-<hash of run_dir>, the same path on every node) when every node's has
-    room for `bytes_per_node` (its ranks' part of the ring, every kind, with room to spare:
-    launcher/plan.py counts it); else the run directory."""
-    if args.dir:
-        return args.dir
-    shm_root = default_ring(run_dir, name)
-    rooms = gather_objects(shm_has_room(shm_root, bytes_per_node) if par.is_node_first else None, par.ctrl_group)
-    if all(room for room in rooms if room is not None):
-        return shm_root
-    short = [par.hosts[r] for r, room in enumerate(rooms) if room is False]
-    logger.info(f"note: /dev/shm on {', '.join(short)} is missing or has less than the "
-                f"{bytes_per_node / 2**30:.2f} GiB the ring needs with room to spare; snapshots go to "
-                f"{RunDir(run_dir).snapshots} (snapshot.dir chooses)")
-    return RunDir(run_dir).snapshots
-
-
-def prepare_ring(root: str, par: Parallel) -> None:
-    """Collective, before any rank writes a slot: each node's first rank makes the ring's folders
-    private to this user (core.files.private_folder); a folder that exists but belongs to someone
-    else, or that others may write, is refused on every rank in one line naming it and its owner."""
-    problem = None
-    if par.is_node_first:
-        try:
-            for folder in ring_folders(root):
-                private_folder(folder)
-        except OSError as e:
-            problem = f"{e}" if par.world_size == 1 else f"on {par.host}: {e}"
-    refused = next((p for p in gather_objects(problem, par.ctrl_group) if p is not None), None)
-    if refused is not None:
-        raise ConfigError(f"snapshot ring: {refused}")
-
-
-def is_node_local(path: str) -> bool:
-    return os.path.abspath(path).startswith(SHM + "/")
-
-
-def root_is_shared(root: str, par: Parallel) -> bool:
-    """Collective: whether every node sees the same `root` (shared storage) or each has its own
-    (node-local, like /dev/shm). Each node's first rank leaves a mark in it; every rank looks."""
-    mark = os.path.join(root, f".node-{par.host}")
-    if par.is_node_first:
-        os.makedirs(root, exist_ok=True)
-        with open(mark, "w"):
-            pass
-    dist.barrier(group=par.ctrl_group)
-    sees_all = all(os.path.exists(os.path.join(root, f".node-{host}")) for host in set(par.hosts))
-    shared = all(gather_objects(sees_all, par.ctrl_group))
-    if par.is_node_first:
-        os.remove(mark)
-    return shared
 
 
 def model_states_metadata(engine, par: Parallel) -> dict[str, Any]:
@@ -158,14 +79,15 @@ class SnapshotWriter:
     """Writes the raw partition, and the EMA/SWA partitions of `averages` when they have started,
     into each slot (the averages in sub-folders `ema/`, `swa/` of the same layout)."""
 
-    def __init__(self, args: SnapshotArgs, engine, par: Parallel, root: str, resume_step: int,
+    def __init__(self, args: SnapshotArgs, engine, par: Parallel, ring: Ring, resume_step: int,
                  averages: Optional[ShardAverages] = None, run_dir: Optional[str] = None):
         self.args = args
         self.run_id = RunDir(run_dir).read_run_id() if run_dir else None
         self.engine = engine
         self.averages = averages
         self.par = par
-        self.root = root
+        self.ring = ring
+        self.root = ring.root
         self.flat = master_flat_groups(engine)
         self.layout = flat_layout(engine, par.dp)
         self.model_states = model_states_metadata(engine, par)
@@ -183,22 +105,14 @@ class SnapshotWriter:
         self.failed: Optional[BaseException] = None
         self.commit_failure: Optional[tuple[int, str]] = None  # (step, why) of a commit this node could not do
         self.written: dict[str, dict] = {}
-        self.shared = root_is_shared(root, par)
-        # Who commits, recycles and cleans the ring: one rank per node when each node has its own
-        # storage (each commits its node's part of every slot), one rank in all when it is shared.
-        self.keeper = par.is_main if self.shared else par.is_node_first
-        self.buddies: Optional[BuddyReplicator] = None
-        if args.replicate == "buddy" and args.restart_every:
-            if self.shared or len(set(par.hosts)) < 2:
-                if par.is_main:
-                    logger.info(f"note: snapshot.replicate=buddy copies nothing here: "
-                                f"{'the ring is on storage every node shares' if self.shared else 'there is one node'}")
-            else:
-                self.buddies = BuddyReplicator(par, root, resume_step)
+        # Who commits, recycles and cleans the ring (launcher/ring.py): one rank per node when each node
+        # has its own storage (each commits its node's part of every slot), one rank in all when shared.
+        self.shared, self.keeper = ring.shared, ring.keeper
+        self.buddies = BuddyReplicator(par, ring.root, resume_step) if ring.buddies else None
         if self.keeper:
             # Torn slots of a crash, and slots from past the checkpoint we resume from (the resumed
             # run writes those steps again), are not part of this run's history.
-            for step, path, committed in slots.list_slots(root):
+            for step, path, committed in slots.list_slots(ring.root):
                 if not committed or step > resume_step:
                     slots.remove_slot(path)
         dist.barrier(group=par.ctrl_group)
@@ -221,7 +135,7 @@ class SnapshotWriter:
         return step % self.args.every == 0 or final
 
     def is_restart_point(self, step: int) -> bool:
-        every = self.args.every * self.args.restart_every
+        every = self.args.every * self.ring.restart_every
         return every > 0 and step % every == 0
 
     def ballot(self) -> list[int]:
@@ -363,6 +277,7 @@ class SnapshotWriter:
         """This node's part of the commit (or the whole), off the training thread. A failure (storage
         full) is no commit: readers need every node's part, and the next vote abandons the rest."""
         try:
+            self.ring.check()  # still the folder opened at start: never commit into one put in its place
             slots.commit(slot_dir, manifest, mode=RING_FILE_MODE)
         except OSError as e:  # reported by the next vote, which abandons the slot on every node
             self.commit_failure = (manifest.step, str(e))
@@ -402,6 +317,7 @@ class SnapshotWriter:
 
     def _write(self, step: int, copied: Optional[torch.cuda.Event], kinds: list[str]) -> None:
         try:
+            self.ring.check()  # still the folder opened at start: never write into one put in its place
             self._join_commit()  # recycling must not mistake a slot being committed for a torn one
             if copied is not None:
                 copied.synchronize()
@@ -439,6 +355,11 @@ class SnapshotWriter:
 
     def cleanup(self) -> None:
         """After a normal end: free node-local memory (committed slots elsewhere stay)."""
-        if self.args.cleanup and is_node_local(self.root) and self.keeper:
+        if self.args.cleanup and self.ring.node_local and self.keeper:
+            try:
+                self.ring.check()
+            except PermissionError as e:
+                logger.warning(f"node-local snapshots not removed: {e}")
+                return
             shutil.rmtree(self.root, ignore_errors=True)
             logger.info(f"removed node-local snapshots {self.root}")

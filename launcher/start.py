@@ -25,13 +25,16 @@ from core.zero_checkpoint import RunState
 from core.zero_folder import Cut, TensorSource, ZeroFolder, fill_flat_groups, tp_slice
 from launcher.checkpoint import (
     CheckpointArgs,
+    Verified,
     check_layout,
     complete_checkpoints,
     load,
     load_averages,
     newest_verified,
+    set_aside,
     verify,
 )
+from launcher.ring import Ring
 from launcher.ring_restart import resume_from_ring
 from models.growth import Grown, Order
 from models.registry import ModelConfig, config_to_dict, read_model_config
@@ -59,7 +62,7 @@ class Start:
 
 
 def restore(engine, par: Parallel, ckpt_dir: str, args: CheckpointArgs, growth: GrowthArgs,
-            model_config: ModelConfig, averages: ShardAverages, ring: Optional[str] = None, run_dir: str = "") -> Start:
+            model_config: ModelConfig, averages: ShardAverages, ring: Optional[Ring] = None, run_dir: str = "") -> Start:
     """Collective. Resume from the newest of: a restart slot that run `run_dir` wrote in the snapshot
     `ring` (when given) and this run's newest checkpoint that verifies; else start from `checkpoint.branch_from`,
     `growth.from_run` or `checkpoint.init_from` (at most one is set: the job's validation); else
@@ -67,13 +70,22 @@ def restore(engine, par: Parallel, ckpt_dir: str, args: CheckpointArgs, growth: 
     if complete_checkpoints(ckpt_dir) and not args.resume:
         raise ConfigError(f"{ckpt_dir} holds checkpoints but checkpoint.resume is false: "
                           f"choose another run_dir or delete them")
-    own = newest_verified(ckpt_dir, par)
+    own = newest_verified(ckpt_dir, par) if args.resume else Verified(None, [])
     if ring is not None and args.resume:
-        resumed = resume_from_ring(engine, par, ring, run_dir, RunState.read(own).step if own else -1, averages)
+        try:
+            ring.check()  # still the folder opened and walked at start
+        except PermissionError as e:
+            raise ConfigError(f"snapshot ring: {e}") from None
+        resumed = resume_from_ring(engine, par, ring.root, run_dir, RunState.read(own.path).step if own.path else -1,
+                                   averages)
         if resumed is not None:
+            set_aside(ckpt_dir, own, f"the ring's restart slot of step {resumed[0]}", par)
             return Start(*resumed)
-    if own is not None:
-        return continue_from(engine, par, own, averages, "resumed")
+    if own.failed and own.path is None:
+        raise ConfigError(own.refusal(ckpt_dir))
+    if own.path is not None:
+        set_aside(ckpt_dir, own, os.path.basename(own.path), par)
+        return continue_from(engine, par, own.path, averages, "resumed")
     with pickles.trusting(args.trust_pickle):
         if args.branch_from is not None:
             if not os.path.isfile(os.path.join(args.branch_from, RUN_STATE)):

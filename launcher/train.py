@@ -4,7 +4,8 @@
     deepspeed launcher/train.py --job jobs/gpt2_125m.yaml
     python launcher/train.py            # one process, the embedded tiny CPU job
 
-Reads the job, joins the process group, prepares the data if its shards are missing, builds the
+Reads the job, watches its launcher (a rank whose launcher is gone stops: core/orphans.py), holds the
+run directory (one run in it at a time: core/run_lock.py), joins the process group, prepares the data if its shards are missing, builds the
 model under `deepspeed.zero.Init`, and trains with periodic validation and checkpoints
 (launcher/trainer.py). A run directory that already holds a complete checkpoint is resumed from it.
 Once the run has reached train.steps, the real cooldowns its job schedules (`cooldowns.at`) branch
@@ -22,6 +23,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from core.distributed import exit_process  # noqa: E402
+from core.orphans import exit_with_launcher  # noqa: E402
 from launcher.config import JobConfig, load_job  # noqa: E402
 from launcher.cooldown import run_scheduled_cooldowns  # noqa: E402
 from launcher.trainer import run_job  # noqa: E402
@@ -37,6 +39,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    exit_with_launcher(what="this trainer")  # no orphans training on when torchrun's agent is killed
     loaded: list[JobConfig] = []
 
     def make_job() -> JobConfig:

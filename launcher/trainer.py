@@ -12,8 +12,8 @@ import os
 import sys
 import time
 import uuid
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -24,35 +24,35 @@ from averaging.sidecar import protocol
 from averaging.sidecar.supervisor import SidecarSupervisor
 from core.config import ConfigError, dump_yaml
 from core.deepspeed_compat import full_numel, master_flat_groups, zero_stage
-from core.distributed import Parallel, barrier, init_distributed, rank_env, vote
+from core.distributed import Parallel, barrier, gather_objects, init_distributed, node_figures, rank_env, vote
 from core.engine import build_engine, deepspeed_config
 from core.files import write_file_atomic, write_json_atomic
 from core.log import logger, rank_span, setup_logging
 from core.run_dir import RunDir
+from core.run_lock import Locked, RunLock
 from core.tokenizer import load_tokenizer
 from core.watchdog import PeerWatchdog, lost_peer_message
 from core.zero_checkpoint import RunState
 from launcher import checkpoint
+from launcher.config import JobConfig
 from launcher.data import Prefetcher, TokenBatches, describe_mixture, ensure_prepared, job_batches
 from launcher.metrics import MetricsLogger
 from launcher.optim import build_optimizer
-from launcher.plan import check_at_start, data_lines
+from launcher.plan import choose_stage, cluster_at_start, data_lines, model_shape, plan, refuse_unfit_ring, ring_bytes
 from launcher.preemption import Preemption, requeue_slurm_job
 from launcher.report import end_of_run_report
+from launcher.ring import Ring, open_ring
 from launcher.snapshot import SnapshotWriter
 from launcher.start import Start, restore
 from models.registry import ModelConfig, build_model, count_parameters, flops_per_token, write_model_config
 from models.tensor_parallel import tensor_parallel_layout
-
-if TYPE_CHECKING:
-    from launcher.config import JobConfig
 
 
 @dataclass
 class Training:
     """A job, built: what the loop (and the benchmarks, which time its parts) work with."""
 
-    job: JobConfig
+    job: JobConfig  # as resolved at start (parallel.zero_stage: the stage chosen)
     par: Parallel
     run: RunDir
     engine: Any  # deepspeed.DeepSpeedEngine
@@ -62,16 +62,43 @@ class Training:
     precision: str
     grad_accum: int
     prefetcher: Optional[Prefetcher] = None
-    snapshot_root: Optional[str] = None  # where the LAWA ring goes (None: no snapshots)
+    ring: Optional[Ring] = None  # the LAWA snapshot ring (None: no snapshots)
+    lock: Optional[RunLock] = None  # rank 0's hold on the run directory
 
     @property
     def checkpoint_dir(self) -> str:
         return self.job.checkpoint.dir or self.run.checkpoints
 
+    def close(self) -> None:
+        """Lets go of the ring and the run directory (at the end of the run, or when it fails)."""
+        if self.ring is not None:
+            self.ring.close()
+        if self.lock is not None:
+            self.lock.release()
+
+
+def hold_run_dir(run: RunDir, par: Parallel, name: str) -> Optional[RunLock]:
+    """Collective: rank 0 holds the run directory for the run's life (core/run_lock.py); a live run
+    holding it is one line on every rank, nothing touched."""
+    lock, problem = None, None
+    if par.is_main:
+        lock = RunLock(run.path, what=name)
+        try:
+            took_over = lock.acquire()
+            if took_over:
+                logger.warning(took_over)
+        except Locked as e:
+            lock, problem = None, f"run_dir {e}"
+    problems = [p for p in gather_objects(problem, par.ctrl_group) if p is not None]
+    if problems:
+        raise ConfigError(problems[0])
+    return lock
+
 
 def build(job: JobConfig) -> Training:
-    """Collective: join the process group, prepare the data, build the model and engine. The
-    layout is checked against the world before any process group is joined."""
+    """Collective: join the process group, hold the run directory, read the prepared data, resolve
+    the ZeRO stage and the snapshot ring, print the plan, build the model and engine. The layout is
+    checked against the world before any process group is joined."""
     env = rank_env()
     grad_accum = job.train.accumulation_steps(job.parallel.data_parallel(env.world_size))
     if job.train.deterministic:
@@ -84,40 +111,55 @@ def build(job: JobConfig) -> Training:
     run = RunDir(job.resolved_run_dir)
     if par.is_main:
         os.makedirs(run.path, exist_ok=True)
-        write_file_atomic(run.config, dump_yaml(job))
-        if run.read_run_id() is None:
-            write_file_atomic(run.run_id, uuid.uuid4().hex + "\n")
-    barrier()
-
+    lock = hold_run_dir(run, par, job.name)
+    ring = None
     try:
-        manifest = ensure_prepared(job.data, par.is_main, barrier, par.world_size)
-        batches = job_batches(job.data, manifest, job.train.seed)
-    except (ValueError, FileNotFoundError) as e:  # the data module's errors name the data.* key
-        raise ConfigError(str(e)) from None
-    if len(batches.names) > 1:
-        logger.info(describe_mixture(batches.names, batches.probs.tolist(), job.data.mixture))
-    logger.info("\n".join(data_lines(job, manifest)))
-    model_config = job.model.resolve(batches.vocab_size, job.data.seq_len, job.parallel.tensor)
-    # What the job needs of this machine (launcher/plan.py), printed once; a snapshot ring that cannot
-    # fit where it would go is refused here, before the engine is built, not at every snapshot.
-    continues = checkpoint.continued_stage(job.checkpoint.dir or run.checkpoints, job.checkpoint.resume,
-                                           job.checkpoint.branch_from)
-    snapshot_root, planned = check_at_start(job, par, model_config, run.path, continues)
-    ds_config = deepspeed_config(job.train.micro_batch_size, grad_accum, par.dp, job.train.grad_clip,
-                                 planned.zero_stage, bf16=precision == "bf16",
-                                 hidden_size=model_config.n_embd if job.parallel.zero_buckets == "auto" else None,
-                                 compiled=job.train.compile is not None)
-    if par.is_main:
-        write_json_atomic(run.deepspeed_config, ds_config)
-        write_model_config(run.model, model_config)
-        # The run keeps its own copy of the tokenizer: export and zero-shot tools need nothing else.
-        load_tokenizer(os.path.join(job.data.dir, manifest["tokenizer"]["file"])).save(run.tokenizer)
+        if par.is_main and run.read_run_id() is None:
+            write_file_atomic(run.run_id, uuid.uuid4().hex + "\n")
+        barrier()
+        try:
+            manifest = ensure_prepared(job.data, par.is_main, barrier, par.world_size)
+            batches = job_batches(job.data, manifest, job.train.seed)
+        except (ValueError, FileNotFoundError) as e:  # the data module's errors name the data.* key
+            raise ConfigError(str(e)) from None
+        if len(batches.names) > 1:
+            logger.info(describe_mixture(batches.names, batches.probs.tolist(), job.data.mixture))
+        logger.info("\n".join(data_lines(job, manifest)))
+        model_config = job.model.resolve(batches.vocab_size, job.data.seq_len, job.parallel.tensor)
+        # What the job needs of this machine (launcher/plan.py: arithmetic), printed once as one block, with
+        # the machine's figures and the ring's room; a ring that cannot fit is refused here, not at every snapshot.
+        shape = model_shape(model_config)
+        cl = cluster_at_start(par, *node_figures(par))
+        continues = checkpoint.continued_stage(job.checkpoint.dir or run.checkpoints, job.checkpoint.resume,
+                                               job.checkpoint.branch_from)
+        job, why = choose_stage(job, shape, cl, continues)
+        if job.snapshot.every > 0:
+            ring = open_ring(job.snapshot, par, run.path, job.name, ring_bytes(job, shape, cl))
+            cl = replace(cl, ring_room=ring.room, ring_place=ring.root, ring_shared=ring.shared)
+        planned = plan(job, model_config, cl, shape, (job, why))
+        logger.info("\n".join(planned.lines()))
+        if ring is not None:
+            refuse_unfit_ring(planned, ring.root, named=bool(job.snapshot.dir))
+        ds_config = deepspeed_config(job.train.micro_batch_size, grad_accum, par.dp, job.train.grad_clip,
+                                     planned.zero_stage, bf16=precision == "bf16",
+                                     hidden_size=model_config.n_embd if job.parallel.zero_buckets == "auto" else None,
+                                     compiled=job.train.compile is not None)
+        if par.is_main:
+            write_file_atomic(run.config, dump_yaml(job))  # as resolved: the ZeRO stage chosen, not `auto`
+            write_json_atomic(run.deepspeed_config, ds_config)
+            write_model_config(run.model, model_config)
+            # The run keeps its own copy of the tokenizer: export and zero-shot tools need nothing else.
+            load_tokenizer(os.path.join(job.data.dir, manifest["tokenizer"]["file"])).save(
+                run.tokenizer, max_length=model_config.block_size)
 
-    # The same seed on every rank: the model is identical whatever the layout, and zero.Init
-    # partitions it without needing a broadcast to agree.
-    torch.manual_seed(job.train.seed)
-    engine = build_engine(lambda: build_model(model_config, par.tp_group), ds_config, par,
-                          lambda model: build_optimizer(model, job.optimizer, par.device), job.train.compile)
+        # The same seed on every rank: the model is identical whatever the layout, and zero.Init
+        # partitions it without needing a broadcast to agree.
+        torch.manual_seed(job.train.seed)
+        engine = build_engine(lambda: build_model(model_config, par.tp_group), ds_config, par,
+                              lambda model: build_optimizer(model, job.optimizer, par.device), job.train.compile)
+    except BaseException:
+        Training(job, par, run, None, None, None, {}, precision, grad_accum, ring=ring, lock=lock).close()
+        raise
     engine.module.checkpoint_blocks = job.train.activation_checkpointing
     prefetcher = Prefetcher(batches, par.dp_rank, grad_accum, job.train.micro_batch_size,
                             pin=par.device.type == "cuda") if job.data.prefetch else None
@@ -130,7 +172,7 @@ def build(job: JobConfig) -> Training:
                 f"{job.data.seq_len} tokens per step ({grad_accum} accumulation steps of "
                 f"{job.train.micro_batch_size} per rank)")
     return Training(job, par, run, engine, batches, model_config, ds_config, precision, grad_accum, prefetcher,
-                    snapshot_root)
+                    ring, lock)
 
 
 NO_DETERMINISTIC_ALGORITHM = "does not have a deterministic implementation"  # torch's words, kept in our line
@@ -241,6 +283,8 @@ def train(job: JobConfig) -> dict:
         if message is None:
             raise
         watchdog.fail(message)
+    finally:
+        t.close()
     watchdog.stop()
     barrier(t.par.ctrl_group)  # nobody leaves (and takes a store away) while another still watches
     return result
@@ -251,9 +295,8 @@ def run_training(t: Training) -> dict:
     the last logged metrics."""
     job = t.job
     averages = ShardAverages(job.ema, job.swa, master_flat_groups(t.engine), job.snapshot.every)
-    ring = t.snapshot_root if job.snapshot.every and job.snapshot.restart_every else None
-    start = restore(t.engine, t.par, t.checkpoint_dir, job.checkpoint, job.growth, t.model_config, averages, ring,
-                    t.run.path)
+    start = restore(t.engine, t.par, t.checkpoint_dir, job.checkpoint, job.growth, t.model_config, averages,
+                    t.ring if t.ring is not None and t.ring.restarts else None, t.run.path)
     if start.step >= job.train.steps:
         logger.info(f"{t.run.path} has already trained its {job.train.steps} steps (train.steps); to go on, raise "
                     f"train.steps, or start a new run with run_dir=<another directory>")
@@ -415,8 +458,8 @@ def start_lawa(t: Training, step: int, val_set: HeldOut,
     job, par, run = t.job, t.par, t.run
     if job.snapshot.every == 0:
         return None, None
-    root = t.snapshot_root
-    snapshots = SnapshotWriter(job.snapshot, t.engine, par, root, resume_step=step, averages=averages, run_dir=run.path)
+    root = t.ring.root
+    snapshots = SnapshotWriter(job.snapshot, t.engine, par, t.ring, resume_step=step, averages=averages, run_dir=run.path)
     logger.info(f"snapshots: every {job.snapshot.every} steps into a ring of {job.snapshot.slots} slots in {root}")
     # What the sidecar needs, so that it can also be started by hand on this run directory.
     if par.is_main:

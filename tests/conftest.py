@@ -1,7 +1,10 @@
-"""Shared fixtures: one prepared copy of the embedded corpus, and a runner for real launchers."""
+"""Shared fixtures: one prepared copy of the embedded corpus, a runner for real launchers, and a check
+that no test module leaves anything in /dev/shm."""
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -104,3 +107,40 @@ def wait_for(predicate, timeout: float, what: str):
             return value
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+SHM = "/dev/shm"
+USER_SHM_FOLDER = re.compile(r"^/dev/shm/lawa-\d+(-[0-9a-f]+)?$")  # a user's folder for rings, which runs keep
+
+
+def shm_entries() -> set[str]:
+    """What /dev/shm holds: its entries, and those of the users' ring folders."""
+    if not os.path.isdir(SHM):
+        return set()
+    found = set()
+    for name in os.listdir(SHM):
+        path = os.path.join(SHM, name)
+        found.add(path)
+        if name.startswith("lawa-") and os.path.isdir(path) and not os.path.islink(path):
+            found.update(os.path.join(path, inner) for inner in os.listdir(path))
+    return found
+
+
+@pytest.fixture(scope="module", autouse=True)
+def leaves_nothing_in_shm(request):
+    """A module's runs, killed ones included, leave nothing in /dev/shm: what one left is removed and
+    fails the module (an empty per-user folder, which the product keeps, is only removed)."""
+    before = shm_entries()
+    yield
+    left = sorted(shm_entries() - before)
+    stale = [path for path in left if not USER_SHM_FOLDER.match(path)]
+    for path in stale:
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif os.path.lexists(path):
+            os.remove(path)
+    for path in left:
+        if USER_SHM_FOLDER.match(path) and os.path.isdir(path) and not os.listdir(path):
+            os.rmdir(path)
+    if stale:
+        pytest.fail(f"{request.module.__name__} left in /dev/shm: {', '.join(stale)}")

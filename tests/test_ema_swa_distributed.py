@@ -20,7 +20,8 @@ from averaging.lawa import average_state_dicts
 from averaging.sidecar.protocol import read_eval_log
 from conftest import BIN, REPO, lawa_train, read_metrics, torchrun
 from core.zero_folder import consolidate
-from test_lawa_distributed import single_process_val_loss, single_process_val_losses, smoke
+from launcher.metrics import sidecar_row
+from run_checks import single_process_val_loss, single_process_val_losses, smoke
 from wandb_files import history, offline_runs, step_metrics
 
 pytestmark = pytest.mark.distributed
@@ -169,6 +170,10 @@ def test_per_source_losses_from_the_trainer_and_the_sidecar_and_one_wandb_run(av
         tags |= set(EventAccumulator(str(events)).Reload().Tags()["scalars"])
     assert {"val_loss_by_source/abab/trainer", "val_loss_by_source/sums/lawa", "val_loss_by_source/pydoc/ema",
             "val_loss/forecast"} <= tags
+    sidecar_tags = set()
+    for events in (run / "tensorboard" / "sidecar").rglob("events.*"):
+        sidecar_tags |= set(EventAccumulator(str(events)).Reload().Tags()["scalars"])
+    assert {f"sidecar/{tag}" for tag in sidecar_tags} == set(sidecar_row(final)) - {"step", "tokens"}  # W&B charts what TensorBoard does
 
     # W&B, offline: both launches in one run (the id kept in the run dir), every row on the training
     # step axis, the sidecar's rows (read by the trainer after later steps) at their own step.
@@ -182,10 +187,11 @@ def test_per_source_losses_from_the_trainer_and_the_sidecar_and_one_wandb_run(av
         r["loss"] for r in read_metrics(run) if r.get("step") == 12 and "loss" in r)
     vals = {r["step"]: r for r in rows if "val_loss" in r}
     assert vals[12]["val_loss_by_source/sums"] == trainer[12]["val_loss_by_source"]["sums"]
-    sidecar = {r["step"]: r for r in rows if "sidecar/raw_val_loss" in r}
+    sidecar = {r["step"]: r for r in rows if "sidecar/val_loss/raw" in r}
     assert set(sidecar) == {r["step"] for r in evals} and sidecar[12]["tokens"] == 12 * 512
-    assert sidecar[12]["sidecar/lawa_val_loss"] == final["lawa_val_loss"]
-    assert final["forecast"] == "lawa" and sidecar[12]["sidecar/forecast_val_loss"] == final["lawa_val_loss"]
+    assert sidecar[12]["sidecar/val_loss/lawa"] == final["lawa_val_loss"]
+    assert sidecar[12]["sidecar/val_loss_minus_raw/ema"] == final["ema_val_loss"] - final["raw_val_loss"]
+    assert final["forecast"] == "lawa" and sidecar[12]["sidecar/val_loss/forecast"] == final["lawa_val_loss"]
     assert sidecar[12]["sidecar/val_loss_by_source/abab/swa"] == final["val_loss_by_source"]["swa"]["abab"]
     for p in runs:  # W&B's own row counter only grows; our `step` axis is what places each row
         counters = [r["_step"] for r in history(p)]

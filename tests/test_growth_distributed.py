@@ -11,8 +11,7 @@ import pytest
 from averaging.sidecar.protocol import read_eval_log
 from conftest import REPO, read_metrics, torchrun
 from core.zero_folder import consolidate
-from test_hf_distributed import hf_val_loss
-from test_lawa_distributed import smoke
+from run_checks import hf_val_loss, smoke
 
 pytestmark = pytest.mark.distributed
 

@@ -9,13 +9,12 @@ from pathlib import Path
 import pytest
 
 from averaging import slots
-from averaging.evaluate import hf_held_out_loss
 from averaging.harness import flat_results
-from averaging.sidecar.protocol import read_eval_log, read_every_val_batches
+from averaging.sidecar.protocol import read_eval_log
 from conftest import BIN, REPO, read_metrics, torchrun
 from core.zero_folder import consolidate
 from models.hf import read_folder
-from test_lawa_distributed import smoke
+from run_checks import hf_val_loss, smoke
 
 pytestmark = pytest.mark.distributed
 
@@ -23,10 +22,6 @@ HARNESS_DIR = REPO / "tests" / "harness_tasks"
 HARNESS_TASKS = ["tiny_perplexity", "tiny_completion"]
 NEOX = ["model.size=neox-micro", "snapshot.every=4", "snapshot.slots=6", "lawa.k=2", "lawa.spacing=4",
         "train.steps=12", "eval.every=0", "sidecar.enabled=true", "sidecar.export_hf=true"]
-
-
-def hf_val_loss(run: Path, folder: Path) -> float:
-    return hf_held_out_loss(read_every_val_batches(str(run)), str(folder))
 
 
 def write_tasks(folder: Path) -> list[Path]:

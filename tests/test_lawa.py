@@ -132,7 +132,7 @@ def test_slot_round_trip_and_commit_marker(tmp_path):
     with pytest.raises(slots.SlotVanished):
         slots.read_shard(str(tmp_path / "step_00000006"), 0, 0)
     # no temporary files are left behind
-    assert not [f for f in os.listdir(tmp_path / "step_00000004") if f.endswith(".tmp")]
+    assert not [f for f in os.listdir(tmp_path / "step_00000004") if ".partial-" in f]
 
 
 def test_a_flipped_byte_is_caught_by_the_checksum(tmp_path):

@@ -19,6 +19,7 @@ from averaging.sidecar.protocol import read_eval_log
 from conftest import BIN, REPO, kill_tree, launcher_env, read_metrics, run_launcher, step_losses, torchrun, wait_for
 from core import pickles
 from core.files import step_name
+from run_checks import single_process_val_loss, smoke
 
 pytestmark = pytest.mark.distributed
 
@@ -31,39 +32,10 @@ MERGES = ("lawa.merges=[{name: lawa}, {name: lin, window_tokens: 3072, weights: 
           "{name: cos, k: 4, weights: cosine}, {name: sqrt, window_tokens: 3072, weights: 1-sqrt}]")
 
 
-def smoke(data_dir: str, run_dir: Path, *extra: str) -> list[str]:
-    return ["--job", "jobs/smoke.yaml", f"data.dir={data_dir}", f"run_dir={run_dir}",
-            f"snapshot.dir={run_dir / 'snaps'}", *extra]
-
-
 def consolidate(parent: Path, step: int) -> dict[str, torch.Tensor]:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return get_fp32_state_dict_from_zero_checkpoint(str(parent), tag=step_name(step))
-
-
-def single_process_val_losses(run_dir: Path, state_dict: dict[str, torch.Tensor]) -> tuple[float, dict[str, float]]:
-    """The reference: the consolidated model in one process, on the same held-out windows: the
-    mixture's loss and each source's."""
-    from averaging.evaluate import mixture_mean
-    from averaging.sidecar.protocol import read_val_batches
-    from models.registry import build_model, read_model_config
-
-    spec = json.loads((run_dir / "sidecar/spec.json").read_text())
-    model = build_model(read_model_config(str(run_dir / "model.json"))).eval()
-    model.load_state_dict(state_dict)
-    per_rank = []
-    with torch.no_grad():
-        for dp_rank in range(spec["dp"]):
-            held_out = read_val_batches(str(run_dir), dp_rank)
-            per_rank.append([sum(model(x.long(), y.long())[1].item() for x, y in batches) / len(batches)
-                             for batches in held_out.batches])
-    by_source = [sum(rank[i] for rank in per_rank) / len(per_rank) for i in range(len(held_out.names))]
-    return mixture_mean(by_source, held_out.weights), dict(zip(held_out.names, by_source))
-
-
-def single_process_val_loss(run_dir: Path, state_dict: dict[str, torch.Tensor]) -> float:
-    return single_process_val_losses(run_dir, state_dict)[0]
 
 
 def held_ports(count: int) -> tuple[int, list[socket.socket]]:
@@ -373,7 +345,7 @@ def test_sigkill_during_a_snapshot_write_leaves_only_valid_committed_slots(pydoc
             if not any(committed for _, _, committed in listed):
                 return None
             for step, path, committed in listed:
-                if not committed and any(f.endswith(".tmp") for f in os.listdir(path)):
+                if not committed and any(".partial-" in f for f in os.listdir(path)):
                     return step
             return None
 

@@ -20,12 +20,11 @@ import emulated_nodes
 from averaging import slots
 from averaging.lawa import average_state_dicts
 from averaging.sidecar.protocol import read_eval_log
-from conftest import BIN, REPO, launcher_env, read_metrics, torchrun
+from conftest import BIN, REPO, launcher_env, read_metrics, torchrun, wait_for
 from core.files import step_name
 from core.flat_layout import views
 from core.zero_folder import consolidate
-from test_hf_distributed import hf_val_loss
-from test_lawa_distributed import wait_for
+from run_checks import hf_val_loss
 
 pytestmark = pytest.mark.distributed
 
@@ -318,7 +317,8 @@ def test_a_replaced_node_restarts_from_its_buddys_copy_of_the_ring_exactly(nodes
     uninterrupted run, bit for bit. With node1's copy damaged too, the run says so in one line and
     falls back (here: no checkpoint yet, so it starts over), and never uses the damaged copy."""
     reference = tmp_path / "uninterrupted"
-    torchrun(4, *restart_job(pydoc_data, reference, "parallel.zero_stage=1", "snapshot.replicate=none"))
+    torchrun(4, *restart_job(pydoc_data, reference, "parallel.zero_stage=1", "snapshot.replicate=none",
+                             f"snapshot.dir={reference / 'snaps'}"))  # on this machine: not in its /dev/shm
     expected = losses(reference)
 
     run = tmp_path / "replaced"
@@ -328,8 +328,18 @@ def test_a_replaced_node_restarts_from_its_buddys_copy_of_the_ring_exactly(nodes
     # folder of its own.
     copy = slots.read_manifest(str(node_slots(nodes.nodes[0], run) / slots.BUDDY / "node2" / step_name(copied)))
     assert copy.node == "node2" and copy.restart and copy.run == (run / "run_id").read_text().strip() and {slots.moments_file(2, 0), slots.moments_file(3, 0)} <= set(copy.files)
+    # What a copy cut off by the kill leaves (its receiver gone mid-transfer): a staged folder under a
+    # name the ring knows, naming its writer, here one no longer running.
+    buddies = node_slots(nodes.nodes[0], run) / slots.BUDDY / "node2"
+    cut_off = buddies / f".{step_name(copied + 8)}.partial-node1-{2**22 - 3}"
+    shutil.copytree(buddies / step_name(copied), cut_off)
     run_on_nodes(nodes, args, "replaced-again", tmp_path / "logs-again")
     log = (tmp_path / "logs-again" / "node1.log").read_text()
+    assert not cut_off.exists() and f"removed 1 half-written copy a killed run left in {SHM}/{run.name}" in log
+    for node in nodes.nodes:  # nothing stale in either node's /dev/shm: the ring holds committed slots only
+        ring = node_slots(node, run)
+        assert not [p for p in ring.rglob("*") if ".partial-" in p.name or p.name == ".lock"], node.name
+        assert all(c for _, _, c in slots.list_slots(str(ring)))
     restored = re.search(r"node2 lacked its part of the ring's restart slot of step (\d+) \(ranks 2-3\): restored "
                          r"from the buddy copy on node1 \(([\d.]+) MiB", log)
     assert restored and int(restored.group(1)) >= copied, log[-3000:]

@@ -11,13 +11,13 @@ import time
 from pathlib import Path
 
 import pytest
-from test_slurm import losses, tiny
 
 import emulated_nodes
 import slurm_cluster
 from averaging.sidecar.protocol import read_eval_log
 from conftest import REPO, launcher_env, torchrun
 from core.files import step_name
+from run_checks import losses, tiny
 
 pytestmark = pytest.mark.distributed
 

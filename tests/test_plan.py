@@ -12,7 +12,7 @@ import pytest
 from conftest import BIN, REPO, launcher_env
 from launcher.config import load_job
 from launcher.plan import RING_SHARE, Cluster, GiB, main, model_shape, plan
-from launcher.snapshot import ring_room
+from launcher.ring import ring_room
 from models.registry import count_parameters
 
 SMOKE = str(REPO / "jobs/smoke.yaml")
@@ -189,6 +189,12 @@ def test_ring_room_counts_what_the_ring_already_holds(tmp_path):
     free = shutil.disk_usage(tmp_path).free
     assert abs(ring_room(str(root)) - (free + (64 << 20))) < 16 << 20
     assert abs(ring_room(str(tmp_path / "not" / "yet")) - free) < 16 << 20
+    # Half-written copies a killed writer left are not room the ring can count on (it removes them).
+    partial = root / ".step_00000020.partial-somehost-12345"
+    partial.mkdir()
+    (partial / "shard.pt").write_bytes(b"\0" * (64 << 20))
+    free = shutil.disk_usage(tmp_path).free
+    assert abs(ring_room(str(root)) - (free + (64 << 20))) < 16 << 20
 
 
 def _cannot_mount() -> str | None:

@@ -1,6 +1,8 @@
 """The snapshot ring as a restart point (snapshot.restart_every), with real torchrun worker restarts."""
 from __future__ import annotations
 
+import json
+import os
 import re
 import signal
 import subprocess
@@ -73,10 +75,11 @@ def test_a_killed_trainer_resumes_from_the_rings_restart_slot_exactly_and_a_corr
     assert step_losses(run) == step_losses(plain)
     assert same_shards(run / "snaps", plain / "snaps", 40, "raw") and same_shards(run / "snaps", plain / "snaps", 40, "ema")
 
-    # Another run, killed whole once its restart slot of step 20 is committed (before its only
-    # checkpoint, at step 40); the newest restart slot's moments are then damaged.
+    # Another run, killed whole once its restart slot of step 20 is committed; the newest restart slot's
+    # moments are then damaged, and so is every checkpoint it wrote (every 10 steps): the ring is still
+    # tried (before, a run none of whose checkpoints verified stopped there, ring or not).
     again = tmp_path / "again"
-    proc = start(smoke(pydoc_data, again, stage_arg))
+    proc = start(smoke(pydoc_data, again, stage_arg, "checkpoint.every=10"))
     try:
         wait_for(restart_slot_at_least(again / "snaps", 20), 240, "a restart slot at step 20")
         kill_tree(proc.pid)
@@ -86,10 +89,19 @@ def test_a_killed_trainer_resumes_from_the_rings_restart_slot_exactly_and_a_corr
     newest = max(committed)
     moments = again / "snaps" / step_name(newest) / slots.moments_file(1, 0)
     moments.write_bytes(moments.read_bytes()[:-8] + b"\0" * 8)
-    out = torchrun(2, *smoke(pydoc_data, again, stage_arg)).stdout
+    checkpoints = sorted(p for p in (again / "checkpoints").iterdir() if (p / "run_state.json").exists())
+    assert checkpoints, "the run was killed before its first checkpoint"
+    for checkpoint in checkpoints:
+        first = sorted(json.loads((checkpoint / "run_state.json").read_text())["files"])[0]
+        os.truncate(checkpoint / first, 100)
+    out = torchrun(2, *smoke(pydoc_data, again, stage_arg, "checkpoint.every=10")).stdout
     older = max(s for s in committed if s < newest)
     assert f"the ring's restart slot of step {newest} cannot be used (" in out and "does not match" in out, out[-3000:]
     assert f"resumed from the ring's restart slot of step {older} in" in out, out[-3000:]
+    assert (f"checkpoint {checkpoints[-1].name} does not verify (" in out
+            and f"resuming from the ring's restart slot of step {older} instead (set aside: "
+                f"{checkpoints[-1].name}.unverified" in out), out[-3000:]
+    assert all((again / "checkpoints" / f"{p.name}.unverified").is_dir() for p in checkpoints)
     assert step_losses(again) == step_losses(plain)
 
     if stage == 1:  # A new run whose ring is at the same path never resumes from that one's slots.

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, launcher_env, read_metrics
+from conftest import REPO, launcher_env
+from run_checks import losses
 from slurm_cluster import SlurmCluster
 
 pytestmark = pytest.mark.distributed
@@ -20,22 +21,9 @@ SHRINK = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-t
           "--signal=USR1@5"]
 
 
-def tiny(data_dir: str, run_dir: Path, steps: int) -> list[str]:
-    return [f"data.dir={data_dir}", f"run_dir={run_dir}", f"snapshot.dir={run_dir / 'snaps'}",
-            "model.size=micro", "model.vocab_size=4096", "model.block_size=64", "data.seq_len=64",
-            "data.vocab_size=4096", "data.val_fraction=0.05", "train.global_batch_size=8", "train.micro_batch_size=2", f"train.steps={steps}",
-            "train.precision=fp32", "schedule.warmup_steps=2", "optimizer.lr=3e-3", "snapshot.every=4",
-            "lawa.spacing=4", "lawa.k=3", "eval.every=10", "eval.batches=2", "checkpoint.every=10",
-            "logging.every=1", "sidecar.poll_seconds=0.2"]
-
-
 def submit(cluster: SlurmCluster, args: list[str], tmp_path: Path) -> int:
     env = dict(launcher_env(), PYTHON=str(Path(os.sys.executable)), REPO=str(REPO))
     return cluster.sbatch(*SHRINK, "slurm/pretrain_770m.sh", *args, env=env, cwd=str(REPO))
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
 
 
 def test_a_config_error_under_sbatch_is_one_line_in_the_submit_directory(slurm, tmp_path):

@@ -193,6 +193,6 @@ def test_a_killed_preparation_keeps_its_finished_units(tokenizer, tmp_path):
     assert whole.returncode == 0, whole.stderr
     a, b = load_manifest(str(tmp_path / "k")), load_manifest(str(tmp_path / "w"))
     assert a["sources"] == b["sources"] and not state.exists()
-    assert not [f for f in os.listdir(tmp_path / "k") if f.endswith(".tmp")]  # what the killed workers were writing
+    assert not [f for f in os.listdir(tmp_path / "k") if ".partial-" in f]  # what the killed workers were writing
     for shard in a["sources"][0]["train_shards"] + a["sources"][0]["val_shards"]:
         assert np.array_equal(open_shard(str(tmp_path / "k"), shard, "uint16"), open_shard(str(tmp_path / "w"), shard, "uint16"))

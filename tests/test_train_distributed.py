@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import BIN, read_metrics, run_launcher, step_losses, torchrun
 
@@ -71,18 +72,23 @@ def test_resume_after_a_stop_repeats_the_uninterrupted_losses(pydoc_data, uninte
     # The stop wrote a checkpoint at step 3; the same command without stop_at resumes from it.
     second = torchrun(2, *smoke_args(pydoc_data, parts, *common, "train.stop_at=5"))
     assert "at step 3" in second.stdout
-    # A crash while saving step 5: its folder lacks run_state.json. And step 4's has a shard torn after
-    # its marker (what a power cut does to a file that was never fsynced): its record catches it, and
-    # the run resumes from step 3, saying so in one line.
+    # A crash while saving step 5: its folder lacks run_state.json. And on rank 1 only, step 4's file
+    # cannot even be opened (a link loop): an I/O error is a failure to verify, the same verdict on every
+    # rank (before, rank 1 raised while rank 0 waited for it). A folder of an earlier fallback has the
+    # usual set-aside name: this one gets a name of its own (before, the rename failed and the run stopped).
     (parts / "checkpoints/step_00000005/run_state.json").unlink()
-    torn = parts / "checkpoints/step_00000004/zero_pp_rank_1_mp_rank_00_optim_states.pt"
-    size = torn.stat().st_size
-    os.truncate(torn, size // 2)
+    broken = parts / "checkpoints/step_00000004/zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    broken.unlink()
+    broken.symlink_to(broken.name)
+    (parts / "checkpoints/step_00000004.unverified").mkdir()
+    (parts / "checkpoints/step_00000004.unverified/from_before").write_text("x")
     third = torchrun(2, *smoke_args(pydoc_data, parts, *common))
     assert "resumed from" in third.stdout and "at step 3" in third.stdout
-    assert (f"checkpoint step_00000004 does not verify ({torn} is {size // 2} bytes, its record says {size}: torn "
-            f"or changed); resuming from step_00000003 instead (set aside as step_00000004.unverified)") in third.stdout
-    assert (parts / "checkpoints/step_00000004.unverified").is_dir()
+    assert (f"checkpoint step_00000004 does not verify ({parts / 'checkpoints/step_00000004'}: [Errno 40] Too many "
+            f"levels of symbolic links: '{broken}'); resuming from step_00000003 instead (set aside: "
+            f"step_00000004.unverified-2)") in third.stdout, third.stdout[-3000:]
+    assert (parts / "checkpoints/step_00000004.unverified-2").is_dir()
+    assert (parts / "checkpoints/step_00000004.unverified/from_before").exists()
 
     expected, got = step_losses(uninterrupted), step_losses(parts)  # a step logged twice: the later wins
     assert sorted(got) == list(range(1, 25))
@@ -160,3 +166,34 @@ def test_a_signal_to_one_rank_stops_all_ranks_at_the_same_step_and_the_run_resum
     expected, got = step_losses(uninterrupted), step_losses(run)
     assert sorted(got) == list(range(1, 25))
     assert all(got[s] == pytest.approx(expected[s], rel=1e-6, abs=1e-6) for s in expected)
+
+
+def test_a_checkpoint_is_held_to_its_records_and_none_verifying_is_one_line_with_the_way_out(pydoc_data, tmp_path):
+    """Every file a checkpoint reads is held to its records: an EMA/SWA file planted in a checkpoint
+    that never had one (before: loaded unverified, as the run's own averages) fails it, and the run
+    resumes from the one before. When none verifies and there is no ring to resume from, the run stops
+    in one line that says how to start afresh."""
+    run = tmp_path / "run"
+    alone = [sys.executable, "launcher/train.py"]
+    run_launcher([*alone, *smoke_args(pydoc_data, run, "train.steps=2", "checkpoint.every=1", "checkpoint.keep=2",
+                                      "snapshot.every=0")])
+    planted = run / "checkpoints/step_00000002/averages_dp0_tp0.pt"
+    torch.save({"ema": [torch.full((4,), 7.0)], "ema_updates": 10**6, "swa": None, "swa_count": 0}, planted)
+    second = run_launcher([*alone, *smoke_args(pydoc_data, run, "train.steps=3", "checkpoint.every=1",
+                                               "checkpoint.keep=2", "snapshot.every=1", "snapshot.restart_every=0",
+                                               f"snapshot.dir={tmp_path / 'snaps'}", "ema.enabled=true")])
+    assert (f"checkpoint step_00000002 does not verify ({planted} is not among the files its checkpoint records); "
+            f"resuming from step_00000001 instead (set aside: step_00000002.unverified)") in second.stdout, second.stdout
+    assert sorted(step_losses(run)) == [1, 2, 3]
+
+    for checkpoint in (run / "checkpoints").glob("step_*[0-9]"):
+        for name in json.loads((checkpoint / "run_state.json").read_text())["files"]:
+            os.truncate(checkpoint / name, 10)
+    third = run_launcher([*alone, *smoke_args(pydoc_data, run, "train.steps=4", "snapshot.every=0")], check=False)
+    assert third.returncode == 2, third.stdout[-2000:] + third.stderr[-2000:]
+    ckpts = run / "checkpoints"
+    line = third.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"config error: no checkpoint in {ckpts} verifies (newest: step_00000003: {ckpts}/step_00000003/")
+    assert line.endswith(
+        f"and the ring holds no restart point of this run to resume from; to start afresh, move {ckpts} away or "
+        f"choose another run_dir"), line

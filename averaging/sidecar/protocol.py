@@ -148,6 +148,24 @@ def scored_methods(records: list[dict[str, Any]]) -> list[str]:
     return [n for n in names + list(KINDS) if any(f"{n}_val_loss" in r for r in records)]
 
 
+def eval_scalars(record: dict[str, Any]) -> dict[str, float]:
+    """An eval.jsonl record's figures under the names every logger charts them by (TensorBoard as
+    they are, W&B under `sidecar/`): one chart per figure with every method in it, `val_loss/<method>`
+    (and `val_loss/forecast`), `val_loss_minus_raw/<method>`, `val_loss_by_source/<source>/<method>`,
+    `tasks/<task>/<metric>/<method>`."""
+    losses = {key[:-len("_val_loss")]: value for key, value in record.items()
+              if key.endswith("_val_loss") and isinstance(value, (int, float))}
+    out = {f"val_loss/{name}": loss for name, loss in losses.items()}
+    out.update({f"val_loss_minus_raw/{name}": loss - losses["raw"] for name, loss in losses.items()
+                if name not in ("raw", "forecast") and "raw" in losses})
+    for name, by_source in record.get("val_loss_by_source", {}).items():
+        out.update({f"val_loss_by_source/{source}/{name}": loss for source, loss in by_source.items()})
+    for name, by_task in record.get("tasks", {}).items():
+        out.update({f"tasks/{task}/{metric}/{name}": value for task, metrics in by_task.items()
+                    for metric, value in metrics.items() if metric != "n"})
+    return out
+
+
 def format_eval_line(r: dict[str, Any]) -> str:
     raw = r["raw_val_loss"]
     scores = ", ".join(f"{name} {r[f'{name}_val_loss']:.4f} ({r[f'{name}_val_loss'] - raw:+.4f})"

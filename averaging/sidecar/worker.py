@@ -34,6 +34,7 @@ from averaging.sidecar.protocol import (
     SidecarSpec,
     TrainingDone,
     append_eval_record,
+    eval_scalars,
     format_eval_line,
     read_eval_log,
     read_training_done,
@@ -41,12 +42,12 @@ from averaging.sidecar.protocol import (
 )
 from core.config import ConfigError
 from core.deepspeed_compat import local_shard, use_deepspeed
-from core.distributed import build_parallel, gather_objects, pick_device
+from core.distributed import build_parallel, gather_objects, pick_device, unlink_cpu_allreduce_buffer
 from core.engine import build_engine, inference_config
-from core.files import private_folder
 from core.flat_layout import FlatLayout, LayoutMismatch, chunk_numel, views
 from core.log import logger, setup_logging
-from core.run_dir import RunDir, ring_folders
+from core.private_folder import NotPrivate, PrivateFolder
+from core.run_dir import RunDir
 from core.zero_folder import ZeroFolder
 from models.registry import build_model, read_model_config
 
@@ -160,11 +161,6 @@ class Sidecar:
         self.parent_pid = parent_pid
         self.spec = spec = SidecarSpec.read(run_dir)
         self.root = spec.snapshot_dir
-        try:
-            for folder in ring_folders(self.root):  # never read a slot another user could have planted
-                private_folder(folder, create=False)
-        except OSError as e:
-            raise SystemExit(f"snapshot ring: {e}") from None
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         try:
             self.device = pick_device(local_rank, spec.sidecar_device)
@@ -172,11 +168,13 @@ class Sidecar:
             raise SystemExit(f"sidecar.device={spec.device}: {e}") from None
         use_deepspeed(self.device.type).init_distributed(
             dist_backend="nccl" if self.device.type == "cuda" else "gloo", auto_mpi_discovery=False, verbose=False)
+        unlink_cpu_allreduce_buffer()
         if dist.get_world_size() != spec.dp * spec.tp:
             raise SystemExit(f"the sidecar must run with the training layout: {spec.dp * spec.tp} ranks "
                              f"(data {spec.dp} × tensor {spec.tp}), not {dist.get_world_size()}")
         self.par = build_parallel(spec.tp, local_rank, self.device)
         setup_logging(self.par.rank, prefix="[sidecar] ")
+        self.ring = self._open_ring()
         self.is_main = self.par.is_main
         self.model_config = read_model_config(self.paths.model)
         ds_config = inference_config(spec.deepspeed, bf16=spec.precision == "bf16" and self.device.type == "cuda")
@@ -247,6 +245,19 @@ class Sidecar:
         if self.spec.export_hf:
             self.export_best()
 
+    def _open_ring(self) -> PrivateFolder:
+        """The ring, opened as the trainers opened it (launcher/ring.py): never read a slot another user
+        could have planted. Each node's first rank also removes what killed writers left half written."""
+        try:
+            ring = PrivateFolder(self.root, create=False)
+            if self.par.is_node_first:
+                for _ in ring.walk():
+                    pass
+                slots.remove_stale_copies(self.root)
+        except (NotPrivate, OSError) as e:
+            raise SystemExit(f"snapshot ring: {e}") from None
+        return ring
+
     def _look(self) -> Look:
         """Collective. Each rank reads the training-done marker before it lists the committed slots:
         the trainers write the marker after their last commit, so a rank that sees the marker also
@@ -291,6 +302,10 @@ class Sidecar:
         """This rank's shards of every snapshot the merges take, each read once, oldest first, and
         added into every merge that takes it. The outcome: ("ok",), ("vanished",) or ("bad", step,
         why) for a slot that cannot be used (corrupt, another layout, unreadable)."""
+        try:
+            self.ring.check()  # still the folder opened at start, not one put in its place
+        except NotPrivate as e:
+            raise SystemExit(f"snapshot ring: {e}") from None
         newest_step = max(committed)
         selected = {m.name: m.select(committed) for m in self.spec.merges}
         weights = {m.name: dict(zip(selected[m.name], m.weights_for(selected[m.name]))) for m in self.spec.merges}
@@ -408,20 +423,8 @@ class Sidecar:
             return
         append_eval_record(self.run_dir, {"time": round(time.time(), 3), **record})
         if self.tb is not None:
-            step = record["step"]
-            for name, loss in s.losses.items():
-                self.tb.add_scalar(f"val_loss/{name}", loss, step)
-                if name != "raw":
-                    self.tb.add_scalar(f"val_loss_minus_raw/{name}", loss - s.losses["raw"], step)
-                for source, value in s.by_source[name].items():  # a panel per source, every method in it
-                    self.tb.add_scalar(f"val_loss_by_source/{source}/{name}", value, step)
-            for name, by_task in s.tasks.items():  # a section per task and metric, every method in it
-                for task, metrics in by_task.items():
-                    for metric, value in metrics.items():
-                        if metric != "n":
-                            self.tb.add_scalar(f"tasks/{task}/{metric}/{name}", value, step)
-            if "forecast_val_loss" in record:  # its own chart: what a cooldown ending here would reach
-                self.tb.add_scalar("val_loss/forecast", record["forecast_val_loss"], step)
+            for name, value in eval_scalars(record).items():
+                self.tb.add_scalar(name, value, record["step"])
             self.tb.flush()
         logger.info(format_eval_line(record))
 

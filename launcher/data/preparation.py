@@ -27,7 +27,7 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 
-from core.files import write_file_atomic
+from core.files import PARTIAL, write_file_atomic
 from core.log import logger
 from core.tokenizer import TOKENIZER_FILES, Tokenizer, load_tokenizer, train_byte_level_bpe
 from launcher.data.mixture import BigramCounts, entropy_weights
@@ -49,7 +49,7 @@ from launcher.data.units import (
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 2
 STATE = ".prepare"  # the plan and each finished unit's record, while a preparation is under way
-UNIT_FILE = re.compile(r"^\d+_\d{5}\.bin(\.[0-9a-f]{12}\.tmp)?$")
+UNIT_FILE = re.compile(r"^\d+_\d{5}\.bin$")
 OLD_SHARD = re.compile(r"^\d+_(train|val)_\d{5}\.bin$")  # format 1's
 UNIT_MB = 64.0  # the largest unit of text, in MB (lawa-prepare --unit-mb)
 # The BPE trainer's time and memory grow with its text; tens of MB are plenty for the vocab sizes
@@ -97,7 +97,7 @@ class State:
         else clears what another one left. Files a killed worker was writing go either way."""
         if self.read_plan() == plan:
             for name in os.listdir(self.data_dir):
-                if UNIT_FILE.match(name) and name.endswith(".tmp"):
+                if PARTIAL.match(name):
                     os.remove(os.path.join(self.data_dir, name))
             return sum(read_record(self.path, Unit(**u)) is not None for u in plan["units"])
         self.clear()
@@ -108,7 +108,7 @@ class State:
     def clear(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
         for name in os.listdir(self.data_dir):
-            if UNIT_FILE.match(name):
+            if UNIT_FILE.match(name) or PARTIAL.match(name):
                 os.remove(os.path.join(self.data_dir, name))
 
     @property
