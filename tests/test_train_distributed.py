@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from conftest import BIN, read_metrics, run_launcher, step_losses, torchrun
 
@@ -37,6 +38,7 @@ def test_two_rank_run_learns_and_leaves_a_complete_run_dir(pydoc_data, tmp_path)
     assert records[-1]["tokens"] == 30 * 8 * 64
     # Resolved config and the generated DeepSpeed config are in the run directory.
     assert "global_batch_size: 8" in (run / "config.yaml").read_text()
+    assert yaml.safe_load((run / "config.yaml").read_text())["parallel"]["zero_stage"] == 1  # the stage chosen, not auto
     # parallel.zero_stage: auto chose the lowest stage that fits this machine, and said why.
     ds = json.loads((run / "deepspeed_config.json").read_text())
     assert ds["zero_optimization"]["stage"] == 1 and ds["gradient_accumulation_steps"] == 2
