@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from core.distributed import Parallel
 from core.log import logger
+from core.orphans import leave_if_orphaned
 
 PEER_LOST_EXIT = 75  # EX_TEMPFAIL
 _RESUME = "the same command resumes from the last checkpoint"
@@ -133,6 +134,7 @@ class PeerWatchdog:
 
 def leave(message: str) -> None:
     """Say why in one line and end this process at once: its collectives may never return."""
+    leave_if_orphaned()  # the launcher killed: its store and peers went with it, which is not the cause
     logger.error(f"error: {message}")
     for handler in logger.handlers:
         handler.flush()

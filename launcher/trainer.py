@@ -28,6 +28,7 @@ from core.distributed import Parallel, barrier, gather_objects, init_distributed
 from core.engine import build_engine, deepspeed_config
 from core.files import write_file_atomic, write_json_atomic
 from core.log import logger, rank_span, setup_logging
+from core.orphans import leave_if_orphaned
 from core.run_dir import RunDir
 from core.run_lock import Locked, RunLock
 from core.tokenizer import load_tokenizer
@@ -275,6 +276,7 @@ def train(job: JobConfig) -> dict:
     try:
         result = run_training(t)
     except Exception as e:  # a lost peer and an op torch cannot run deterministically are one line; others go up
+        leave_if_orphaned()  # whatever failed, a killed launcher is the cause to report
         refusal = deterministic_refusal(e) if job.train.deterministic else None
         if refusal is not None:
             watchdog.stop()

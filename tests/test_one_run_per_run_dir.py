@@ -74,6 +74,9 @@ def test_a_run_dir_in_use_is_refused_and_a_killed_agent_leaves_no_orphans(pydoc_
         said = log.read_text()
         assert re.search(rf"\[rank 0\] torchrun \(pid {first.pid}\) is gone: this trainer \(pid {holder.pid}\) stops now",
                          said), said[-3000:]
+        # Each rank names the cause, not what followed from it (the agent's store gone, a peer gone).
+        assert re.search(rf"\[rank 1\] torchrun \(pid {first.pid}\) is gone", said) and "lost contact" not in said, \
+            said[-3000:]
         assert max(step_losses(run)) < step_at_kill + 50  # it did not train on for long (before: 200 steps in 20 s)
     finally:
         kill_tree(first.pid)
