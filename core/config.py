@@ -9,6 +9,7 @@ it changes.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import types
@@ -23,6 +24,14 @@ FilePath = typing.NewType("FilePath", str)  # a path: `~` and `~user` expanded w
 
 class ConfigError(ValueError):
     """A mistake in the job config or on the command line; the message names the key."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for the project's commands: a bad argument is one line and exit status 2, like a
+    config error, not argparse's usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} ({self.prog} --help)\n")
 
 
 def need(ok: bool, message: str) -> None:

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from averaging.lawa import slots_needed
-from core.config import ConfigError, need
+from core.config import ArgumentParser, ConfigError, need
 from core.distributed import Parallel
 from core.run_dir import SHM
 from launcher.config import JobConfig
@@ -462,14 +462,8 @@ def vocab_of(job: JobConfig) -> int:
     return job.data.vocab_size
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, like a config error, not argparse's usage block
-        print(f"error: {message} (python -m launcher.plan --help)", file=sys.stderr)
-        sys.exit(2)
-
-
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = _Parser(prog="python -m launcher.plan", description=__doc__,
+    parser = ArgumentParser(prog="python -m launcher.plan", description=__doc__,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--job", default=None, help="job YAML file (default: jobs/tiny_cpu.yaml)")
     parser.add_argument("--nodes", type=int, required=True)

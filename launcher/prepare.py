@@ -14,21 +14,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from core.config import ConfigError
+from core.config import ArgumentParser, ConfigError
 from core.log import setup_logging
 from launcher.config import load_job
 from launcher.data.preparation import UNIT_MB, default_processes, prepare_if_needed, prepared
 from launcher.plan import data_lines
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, like a config error, not argparse's usage block
-        print(f"error: {message} (lawa-prepare --help)", file=sys.stderr)
-        sys.exit(2)
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = _Parser(prog="lawa-prepare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="lawa-prepare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--job", default=None, help="job YAML file (default: jobs/tiny_cpu.yaml)")
     parser.add_argument("--force", action="store_true", help="prepare again even if data.dir is prepared")
     parser.add_argument("--processes", type=int, default=None,

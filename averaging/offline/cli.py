@@ -12,6 +12,7 @@ from averaging.offline.common import UsageError
 from averaging.offline.files import average_files, average_hf
 from averaging.offline.zero import average_deepspeed, average_slots
 from core import pickles
+from core.config import ArgumentParser
 from core.files import OutputExists, any_step_of, staged, write_file_atomic
 from core.log import logger, setup_logging
 from core.run_dir import LATEST, MANIFEST, RUN_STATE
@@ -111,13 +112,8 @@ def input_weights(inputs: list[str], weighting: str) -> Optional[dict[str, float
     return dict(zip(order, lawa.merge_weights([steps[p] for p in order], weighting)))
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, like every other refusal
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    parser = Parser(prog="python -m averaging.offline", description=__doc__,
+    parser = ArgumentParser(prog="python -m averaging.offline", description=__doc__,
                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("inputs", nargs="*", metavar="INPUT", help="checkpoints to average (all of one kind)")
     parser.add_argument("--out", required=True, help="where to write the average (must not exist)")
