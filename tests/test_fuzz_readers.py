@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from hypothesis.configuration import set_hypothesis_home_dir
 
 from averaging import slots
 from core.files import serialize
@@ -27,7 +28,10 @@ from core.zero_checkpoint import MAX_RANKS, RunState, optim_states_file
 from core.zero_folder import StateDictSource
 from launcher import buddy, checkpoint
 
-FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# Hypothesis keeps caches beside the examples: in the temporary folder, not the checkout.
+set_hypothesis_home_dir(os.path.join(tempfile.gettempdir(), "lawa-hypothesis"))
+FUZZ = settings(max_examples=200, deadline=None, database=None,  # no example store left in the checkout
+                suppress_health_check=[HealthCheck.function_scoped_fixture])
 DP = 2
 
 
