@@ -188,12 +188,6 @@ def user_shm_root() -> str:
     return os.path.join(SHM, f"lawa-{os.geteuid()}")
 
 
-def ring_folders(root: str) -> list[str]:
-    """The folders that must be private for a ring at `root`: the per-user root too, when it is under it."""
-    parent = os.path.dirname(os.path.abspath(root))
-    return [parent, root] if parent == user_shm_root() else [root]
-
-
 def find_run_dir(folder: str) -> Optional[RunDir]:
     """The run directory above a checkpoint/slot folder: the first parent holding model.json."""
     path = os.path.abspath(folder)
